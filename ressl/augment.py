@@ -1,0 +1,350 @@
+"""Batched, device-agnostic image augmentation for ReSSL.
+
+Images arrive as one ``uint8`` batch ``(B, C, H, W)`` on the training device; every sample
+gets its own random parameters, but every operation runs on the whole batch at once:
+
+* crop + resize: one ``grid_sample`` (crops enlarged to ``size``) and one
+  :func:`torchvision.ops.roi_align` (crops shrunk; adaptive sampling averages several bilinear
+  taps per output pixel, playing the role of torchvision's antialiasing), a box per sample;
+* colour jitter / grayscale: tensor arithmetic with per-sample factors of shape ``(B, 1, 1, 1)``;
+* Gaussian blur: a separable depthwise convolution with one kernel per sample (``B * C`` groups).
+
+Random parameters are drawn with ``torch.rand(..., generator=generator)`` on the generator's
+device (the CPU by default), so a seeded CPU generator reproduces the same augmentations on
+any device. The distributions follow torchvision's ``RandomResizedCrop``, ``ColorJitter``,
+``RandomGrayscale``, ``GaussianBlur`` and ``RandomHorizontalFlip``.
+
+Jitter order: like torchvision's ``ColorJitter``, the four colour operations are applied in a
+random order, drawn independently **per sample** (a uniform random permutation per image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+__all__ = ["BatchAugment", "weak_augment", "strong_augment", "eval_transform", "torchvision_pipeline"]
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
+_LUMA = (0.2989, 0.587, 0.114)
+_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd kernel size of about 10% of the image side (23 at 224 px as in MoCo-v2, 3 at 32 px)."""
+    k = max(int(0.1 * size), 3)
+    return k if k % 2 == 1 else k + 1
+
+
+# ----------------------------------------------------------------------------- colour kernels
+def grayscale(x: Tensor) -> Tensor:
+    """Luma of float RGB images ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
+    return x[:, 0:1] * _LUMA[0] + x[:, 1:2] * _LUMA[1] + x[:, 2:3] * _LUMA[2]
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """``x`` (B, 3, H, W) float in [0, 1], ``factor`` (B,) -> ``clamp(factor * x)``."""
+    return (x * factor.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """``clamp(factor * x + (1 - factor) * other)`` with ``factor`` (B,) broadcast per image."""
+    return torch.lerp(other.expand_as(x), x, factor.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend ``x`` (B, 3, H, W) with the per-image mean of its grayscale; ``factor`` (B,)."""
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend ``x`` (B, 3, H, W) with its grayscale version; ``factor`` (B,)."""
+    return _blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the HSV hue of ``x`` (B, 3, H, W) in [0, 1] by ``shift`` (B,) in [-0.5, 0.5] turns.
+
+    Same maths as torchvision's RGB -> HSV -> RGB round trip, written branch-free (float masks
+    instead of ``torch.where``, which is slow on CPU): value and chroma are unchanged, only the
+    position of every channel between min and max moves with the hue.
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)  # chroma (B, 1, H, W)
+    is_r = (r == maxc).to(x.dtype)  # which channel holds the max (r wins ties, then g)
+    is_g = (g == maxc).to(x.dtype).mul_(1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    # hexagonal hue in sextants: (g-b)/d, 2 + (b-r)/d or 4 + (r-g)/d; here in turns, shifted, > 0
+    num = is_r * (g - b) + is_g * (b - r + 2.0 * delta) + is_b * (r - g + 4.0 * delta)
+    hue = num.div_(delta.clamp_min(1e-12).mul_(6.0)).add_(shift.to(x.dtype).view(-1, 1, 1, 1) + 1.0)
+    # HSV -> RGB: channel n in (r, g, b) = max - chroma * clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 * hue) mod 6 with n = 5, 3, 1; with t = k / 6 this is 2 - 6 |t - 1/3|.
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) / 6.0
+    t = torch.frac(hue + n)
+    w = t.sub_(1.0 / 3.0).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc, delta, w, value=-1.0)
+
+
+def gaussian_kernels(sigma: Tensor, ksize: int) -> Tensor:
+    """Normalised 1-D Gaussian kernels, ``sigma`` (N,) -> ``(N, ksize)`` (torchvision's formula)."""
+    t = torch.arange(ksize, device=sigma.device, dtype=sigma.dtype) - (ksize - 1) / 2
+    return torch.softmax(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2, dim=1)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
+    """Blur each image of ``x`` (B, C, H, W) with its own ``sigma`` (B,): separable depthwise
+    convolution over ``B * C`` groups with reflect padding of ``ksize // 2``."""
+    b, c, h, w = x.shape
+    kern = gaussian_kernels(sigma.to(x.dtype), ksize).repeat_interleave(c, dim=0)  # (B*C, k)
+    pad = ksize // 2
+    y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kern.view(b * c, 1, ksize, 1), groups=b * c)
+    y = F.conv2d(y, kern.view(b * c, 1, 1, ksize), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+_COLOUR_FNS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
+    adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+# ----------------------------------------------------------------------------- crop sampling
+def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], generator: torch.Generator | None = None,
+                 tries: int = 10) -> Tensor:
+    """Vectorised ``RandomResizedCrop.get_params``: ``(B, 4)`` long boxes ``(top, left, h, w)``.
+
+    Per sample, up to ``tries`` candidates with area ``~ U(scale) * H * W`` and log aspect
+    ratio ``~ U(log ratio)``; the first one that fits is kept, otherwise the centre crop with
+    the aspect ratio clamped into ``ratio``.
+    """
+    dev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch, tries, 4, generator=generator, device=dev, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.long().argmax(dim=1, keepdim=True)  # index of the first valid try (0 if none)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = (u[..., 2].gather(1, first).squeeze(1) * (height - h + 1)).long().clamp_(min=0)
+    top = torch.minimum(top, height - h)
+    left = (u[..., 3].gather(1, first).squeeze(1) * (width - w + 1)).long().clamp_(min=0)
+    left = torch.minimum(left, width - w)
+    # fallback: centre crop with the aspect ratio clamped into [min(ratio), max(ratio)]
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=dev)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback.view(1, 4))
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Crop ``boxes`` (B, 4) ``(top, left, h, w)`` from float ``x`` (B, C, H, W) and resize every
+    crop bilinearly to ``(size, size)`` -> ``(B, C, size, size)``, batched.
+
+    Crops no larger than ``size`` (upsampling) go through one ``grid_sample`` (plain bilinear,
+    ``align_corners=False``, like torchvision's resize); larger crops go through one
+    ``roi_align`` whose adaptive sampling averages ``ceil(crop / size)**2`` bilinear taps per
+    output pixel, standing in for torchvision's antialiasing. Both sample the image around the
+    box, so border pixels may mix in a neighbour just outside the crop (torchvision clamps at it).
+    """
+    b, c = x.shape[:2]
+    boxes_cpu = boxes.cpu()
+    up = (boxes_cpu[:, 2:] <= size).all(dim=1)
+    if bool(up.all()):
+        return _grid_crop(x, boxes_cpu, size)
+    out = x.new_empty(b, c, size, size)
+    up_idx, down_idx = torch.nonzero(up).squeeze(1), torch.nonzero(~up).squeeze(1)
+    if up_idx.numel() > 0:
+        idx = up_idx.to(x.device, non_blocking=True)
+        out[idx] = _grid_crop(x[idx], boxes_cpu[up_idx], size)
+    top, left, h, w = boxes_cpu[down_idx].to(x.dtype).unbind(1)
+    rois = torch.stack([down_idx.to(x.dtype), left, top, left + w, top + h], dim=1)  # batch, x1, y1, x2, y2
+    out[down_idx.to(x.device, non_blocking=True)] = roi_align(
+        x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
+        sampling_ratio=-1, aligned=True)
+    return out
+
+
+def _grid_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Bilinear crop+resize of ``x`` (B, C, H, W) with ``boxes`` (B, 4) via ``grid_sample``."""
+    b, _, height, width = x.shape
+    top, left, h, w = boxes.to(torch.float32).unbind(1)
+    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # output pixel centres in [0, 1]
+    gx = (left.view(-1, 1) + t * w.view(-1, 1)) * (2.0 / width) - 1.0  # (B, size) in [-1, 1]
+    gy = (top.view(-1, 1) + t * h.view(-1, 1)) * (2.0 / height) - 1.0
+    grid = torch.stack([gx.view(b, 1, size).expand(b, size, size),
+                        gy.view(b, size, 1).expand(b, size, size)], dim=-1)
+    grid = grid.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
+    """``(x * scale - mean) / std`` per channel for ``x`` (B, 3, H, W)."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * scale - m) / s
+
+
+def _check_images(images: Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 (B, C, H, W) with C in (1, 3), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+
+
+# ----------------------------------------------------------------------------- augmentation
+class BatchAugment:
+    """Per-sample random augmentation of a whole uint8 batch (MoCo-v2 / ReSSL recipe).
+
+    ``strong=False`` (teacher view): RandomResizedCrop + horizontal flip only, colours are
+    never changed. ``strong=True`` (student view) adds ColorJitter (p=``jitter_p``, per-sample
+    random order of the four ops), RandomGrayscale (p=``gray_p``) and GaussianBlur
+    (p=``blur_p``, sigma ~ U(``blur_sigma``), kernel ~10% of ``size``; ``blur=None`` means on
+    iff ``size > 32``). ``crop=False`` skips the crop (the input is expected to be
+    ``size x size``; other sizes are resized).
+    """
+
+    def __init__(self, size: int, *, strong: bool, mean: Sequence[float], std: Sequence[float],
+                 crop: bool = True, crop_scale: tuple[float, float] = (0.2, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                 jitter_p: float = 0.8, gray_p: float = 0.2, blur: bool | None = None,
+                 blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                 flip_p: float = 0.5) -> None:
+        self.size, self.strong, self.crop = int(size), bool(strong), bool(crop)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
+            raise ValueError("mean and std need 1 or 3 entries")
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
+        self.blur = (self.size > 32) if blur is None else bool(blur)
+        self.blur_p, self.blur_sigma, self.flip_p = blur_p, blur_sigma, flip_p
+        self.kernel_size = blur_kernel_size(self.size)
+
+    def __repr__(self) -> str:
+        return (f"BatchAugment(size={self.size}, strong={self.strong}, crop={self.crop}, "
+                f"blur={self.blur and self.strong}, kernel_size={self.kernel_size})")
+
+    def sample_params(self, batch: int, height: int | None = None, width: int | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Draw every random parameter for ``batch`` images of ``height x width`` (default
+        ``size``), on the generator's device (CPU by default). Keys, all with leading dim B:
+        ``crop`` (B, 4) long ``(top, left, h, w)`` [only if ``crop``], ``flip`` (B,) bool, and
+        for strong views ``jitter`` (B,) bool, ``brightness``/``contrast``/``saturation``/``hue``
+        (B,) float, ``order`` (B, 4) long (a permutation of 0..3 = the four ops above),
+        ``gray`` (B,) bool, ``blur`` (B,) bool, ``sigma`` (B,) float.
+        """
+        height, width = height or self.size, width or self.size
+        dev = generator.device if generator is not None else torch.device("cpu")
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=dev)
+
+        p: dict[str, Tensor] = {}
+        if self.crop:
+            p["crop"] = sample_crops(batch, height, width, self.crop_scale, self.crop_ratio, generator)
+        p["flip"] = rand(batch) < self.flip_p
+        if self.strong:
+            p["jitter"] = rand(batch) < self.jitter_p
+            for name, amount in zip(_OPS, self.jitter):
+                lo, hi = ((-amount, amount) if name == "hue" else (max(0.0, 1.0 - amount), 1.0 + amount))
+                p[name] = lo + (hi - lo) * rand(batch)
+            p["order"] = rand(batch, 4).argsort(dim=1)
+            p["gray"] = rand(batch) < self.gray_p
+            p["blur"] = (rand(batch) < self.blur_p) & self.blur
+            p["sigma"] = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(batch)
+        return p
+
+    def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Augment ``images`` (B, C, H, W) uint8 with given ``params`` (see :meth:`sample_params`)
+        -> (B, 3, size, size) float32, normalised, on ``images.device``."""
+        _check_images(images)
+        dev = images.device
+        x = images.float()
+        if self.crop:
+            x = resized_crop(x, params["crop"], self.size)
+        elif x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        # masks as exact 0/1 lerp weights (torch.where is slow on CPU)
+        flip = params["flip"].to(device=dev, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.lerp(x, x.flip(-1), flip)
+        if not self.strong:
+            return _normalise(x, self.mean, self.std, 1.0 / 255.0).contiguous()
+
+        x = x * (1.0 / 255.0)
+        jit, order = params["jitter"].cpu(), params["order"].cpu()
+        for step in range(4):
+            for op, fn in enumerate(_COLOUR_FNS):
+                sel = torch.nonzero(jit & (order[:, step] == op)).squeeze(1)  # on CPU: no sync
+                if sel.numel() > 0:
+                    sel = sel.to(dev, non_blocking=True)
+                    x[sel] = fn(x[sel], params[_OPS[op]].to(dev, non_blocking=True)[sel])
+        gray = params["gray"].to(device=dev, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.lerp(x, grayscale(x).expand(-1, 3, -1, -1), gray)
+        sel = torch.nonzero(params["blur"].cpu()).squeeze(1)
+        if sel.numel() > 0:
+            sel = sel.to(dev, non_blocking=True)
+            x[sel] = gaussian_blur(x[sel], params["sigma"].to(dev, non_blocking=True)[sel],
+                                   self.kernel_size)
+        return _normalise(x, self.mean, self.std, 1.0).contiguous()
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """images (B, C, H, W) uint8 (C = 1 or 3; 1 is replicated to 3) -> (B, 3, size, size)
+        float32, normalised ((x/255 - mean) / std), on images.device."""
+        _check_images(images)
+        params = self.sample_params(images.shape[0], images.shape[2], images.shape[3], generator)
+        return self.apply(images, params)
+
+
+def weak_augment(size: int, mean: Sequence[float], std: Sequence[float], **kw) -> BatchAugment:
+    """Teacher view: RandomResizedCrop + horizontal flip only (never colour operations)."""
+    return BatchAugment(size, strong=False, mean=mean, std=std, **kw)
+
+
+def strong_augment(size: int, mean: Sequence[float], std: Sequence[float], **kw) -> BatchAugment:
+    """Student view: MoCo-v2 recipe (crop, jitter p=0.8, grayscale p=0.2, blur p=0.5, flip)."""
+    return BatchAugment(size, strong=True, mean=mean, std=std, **kw)
+
+
+def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Deterministic eval transform: uint8 (B, C, H, W) -> float32 (B, 3, size, size); bilinear
+    antialiased resize to ``size x size`` if needed, then ``(x/255 - mean) / std``."""
+    _check_images(images)
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 255.0)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return _normalise(x, mean, std, 1.0 / 255.0).contiguous()
+
+
+def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std: Sequence[float],
+                         blur: bool | None = None,
+                         crop_scale: tuple[float, float] = (0.2, 1.0)) -> Callable:
+    """Per-sample reference recipe with ``torchvision.transforms.v2`` (official-code style):
+    PIL image or uint8 (C, H, W) tensor -> float32 (3, size, size), normalised."""
+    from torchvision.transforms import v2
+
+    ops: list = [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(size, scale=crop_scale, antialias=True)]
+    if strong:
+        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
+        if (size > 32) if blur is None else blur:
+            k = blur_kernel_size(size)
+            ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+    ops += [v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)

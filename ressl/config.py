@@ -1,0 +1,204 @@
+"""One typed configuration with the paper's defaults, YAML presets, overrides and validation.
+
+Precedence: the dataclass defaults < the preset's YAML < command-line flags. The resolved
+configuration is saved beside every run (``config.yaml``) and inside every checkpoint, as plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line that names the fix."""
+
+
+@dataclass
+class Config:
+    # --- data --------------------------------------------------------------------------------
+    dataset: str = "digits"  # digits (bundled with scikit-learn), cifar10, cifar100, stl10, tinyimagenet, imagenet, npz, folder
+    data: str | None = None  # a directory: npz arrays (train.npz/test.npz), an image folder, or a torchvision root
+    download: bool = False  # let torchvision download CIFAR/STL-10 into `data` (never done unless asked)
+    image_size: int = 32  # training resolution; the paper: 32 for CIFAR, 64 for STL-10/Tiny-ImageNet, 224 for ImageNet
+    workers: int = 4  # loader processes, used only for image folders (in-memory sets are sliced on the device)
+
+    # --- model -------------------------------------------------------------------------------
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
+    width: int = 64  # channels of the first stage; 64 is torchvision's network, smaller ones suit a CPU
+    small_stem: bool | None = None  # 3x3/1 stem without max-pool; None: on for images of 64 px or less (the paper)
+    hidden_dim: int = 512  # projector hidden width: official code uses 512 for small datasets, 4096 for ImageNet
+    out_dim: int = 128  # embedding size compared with the queue: 128 small datasets, 512 ImageNet (official code)
+    head_bn: bool = False  # BatchNorm in the projector; off in the official code
+
+    # --- method ------------------------------------------------------------------------------
+    queue_size: int = 4096  # K, past teacher embeddings: 4096 small datasets, 131072 ImageNet (paper)
+    student_temperature: float = 0.1  # softer student relation (paper, Sec. 4)
+    teacher_temperature: float = 0.04  # sharper teacher relation (paper, Sec. 4)
+    ema_momentum: float = 0.99  # teacher EMA: 0.99 small datasets, 0.999 ImageNet (paper)
+    ema_cosine: bool = False  # raise the momentum to 1 along a cosine (BYOL); the paper keeps it constant
+    teacher_strong: bool = False  # give the teacher the strong recipe too (the paper's ablation, Table 5)
+    blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
+    crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
+
+    # --- optimisation ------------------------------------------------------------------------
+    epochs: int = 200  # the paper's schedule for its headline tables
+    batch_size: int = 256  # global batch, split across processes
+    lr: float = 0.06  # SGD learning rate for `batch_size` (official small-dataset code; ImageNet 0.05)
+    weight_decay: float = 5e-4  # 5e-4 small datasets, 1e-4 ImageNet (official code); none on BN and biases
+    sgd_momentum: float = 0.9
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay (ImageNet: 5)
+
+    # --- runtime -----------------------------------------------------------------------------
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32 | bf16 | fp32
+    channels_last: bool = True  # NHWC memory layout, faster convolutions with bf16 on CPU and GPU
+    compile: bool = False  # torch.compile the student and teacher
+    seed: int = 0
+    out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
+    log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
+    max_minutes: float | None = None  # stop training after this long (the schedule still spans `epochs`)
+
+    # --- evaluation --------------------------------------------------------------------------
+    knn_k: int = 200  # neighbours in the weighted kNN (InstDisc protocol, as the paper's code)
+    knn_temperature: float = 0.1
+    knn_every: int = 0  # epochs between online kNN checks (0: only before and after training)
+    eval_batch_size: int = 512
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+PRESET_DIR = "presets"
+
+
+def preset_names() -> list[str]:
+    files = resources.files("ressl").joinpath(PRESET_DIR).iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(
+            f"unknown preset {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; presets: {', '.join(names)}"
+        )
+    text = resources.files("ressl").joinpath(PRESET_DIR, f"{name}.yaml").read_text()
+    values = yaml.safe_load(text) or {}
+    check_fields(values, f"preset {name}")
+    return values
+
+
+def check_fields(values: dict[str, Any], where: str) -> None:
+    for key in values:
+        if key not in FIELDS:
+            hint = difflib.get_close_matches(key, list(FIELDS), n=1)
+            raise ConfigError(f"unknown field {key!r} in {where}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def field_types(name: str) -> tuple[list[type], bool]:
+    """The concrete types a field accepts and whether it is optional (``X | None``)."""
+    hint = typing.get_type_hints(Config)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    optional = type(None) in args
+    return [a for a in args if a is not type(None)], optional
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check ``value`` against the field's type, converting strings from the command line."""
+    kinds, optional = field_types(name)
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be empty; give a {kinds[0].__name__}")
+    kind = typing.get_origin(kinds[0]) or kinds[0]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"true", "yes", "1", "on"}:
+                return True
+            if str(value).lower() in {"false", "no", "0", "off"}:
+                return False
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {kind.__name__}{' or none' if optional else ''}, got {value!r}") from None
+
+
+def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:
+    """Defaults < preset < overrides, typed and validated."""
+    values: dict[str, Any] = load_preset(preset) if preset else {}
+    check_fields(overrides, "the command line")
+    values.update(overrides)
+    cfg = Config(**{k: coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A configuration saved in a run directory or checkpoint (unknown keys are refused)."""
+    check_fields(values, "the saved configuration")
+    return Config(**{k: coerce(k, v) for k, v in values.items()})
+
+
+def min_image_size(cfg: Config) -> int:
+    small = cfg.small_stem if cfg.small_stem is not None else cfg.image_size <= 64
+    return 8 if small else 32  # the last stage must still have at least 1x1 pixels
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    from ressl.model import BACKBONES  # local import: config is a lower layer than model
+
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
+    positive = ["epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every", "eval_batch_size"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["lr", "student_temperature", "teacher_temperature", "knn_temperature"]:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_momentum <= 1.0:
+        raise ConfigError(f"ema_momentum must be in [0, 1], got {cfg.ema_momentum}")
+    if not 0.0 < cfg.crop_min_scale <= 1.0:
+        raise ConfigError(f"crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
+    if cfg.batch_size % world_size != 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
+    if cfg.queue_size % cfg.batch_size != 0:
+        raise ConfigError(
+            f"queue_size {cfg.queue_size} is not a multiple of the global batch {cfg.batch_size}: "
+            f"use e.g. --queue_size {max(1, round(cfg.queue_size / cfg.batch_size)) * cfg.batch_size}"
+        )
+    smallest = min_image_size(cfg)
+    if cfg.image_size < smallest:
+        raise ConfigError(
+            f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least {smallest}): "
+            "raise --image_size or use --small_stem true"
+        )
+    if cfg.precision not in {"auto", "bf16", "fp32"}:
+        raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,303 @@
+"""Datasets (embedded digits, npz arrays, torchvision sets, image folders) and the batches drawn from them.
+
+Sets that fit in memory are held as one uint8 tensor (N, C, H, W) on the training device and
+batches are sliced from it; image folders are decoded by loader workers. Either way the training
+loop receives uint8 batches and augments them batched (``ressl.augment``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ressl import dist
+from ressl.augment import eval_transform
+from ressl.folder import DataError, FolderIndex, ImageFolderDataset, load_rgb, scan_folder
+
+# Per-channel mean and std on the 0..1 scale, from each set's training images.
+STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
+
+
+@dataclass
+class Split:
+    """Images in memory, ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 (-1: unlabeled),
+    or on disk as a scanned folder."""
+
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    folder: FolderIndex | None = None
+
+    def __len__(self) -> int:
+        if self.images is not None:
+            return self.images.shape[0]
+        assert self.folder is not None
+        return len(self.folder.files)
+
+    @property
+    def labelled(self) -> bool:
+        if self.folder is not None:
+            return self.folder.labels is not None
+        return self.labels is not None and bool((self.labels >= 0).all())
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split  # what pretraining sees (may hold unlabeled images)
+    bank: Split | None  # labelled training images for kNN and the linear probe
+    test: Split | None  # labelled held-out images
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _to_nchw(x: np.ndarray, where: str) -> torch.Tensor:
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (N, H, W, C), got {x.dtype}; convert with x.astype(np.uint8)")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{where}: images must be shaped (N, H, W, C) with C = 1 or 3, got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    sample = images[:: max(1, images.shape[0] // 5000)].float() / 255  # (n, C, H, W)
+    if sample.shape[1] == 1:
+        sample = sample.expand(-1, 3, -1, -1)
+    mean = sample.mean(dim=(0, 2, 3))
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _num_classes(*labels: torch.Tensor | None) -> int:
+    known = [int(y.max()) + 1 for y in labels if y is not None and y.numel() and int(y.max()) >= 0]
+    return max(known, default=0)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images), split 75/25 with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    x = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]  # (N, 1, 8, 8)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.75 * len(y))
+    tr, te = order[:n_train], order[n_train:]
+    train = Split(x[tr], y[tr])
+    mean, std = _stats(train.images)  # type: ignore[arg-type]
+    return Dataset("digits", train, train, Split(x[te], y[te]), 10, mean, std)
+
+
+def load_npz(root: Path, name: str) -> Dataset:
+    """``root/train.npz`` and optionally ``root/test.npz``, each with ``x`` uint8 (N, H, W, C) and ``y`` labels."""
+    splits: dict[str, Split] = {}
+    for part in ("train", "test"):
+        path = root / f"{part}.npz"
+        if not path.exists():
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "x" not in f:
+                    raise DataError(f"{path} has no array 'x' (found {', '.join(f.files)}); save images as x=..., labels as y=...")
+                x = _to_nchw(f["x"], str(path))
+                y = torch.from_numpy(f["y"].astype(np.int64)) if "y" in f else None
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {path}: {err}") from None
+        if y is not None and len(y) != len(x):
+            raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+        splits[part] = Split(x, y)
+    if "train" not in splits:
+        raise DataError(f"{root} has no train.npz: expected train.npz (and test.npz) with arrays x and y")
+    train, test = splits["train"], splits.get("test")
+    bank = train if train.labels is not None else None
+    mean, std = STATS.get(name) or _stats(train.images)  # type: ignore[arg-type]
+    return Dataset(name, train, bank, test if test and test.labels is not None else None,
+                   _num_classes(train.labels, test.labels if test else None), mean, std)
+
+
+def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
+
+    def get(**kw: object) -> Split:
+        try:
+            ds = cls(str(root), download=download, **kw)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"{name} not found in {root} ({err}); add --download to fetch it, or point --data at it") from None
+        if name == "stl10":
+            return Split(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)))
+        return Split(_to_nchw(ds.data, name), torch.tensor(ds.targets, dtype=torch.long))
+
+    if name == "stl10":  # the paper pretrains on train + unlabeled (105k images)
+        train, bank, test = get(split="train+unlabeled"), get(split="train"), get(split="test")
+    else:
+        train = bank = get(train=True)
+        test = get(train=False)
+    mean, std = STATS[name]
+    return Dataset(name, train, bank, test, 100 if name == "cifar100" else 10, mean, std)
+
+
+def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
+    """Tiny-ImageNet's ``val/images`` with labels from ``val/val_annotations.txt``."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for line in (root / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[1] in lookup:
+            files.append(root / "images" / parts[0])
+            labels.append(lookup[parts[1]])
+    return Split(folder=FolderIndex(files=files, labels=labels, classes=classes))
+
+
+def load_folder(root: Path, name: str) -> Dataset:
+    """An image folder: ``root/train`` + ``root/val`` (or ``test``) with class sub-folders, or one folder
+    (class sub-folders, or a flat folder of unlabeled images for pretraining only)."""
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        train = Split(folder=scan_folder(train_dir))
+        test: Split | None = None
+        for part in ("val", "test"):
+            part_dir = root / part
+            if (part_dir / "val_annotations.txt").exists() and train.folder and train.folder.classes:
+                test = _tiny_imagenet_val(part_dir, train.folder.classes)
+            elif part_dir.is_dir():
+                test = Split(folder=scan_folder(part_dir))
+            if test is not None:
+                break
+    else:
+        train, test = Split(folder=scan_folder(root)), None
+    assert train.folder is not None
+    bank = train if train.folder.labels is not None else None
+    classes = train.folder.classes or []
+    mean, std = STATS.get(name, STATS["imagenet"])
+    return Dataset(name, train, bank, test if test is not None and test.labelled else None, len(classes), mean, std)
+
+
+def load_dataset(dataset: str, data: str | None, download: bool = False) -> Dataset:
+    """Resolve ``dataset`` and ``data`` into splits; raises :class:`DataError` with a one-line fix."""
+    if data is None:
+        if dataset == "digits":
+            return load_digits()
+        if dataset in TORCHVISION_SETS and download:
+            return load_torchvision(dataset, Path("data") / dataset, True)
+        raise DataError(f"dataset {dataset!r} needs --data PATH (a directory of images or train.npz/test.npz)"
+                        + (" or --download" if dataset in TORCHVISION_SETS else ""))
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist: pass --data PATH pointing at your images"
+                        + (" (or add --download)" if dataset in TORCHVISION_SETS else ""))
+    if not root.is_dir():
+        raise DataError(f"--data {root} is a file; give the directory that holds it")
+    if (root / "train.npz").exists():
+        return load_npz(root, dataset)
+    if dataset in TORCHVISION_SETS:
+        return load_torchvision(dataset, root, download)
+    return load_folder(root, dataset)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def precropped(dataset: Dataset) -> bool:
+    """Whether training views arrive already cropped (folders: crops are cut by loader workers)."""
+    return dataset.train.images is None
+
+
+class _TwoCrops:
+    """Per-sample RandomResizedCrop of a decoded image into two views (weak, strong): uint8 (2, 3, S, S)."""
+
+    def __init__(self, size: int, min_scale: float) -> None:
+        from torchvision.transforms import v2
+
+        self.crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.crop(image), self.crop(image)])
+
+
+class _EvalResize:
+    """Resize (shorter side to size/0.875 above 64 px, as torchvision's ImageNet protocol) and centre-crop."""
+
+    def __init__(self, size: int) -> None:
+        from torchvision.transforms import v2
+
+        resize = size if size <= 64 else int(round(size / 0.875))
+        self.t = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.t(image)
+
+
+def pretrain_batches(
+    dataset: Dataset, batch_size: int, image_size: int, min_scale: float, workers: int,
+    generator: torch.Generator, device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (weak source, strong source) uint8 batches for this process, last partial batch dropped.
+
+    In memory: both are the same (B, C, H, W) slice, cropped later on the device. Folders: two
+    independent crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes
+    its share of the same permutation.
+    """
+    world, rank = dist.world_size(), dist.rank()
+    local = batch_size // world
+    split = dataset.train
+    order = torch.randperm(len(split), generator=generator)
+    steps = len(split) // batch_size
+    if split.images is not None:
+        images = split.images
+        for step in range(steps):
+            idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
+            batch = images[idx.to(images.device)].to(device, non_blocking=True)
+            yield batch, batch
+        return
+    assert split.folder is not None
+    mine = order[: steps * batch_size].view(steps, world, local)[:, rank].reshape(-1).tolist()
+    ds = ImageFolderDataset(split.folder, transform=_TwoCrops(image_size, min_scale))
+    loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=workers,
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+    for views, _ in loader:
+        views = views.to(device, non_blocking=True)  # (B, 2, 3, S, S)
+        yield views[:, 0], views[:, 1]
+
+
+def eval_batches(
+    split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
+    device: torch.device, workers: int = 4,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,)."""
+    if split.images is not None:
+        labels = split.labels if split.labels is not None else torch.full((len(split),), -1)
+        for start in range(0, len(split), batch_size):
+            x = split.images[start : start + batch_size].to(device, non_blocking=True)
+            yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device)
+        return
+    assert split.folder is not None
+    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device)
+
+
+def to_device(dataset: Dataset, device: torch.device) -> None:
+    """Move in-memory images to ``device`` once, so batches never cross the host-device link."""
+    for split in {id(s): s for s in (dataset.train, dataset.bank, dataset.test) if s is not None}.values():
+        if split.images is not None:
+            split.images = split.images.to(device)
+
+
+__all__ = ["DataError", "Dataset", "Split", "eval_batches", "load_dataset", "load_rgb", "pretrain_batches", "to_device"]

@@ -1,0 +1,318 @@
+"""Image folders "in the wild": scanning, robust decoding and a dataset.
+
+Layout rule used by :func:`scan_folder` (hidden files/folders, i.e. any path
+part starting with ``.``, are always ignored):
+
+* If ``root`` holds image files *directly*, the folder is **flat / unlabeled**:
+  every image under ``root`` (recursively, sub-folders included) is a sample and
+  ``labels`` / ``classes`` are ``None``.
+* Otherwise every first-level sub-folder that contains at least one image
+  (at any depth) is a **class**; class names are the sorted sub-folder names and
+  an image's label is the index of its first-level folder. Sub-folders without
+  images are ignored.
+
+Files are sorted by their path relative to ``root`` (POSIX form), so the order
+is the same on every machine and run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_MAX_LISTED = 10  # how many bad files a message names before "and N more"
+_TRUNCATED_LOCK = threading.Lock()
+
+
+class DataError(Exception):
+    """A user-facing data problem; the message is one line that names the fix."""
+
+
+class DataWarning(UserWarning):
+    """Warning about skipped or replaced image files (filterable category)."""
+
+
+@dataclass
+class FolderIndex:
+    """Result of :func:`scan_folder`.
+
+    ``files[i]`` has label ``labels[i]`` (an index into ``classes``); both
+    ``labels`` and ``classes`` are ``None`` for a flat folder of unlabeled images.
+    """
+
+    files: list[Path]
+    labels: list[int] | None
+    classes: list[str] | None
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(folder: Path, root: Path) -> list[Path]:
+    """All non-hidden image files below ``folder`` (recursive), sorted by path relative to ``root``."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _summarise(bad: list[tuple[Path, str]], root: Path | None = None) -> str:
+    """``"a.jpg (empty file), b.png (not an image), ... and 3 more"`` on one line."""
+    text = ", ".join(f"{p.relative_to(root) if root else p} ({why})" for p, why in bad[:_MAX_LISTED])
+    if len(bad) > _MAX_LISTED:
+        text += f" ... and {len(bad) - _MAX_LISTED} more"
+    return text
+
+
+def _check_file(path: Path) -> str | None:
+    """Cheap header-level check; returns why ``path`` is unusable, or ``None`` if it looks fine."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            width, height = im.size
+        if width <= 0 or height <= 0:
+            return "zero-sized image"
+    except Image.DecompressionBombError:
+        return "too many pixels"
+    except Image.UnidentifiedImageError:
+        return "not a readable image"
+    except Exception as err:  # noqa: BLE001 - any failure means "skip this file"
+        return f"{type(err).__name__}: {err}".replace("\n", " ")
+    return None
+
+
+def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: float = 0.01) -> FolderIndex:
+    """Index the images under ``root`` (see the module docstring for the layout rule).
+
+    With ``verify=True`` each file gets a cheap check (empty file, PIL cannot read
+    the header); failing files are dropped with ONE :class:`DataWarning` naming
+    them. If more than ``max_bad_fraction`` of the files fail, :class:`DataError`
+    is raised instead.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist: pass --data PATH pointing at an image folder")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a directory: pass --data PATH pointing at an image folder")
+
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    if any(e.is_file() and _is_image_name(e.name) for e in entries):
+        files, labels, classes = _images_under(root, root), None, None
+    else:
+        files, labels, classes = [], [], []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            found = _images_under(Path(entry.path), root)
+            if found:
+                files += found
+                labels += [len(classes)] * len(found)
+                classes.append(entry.name)
+    if not files:
+        raise DataError(
+            f"no images found in {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case, "
+            f"directly or in sub-folders): pass --data PATH pointing at a folder of images"
+        )
+
+    if verify:
+        bad: list[tuple[Path, str]] = []
+        keep: list[int] = []
+        for i, path in enumerate(files):
+            why = _check_file(path)
+            if why is None:
+                keep.append(i)
+            else:
+                bad.append((path, why))
+        if bad:
+            n_total = len(files)
+            if len(bad) / n_total > max_bad_fraction or not keep:
+                raise DataError(
+                    f"{len(bad)} of {n_total} image files under {root} are unreadable "
+                    f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
+                    f"{_summarise(bad, root)}; fix or delete them, or raise max_bad_fraction to skip them"
+                )
+            warnings.warn(
+                f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {_summarise(bad, root)}",
+                DataWarning,
+                stacklevel=2,
+            )
+            files = [files[i] for i in keep]
+            if labels is not None:
+                labels = [labels[i] for i in keep]
+    return FolderIndex(files=files, labels=labels, classes=classes)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """A detached copy of a loaded image with its EXIF orientation applied (broken EXIF is ignored)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
+        return im.copy()
+
+
+def _open_loaded(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` (EXIF orientation applied); on failure retry once accepting truncated data.
+
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a PIL global: it is switched on only for
+    the retry, under a lock, and always restored afterwards. A partially decoded
+    image keeps whatever PIL filled in for the missing part.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _upright(im)
+    except Image.DecompressionBombError:
+        raise
+    except Exception:  # noqa: BLE001 - retry permissively below
+        pass
+    with _TRUNCATED_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _upright(im)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _scale_gray(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Map a single-channel high-bit-depth array (H, W) to uint8 (H, W).
+
+    ``I;16*``: ``round(v / 257)`` (0..65535 -> 0..255). ``I``: same if values fit
+    0..65535, else min-max stretch. ``F``: ``v * 255`` if values fit 0..1, else
+    min-max stretch. NaN becomes 0.
+    """
+    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        a = a * 255.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA -> (H, W, 3) uint8 RGB blended over a white background."""
+    alpha = rgba[..., 3:4].astype(np.float64) / 255.0
+    rgb = rgba[..., :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Any PIL image -> (H, W, 3) uint8 RGB (see :func:`load_rgb` for the rules)."""
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    elif mode.startswith("I") or mode == "F":
+        gray = _scale_gray(np.array(im), mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    elif mode == "L" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return _composite_on_white(np.array(im))
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
+    return np.array(im)
+
+
+def load_rgb(path: Path) -> torch.Tensor | None:
+    """Decode ``path`` to a uint8 tensor of shape (3, H, W) in RGB, or ``None`` if unreadable.
+
+    * EXIF orientation is applied (``ImageOps.exif_transpose``); multi-frame files give frame 0.
+    * Transparency (RGBA, LA, palette/grayscale with ``transparency``) is
+      **composited on white**: transparent pixels become white, partial alpha blends.
+    * 16-bit ``I;16``/``I`` are scaled (``v / 257``), not clipped; ``F`` in 0..1 is
+      scaled by 255, other ranges are min-max stretched.
+    * ``L``, ``1``, ``CMYK``, ``YCbCr`` and other modes use PIL's RGB conversion.
+    * Truncated files are decoded as far as possible (see :func:`_open_loaded`).
+    """
+    try:
+        arr = _to_rgb_array(_open_loaded(Path(path)))
+    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
+        return None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Samples of a :class:`FolderIndex`: ``(transform(uint8 (3, H, W)), label)``.
+
+    The label is ``-1`` for unlabeled folders; without a transform the raw uint8
+    tensor is returned. A file that cannot be decoded at load time is remembered
+    in :attr:`failed_files` and replaced by the next readable index
+    (``i+1, i+2, ...`` wrapping around), together with that sample's label. The
+    first failure raises one :class:`DataWarning`; later ones are only recorded.
+    :class:`DataError` is raised once more than ``max_bad_fraction`` of the files
+    failed. With DataLoader workers, each worker process keeps its own record.
+    """
+
+    def __init__(self, index: FolderIndex, transform: Callable[[torch.Tensor], Any] | None = None,
+                 max_bad_fraction: float = 0.01) -> None:
+        if not index.files:
+            raise DataError("the image index is empty: pass --data PATH pointing at a folder of images")
+        self.index = index
+        self.transform = transform
+        self.max_bad_fraction = max_bad_fraction
+        self._failed: set[int] = set()
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    @property
+    def failed_files(self) -> list[Path]:
+        """Files that could not be decoded so far, in index order."""
+        return [self.index.files[i] for i in sorted(self._failed)]
+
+    def _record_failure(self, i: int) -> None:
+        self._failed.add(i)
+        n = len(self)
+        if len(self._failed) / n > self.max_bad_fraction or len(self._failed) == n:
+            bad = [(p, "unreadable") for p in self.failed_files]
+            raise DataError(
+                f"{len(self._failed)} of {n} images failed to load ({_summarise(bad)}); "
+                f"fix or delete them, or raise max_bad_fraction (now {self.max_bad_fraction}) to skip them"
+            )
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"could not decode {self.index.files[i]}; it is replaced by another sample "
+                f"(later failures are only recorded in ImageFolderDataset.failed_files)",
+                DataWarning,
+                stacklevel=3,
+            )
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
+        for step in range(n):
+            j = (i + step) % n
+            if j in self._failed:
+                continue
+            image = load_rgb(self.index.files[j])
+            if image is None:
+                self._record_failure(j)
+                continue
+            label = self.index.labels[j] if self.index.labels is not None else -1
+            return (self.transform(image) if self.transform is not None else image), label
+        raise DataError("no image in the folder could be decoded: check the files under --data PATH")

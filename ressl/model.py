@@ -1,0 +1,123 @@
+"""Backbones, the projection head, and the student/teacher pair with its EMA update."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from ressl.queue import EmbeddingQueue
+
+# name -> (block, blocks per stage, feature dim at width 64)
+BACKBONES: dict[str, tuple[type[nn.Module], list[int], int]] = {
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2], 512),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3], 512),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3], 2048),
+}
+
+# Below this size the paper swaps ImageNet's 7x7/2 stem and max-pool for a 3x3/1 convolution.
+SMALL_IMAGE_MAX = 64
+
+
+def build_backbone(name: str, small_stem: bool, width: int = 64) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier (``fc`` is the identity).
+
+    Args:
+        name: ``resnet18``, ``resnet34`` or ``resnet50``.
+        small_stem: the paper's stem for images of 64 px or less: 3x3 stride-1 conv, no max-pool.
+        width: channels of the first stage (torchvision: 64); other stages scale with it. Only 64
+            gives a network that ``torchvision.models.<name>()`` loads key for key *and* shape for shape.
+
+    Returns:
+        The backbone, mapping (B, 3, H, W) -> (B, F), and F.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    block, layers, feature_dim = BACKBONES[name]
+    net = tv_resnet.ResNet(block, layers)  # type: ignore[arg-type]
+    if width != 64:
+        net.inplanes = width
+        net.bn1 = nn.BatchNorm2d(width)
+        for i, blocks in enumerate(layers):
+            stride = 1 if i == 0 else 2
+            setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, blocks, stride=stride))  # type: ignore[arg-type]
+        feature_dim = feature_dim * width // 64
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()  # type: ignore[assignment]
+    elif width != 64:
+        net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()  # type: ignore[assignment]
+    for m in net.modules():  # torchvision's initialisation, re-applied to the layers we replaced
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net, feature_dim
+
+
+class Encoder(nn.Module):
+    """Backbone + projection head (Linear-ReLU-Linear, as in the official code).
+
+    ``forward`` maps images (B, 3, H, W) to L2-normalised embeddings (B, out_dim);
+    ``backbone`` alone gives the features (B, F) used for evaluation.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int, head_bn: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        layers: list[nn.Module] = [nn.Linear(feature_dim, hidden_dim)]
+        if head_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        self.projector = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone(images)).float(), dim=1)
+
+
+class ReSSL(nn.Module):
+    """The student, its EMA teacher and the queue: state only, no training logic in ``forward``.
+
+    The training loop calls, in the official order: ``student(strong)``, ``update_teacher(m)``,
+    ``teacher(weak)`` under ``no_grad``, the loss against ``queue.queue``, the optimiser step, and
+    ``queue.push(teacher_embeddings)``.
+    """
+
+    def __init__(self, student: Encoder, queue_size: int, embed_dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+        self.queue = EmbeddingQueue(queue_size, embed_dim, generator=generator)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter, fused.
+
+        Buffers (BatchNorm statistics) are not averaged: the teacher keeps its own, as in MoCo.
+        """
+        teacher = [p for p in self.teacher.parameters()]
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+
+def build_model(
+    backbone: str,
+    image_size: int,
+    width: int = 64,
+    hidden_dim: int = 512,
+    out_dim: int = 128,
+    queue_size: int = 4096,
+    head_bn: bool = False,
+    small_stem: bool | None = None,
+) -> ReSSL:
+    """The ReSSL pair for ``image_size`` images; the small stem is chosen for images of 64 px or less."""
+    if small_stem is None:
+        small_stem = image_size <= SMALL_IMAGE_MAX
+    net, feature_dim = build_backbone(backbone, small_stem, width)
+    return ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)

@@ -1,0 +1,284 @@
+"""ReSSL pretraining: set-up, the training loop read top to bottom, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ressl import checkpoint, config, dist
+from ressl.augment import BatchAugment, strong_augment, weak_augment
+from ressl.config import Config
+from ressl.data import Dataset, eval_batches, load_dataset, precropped, pretrain_batches, to_device
+from ressl.evaluate import extract_features, knn_accuracy
+from ressl.loss import relational_loss
+from ressl.model import ReSSL, build_model
+from ressl.schedule import cosine_lr, ema_momentum
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise config.ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it fast (CUDA; CPUs with AMX or AVX512-BF16), else full fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    fast_cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if device.type == "cpu" and fast_cpu else None
+
+
+def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on BatchNorm weights and biases (1-D parameters)."""
+    decay = [p for p in student.parameters() if p.ndim > 1]
+    no_decay = [p for p in student.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
+
+
+class MetricsLog:
+    """Append-only JSON lines, written by rank 0 only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if dist.is_main():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the training loop touches, built once by :func:`setup`."""
+
+    cfg: Config
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dataset: Dataset
+    model: ReSSL
+    optimizer: torch.optim.SGD
+    weak_aug: BatchAugment
+    strong_aug: BatchAugment
+    generator: torch.Generator
+    state: TrainState
+    out: Path
+    log: MetricsLog
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
+def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
+    """One pass over the training set in the official ReSSL order; returns the last logged loss."""
+    cfg, model, optimizer, state = run.cfg, run.model, run.optimizer, run.state
+    autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
+    warmup = round(cfg.warmup_epochs * run.steps_per_epoch)
+    batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers, run.generator, run.device)
+    progress = _progress(run)
+    model.train()
+    last_loss, window_start, window_images = None, time.perf_counter(), 0
+    for weak_source, strong_source in batches:
+        lr = cosine_lr(state.step, run.total_steps, cfg.lr, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        momentum = ema_momentum(state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
+        weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
+        strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
+
+        # 1. student on the strong view
+        with autocast:
+            student = model.student(strong)  # (B, D), unit norm
+        # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
+        model.update_teacher(momentum)
+        with torch.no_grad(), autocast:
+            teacher = model.teacher(weak)  # (B, D), unit norm
+        # 3. relational loss against the queue as it was before this batch
+        loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+        # 4. one backward pass and an optimiser step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # 5. the teacher's batch (from every process) enters the queue
+        model.queue.push(teacher)
+
+        state.step += 1
+        window_images += weak.shape[0] * dist.world_size()
+        if state.step % cfg.log_every == 0:
+            last_loss = loss.item()  # the loop's only host sync
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(
+                    f"the loss became {last_loss} at step {state.step}: lower --lr, raise --teacher_temperature, "
+                    "or try --precision fp32"
+                )
+            rate = window_images / (time.perf_counter() - window_start)
+            run.log.write(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, ema_momentum=momentum, images_per_s=rate)
+            if progress is not None:
+                progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
+            window_start, window_images = time.perf_counter(), 0
+        if progress is not None:
+            progress.update(1)
+        if deadline is not None and time.time() > deadline:
+            break
+    if progress is not None:
+        progress.close()
+    return last_loss
+
+
+def _progress(run: Run) -> Any:
+    if not dist.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.steps_per_epoch, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}", unit="step",
+                dynamic_ncols=True, leave=False)
+
+
+def evaluate_knn(run: Run) -> dict[str, float] | None:
+    """Weighted kNN of the student's backbone: labelled training images as the bank, the test split as queries."""
+    data, cfg = run.dataset, run.cfg
+    if data.bank is None or data.test is None or not data.bank.labelled:
+        return None
+    backbone = run.model.student.backbone
+    batches = lambda split: eval_batches(split, cfg.image_size, data.mean, data.std, cfg.eval_batch_size, run.device, cfg.workers)  # noqa: E731
+    bank, bank_labels = extract_features(backbone, batches(data.bank), run.amp_dtype)
+    queries, query_labels = extract_features(backbone, batches(data.test), run.amp_dtype)
+    return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)
+
+
+def default_out(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def setup(cfg: Config) -> Run:
+    """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists."""
+    device = resolve_device(cfg.device)
+    dist.init_from_env(device.type)
+    config.validate(cfg, dist.world_size())
+    dataset = load_dataset(cfg.dataset, cfg.data, cfg.download)
+    if len(dataset.train) < cfg.batch_size:
+        raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
+    to_device(dataset, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size,
+                        cfg.head_bn, cfg.small_stem).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = build_optimizer(model.student, cfg)
+    size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
+    common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0))
+    strong_aug = strong_augment(size, mean, std, blur=cfg.blur, **common)
+    weak_aug = strong_augment(size, mean, std, blur=cfg.blur, **common) if cfg.teacher_strong else weak_augment(size, mean, std, **common)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    state = TrainState()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug,
+              generator, state, out, MetricsLog(out / "metrics.jsonl"), len(dataset.train) // cfg.batch_size)
+    if (out / "checkpoint.pt").exists():
+        resume(run, out / "checkpoint.pt")
+    elif dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.yaml")
+    return run
+
+
+RESUME_KEYS = ("dataset", "data", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn")
+
+
+def resume(run: Run, path: Path) -> None:
+    """Continue from ``path``; refuse when the configuration differs in what the weights depend on."""
+    saved = checkpoint.load(path, map_location=run.device)
+    old = saved["config"]
+    changed = [k for k in RESUME_KEYS if old.get(k) != getattr(run.cfg, k)]
+    if changed:
+        raise config.ConfigError(
+            f"{path} was trained with a different {', '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}): "
+            "use another --out for a new run"
+        )
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.state = TrainState(**saved["state"])
+    run.generator.set_state(saved["generator"])
+    if dist.is_main():
+        print(f"resuming {path} at epoch {run.state.epoch}, step {run.state.step}", flush=True)
+
+
+def save_checkpoint(run: Run) -> None:
+    if not dist.is_main():
+        return
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "state": {"step": run.state.step, "epoch": run.state.epoch},
+        "generator": run.generator.get_state(),
+        "config": run.cfg.to_dict(),
+    }
+    checkpoint.save_atomic(state, run.out / "checkpoint.pt")
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """Pretrain by ReSSL as ``cfg`` says; returns (and saves in ``out/final.json``) the final metrics."""
+    run = setup(cfg)
+    say = print if dist.is_main() else (lambda *a, **k: None)
+    say(f"ressl: {cfg.dataset} ({len(run.dataset.train)} images) -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
+        f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {run.device}, "
+        f"precision {'bf16' if run.amp_dtype else 'fp32'}", flush=True)
+    started = time.time()
+    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    final: dict[str, Any] = {}
+    if run.state.step == 0:
+        initial = evaluate_knn(run)
+        if initial is not None:
+            final["knn_random_init"] = initial
+            run.log.write(step=0, epoch=0, knn_top1=initial["top1"], knn_top5=initial["top5"])
+            say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
+    loss = None
+    while run.state.epoch < cfg.epochs:
+        loss = train_one_epoch(run, deadline)
+        run.state.epoch += 1
+        save_checkpoint(run)
+        summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {(time.time() - started) / 60:.1f} min"
+        if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
+            acc = evaluate_knn(run)
+            if acc is not None:
+                run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
+                summary += f"  kNN top-1 {acc['top1']:.2f}%"
+        say(summary, flush=True)
+        if deadline is not None and time.time() > deadline:
+            say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
+            break
+    final.update(epochs=run.state.epoch, steps=run.state.step, loss=loss, minutes=(time.time() - started) / 60)
+    acc = evaluate_knn(run)
+    if acc is not None:
+        final["knn"] = acc
+        run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
+        before = final.get("knn_random_init", {}).get("top1")
+        say(f"kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%" + (f"  (random init: {before:.2f}%)" if before is not None else ""), flush=True)
+    if dist.is_main():
+        (run.out / "final.json").write_text(json.dumps(final, indent=2))
+        say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
+    return final

@@ -1,0 +1,305 @@
+"""Tests for ressl.folder: scanning layouts, odd image modes, bad files, robust dataset."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from ressl.folder import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    DataWarning,
+    FolderIndex,
+    ImageFolderDataset,
+    load_rgb,
+    scan_folder,
+)
+
+
+def _solid(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (8, 6)) -> Path:
+    """Write a solid RGB image (W, H = size) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    """A 64x64 JPEG (top 8 rows red, rest noise) cut to half its bytes."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    arr[:8] = (255, 0, 0)
+    full = path.with_name("full_tmp.jpg")
+    Image.fromarray(arr).save(full, quality=95)
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _colour(t: torch.Tensor, y: int, x: int) -> list[int]:
+    return t[:, y, x].tolist()
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_class_layout_sorted_classes_and_labels(tmp_path: Path) -> None:
+    _solid(tmp_path / "zebra" / "1.png")
+    _solid(tmp_path / "apple" / "b.JPG")  # upper-case extension counts
+    _solid(tmp_path / "apple" / "nested" / "deep" / "a.png")  # label = first-level folder
+    _solid(tmp_path / "apple" / ".hidden.png")  # hidden file ignored
+    _solid(tmp_path / ".cache" / "x.png")  # hidden folder ignored (not a class)
+    (tmp_path / "empty_dir").mkdir()  # no images: not a class
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hi")
+    (tmp_path / "LICENSE.txt").write_text("not an image")  # non-image at root: still class layout
+    idx = scan_folder(tmp_path)
+    assert idx.classes == ["apple", "zebra"]
+    rel = [p.relative_to(tmp_path).as_posix() for p in idx.files]
+    assert rel == ["apple/b.JPG", "apple/nested/deep/a.png", "zebra/1.png"]
+    assert idx.labels == [0, 0, 1]
+
+
+def test_flat_layout_is_unlabeled_and_recursive(tmp_path: Path) -> None:
+    _solid(tmp_path / "b.png")
+    _solid(tmp_path / "a.jpeg")
+    _solid(tmp_path / "sub" / "c.webp")  # a sub-folder is NOT a class when root holds images
+    _solid(tmp_path / "sub" / ".thumbs" / "t.png")  # nested hidden folder ignored
+    idx = scan_folder(tmp_path)
+    assert idx.labels is None and idx.classes is None
+    assert [p.relative_to(tmp_path).as_posix() for p in idx.files] == ["a.jpeg", "b.png", "sub/c.webp"]
+
+
+def test_scan_order_is_deterministic(tmp_path: Path) -> None:
+    for name in ["k", "c", "x", "a"]:
+        _solid(tmp_path / "cls" / f"{name}.png")
+    assert scan_folder(tmp_path).files == scan_folder(tmp_path).files
+    assert [p.name for p in scan_folder(tmp_path).files] == ["a.png", "c.png", "k.png", "x.png"]
+
+
+def test_missing_dir_error_is_one_helpful_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError) as info:
+        scan_folder(missing)
+    msg = str(info.value)
+    assert "\n" not in msg and str(missing) in msg and "does not exist" in msg and "--data" in msg
+
+
+def test_empty_dir_error_names_extensions(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError) as info:
+        scan_folder(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path) in msg
+    assert all(ext in msg for ext in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- odd files
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> Path:
+    """A flat folder with every odd case the loader must handle."""
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("this is not a png")
+    _truncated_jpeg(tmp_path / "truncated.jpg")
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)  # red
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[:, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[:, 1] = (0, 0, 255, 0)  # fully transparent blue -> white
+    rgba[:, 2] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 0, 0, 0, 255, 0])
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "palette.png", transparency=1)  # index 1 (green) is transparent
+    Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(tmp_path / "gray16.png")
+    Image.fromarray(np.full((3, 4), 77, np.uint8), "L").save(tmp_path / "gray8.png")
+    bits = Image.new("1", (2, 1), 0)
+    bits.putpixel((1, 0), 1)
+    bits.save(tmp_path / "bits.png")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "float.tif")
+    return tmp_path
+
+
+def test_scan_skips_unreadable_with_one_warning(odd_folder: Path) -> None:
+    with pytest.warns(DataWarning) as record:
+        idx = scan_folder(odd_folder, max_bad_fraction=0.5)
+    assert len([w for w in record if issubclass(w.category, DataWarning)]) == 1
+    msg = str(record[0].message)
+    assert "zero.jpg" in msg and "text.png" in msg and "2" in msg
+    names = {p.name for p in idx.files}
+    assert "zero.jpg" not in names and "text.png" not in names
+    assert {"truncated.jpg", "cmyk.jpg", "rgba.png", "palette.png", "gray16.png"} <= names
+
+
+def test_verify_false_keeps_every_file(odd_folder: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = scan_folder(odd_folder, verify=False)
+    assert {"zero.jpg", "text.png"} <= {p.name for p in idx.files}
+
+
+def test_all_convertible_files_load_as_rgb_uint8(odd_folder: Path) -> None:
+    with pytest.warns(DataWarning):
+        idx = scan_folder(odd_folder, max_bad_fraction=0.5)
+    for path in idx.files:
+        t = load_rgb(path)
+        assert t is not None, path.name
+        assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3, path.name
+
+
+def test_unreadable_files_give_none(odd_folder: Path) -> None:
+    assert load_rgb(odd_folder / "zero.jpg") is None
+    assert load_rgb(odd_folder / "text.png") is None
+    assert load_rgb(odd_folder / "does_not_exist.png") is None
+
+
+def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path) -> None:
+    t = load_rgb(odd_folder / "truncated.jpg")
+    assert t is not None and t.shape == (3, 64, 64)
+    r, g, b = _colour(t, 2, 2)
+    assert r > 200 and g < 50 and b < 50  # decoded part kept
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # global flag not leaked
+
+
+def test_cmyk_colours(odd_folder: Path) -> None:
+    t = load_rgb(odd_folder / "cmyk.jpg")
+    assert t is not None
+    r, g, b = _colour(t, 4, 4)
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_rgba_composited_on_white(odd_folder: Path) -> None:
+    t = load_rgb(odd_folder / "rgba.png")
+    assert t is not None and t.shape == (3, 2, 3)
+    assert _colour(t, 0, 0) == [255, 0, 0]
+    assert _colour(t, 0, 1) == [255, 255, 255]
+    assert all(abs(v - 127) <= 1 for v in _colour(t, 1, 2))
+
+
+def test_palette_with_transparency(odd_folder: Path) -> None:
+    t = load_rgb(odd_folder / "palette.png")
+    assert t is not None
+    assert _colour(t, 0, 0) == [255, 0, 0]
+    assert _colour(t, 0, 1) == [255, 255, 255]  # transparent green -> white
+
+
+def test_16bit_gray_is_scaled_not_clipped(odd_folder: Path) -> None:
+    t = load_rgb(odd_folder / "gray16.png")
+    assert t is not None and t.shape == (3, 1, 3)
+    for c in range(3):
+        assert t[c, 0, 0] == 0 and t[c, 0, 2] == 255 and abs(int(t[c, 0, 1]) - 128) <= 1
+
+
+def test_gray8_bits_and_float(odd_folder: Path) -> None:
+    gray = load_rgb(odd_folder / "gray8.png")
+    assert gray is not None and gray.shape == (3, 3, 4) and bool((gray == 77).all())
+    bits = load_rgb(odd_folder / "bits.png")
+    assert bits is not None and _colour(bits, 0, 0) == [0, 0, 0] and _colour(bits, 0, 1) == [255] * 3
+    flt = load_rgb(odd_folder / "float.tif")
+    assert flt is not None and flt[0, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    im = Image.new("RGB", (4, 2), (0, 0, 0))
+    im.putpixel((0, 0), (255, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    im.save(tmp_path / "o.png", exif=exif)
+    t = load_rgb(tmp_path / "o.png")
+    assert t is not None and t.shape == (3, 4, 2)  # (H, W) swapped
+    assert _colour(t, 0, 1) == [255, 0, 0]  # stored top-left ends up top-right
+
+
+def test_too_many_bad_files_raise(tmp_path: Path) -> None:
+    _solid(tmp_path / "good.png")
+    (tmp_path / "bad1.jpg").write_bytes(b"")
+    (tmp_path / "bad2.png").write_text("nope")
+    with pytest.raises(DataError) as info:
+        scan_folder(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and "max_bad_fraction" in msg and "2 of 3" in msg and "bad1.jpg" in msg
+    with pytest.warns(DataWarning):
+        assert len(scan_folder(tmp_path, max_bad_fraction=0.7).files) == 1
+
+
+def test_all_bad_raises_even_with_high_threshold(tmp_path: Path) -> None:
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    with pytest.raises(DataError):
+        scan_folder(tmp_path, max_bad_fraction=1.0)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def _coloured_classes(root: Path) -> FolderIndex:
+    for i, colour in enumerate(COLOURS):
+        _solid(root / f"c{i // 2}" / f"{i}.png", colour)
+    return scan_folder(root)
+
+
+def test_dataset_items_labels_and_transform(tmp_path: Path) -> None:
+    idx = _coloured_classes(tmp_path)
+    ds = ImageFolderDataset(idx)
+    assert len(ds) == 4
+    for i, colour in enumerate(COLOURS):
+        img, label = ds[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 6, 8)
+        assert _colour(img, 0, 0) == list(colour) and label == i // 2
+    ds_t = ImageFolderDataset(idx, transform=lambda x: x.float().mean().item())
+    assert ds_t[0][0] == pytest.approx(255 / 3)
+    with pytest.raises(IndexError):
+        ds[4]
+
+
+def test_dataset_flat_label_is_minus_one(tmp_path: Path) -> None:
+    _solid(tmp_path / "a.png")
+    _, label = ImageFolderDataset(scan_folder(tmp_path))[0]
+    assert label == -1
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_dataset_replaces_file_broken_after_scan(tmp_path: Path, damage: str) -> None:
+    idx = _coloured_classes(tmp_path)
+    broken = idx.files[1]
+    if damage == "delete":
+        broken.unlink()
+    else:
+        broken.write_bytes(broken.read_bytes()[:20])
+    ds = ImageFolderDataset(idx, max_bad_fraction=0.5)
+    with pytest.warns(DataWarning) as record:
+        img, label = ds[1]
+    assert str(broken) in str(record[0].message)
+    assert _colour(img, 0, 0) == list(COLOURS[2]) and label == 1  # deterministic: next sample, its label
+    assert ds.failed_files == [broken]
+    assert _colour(ds[0][0], 0, 0) == list(COLOURS[0])  # others unaffected
+    idx.files[3].unlink()  # a second failure: recorded, replaced (wrapping around), no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img2, _ = ds[1]
+        img3, label3 = ds[3]
+    assert torch.equal(img, img2)
+    assert _colour(img3, 0, 0) == list(COLOURS[0]) and label3 == 0
+    assert ds.failed_files == [broken, idx.files[3]]
+
+
+def test_dataset_too_many_failures_raise(tmp_path: Path) -> None:
+    idx = _coloured_classes(tmp_path)
+    for p in idx.files[1:]:
+        p.unlink()
+    ds = ImageFolderDataset(idx, max_bad_fraction=0.5)
+    with pytest.raises(DataError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(len(ds)):
+            ds[i]
+    assert "max_bad_fraction" in str(info.value) and "\n" not in str(info.value)
