@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import random
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or unsafe; the message is one line that names the fix."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, no permission); the previous one is intact."""
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -32,7 +39,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; free disk space or choose another --out") from None
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {err.strerror or err}; free disk space or choose another --out") from None
         raise
 
 
@@ -41,13 +48,38 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass --checkpoint RUN_DIR/checkpoint.pt")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"cannot read checkpoint {path}: not a file written by torch.save; is it a ressl checkpoint.pt?")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data ({first[:160]})") from None
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = f" ({found[0][:120]})" if found else ""
+        raise CheckpointError(f"refusing to load {path}: it holds pickled objects other than tensors and plain data{detail}") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0][:160]}; is it a ressl checkpoint.pt?") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(f"{path} is not a ressl checkpoint (no 'model' and 'config'): pass RUN_DIR/checkpoint.pt")
     return state
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global random-number state (torch, CUDA, numpy, Python) as tensors and plain data."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ressl import config
-from ressl.checkpoint import CheckpointError
+from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError
+from ressl.train import Interrupted, NonFiniteLoss
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -23,7 +24,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments" in message:
             flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
-            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+            known = sorted({o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--")})
             for flag in flags:
                 hint = difflib.get_close_matches(flag.split("=")[0], known, n=1)
                 if hint:
@@ -54,17 +56,17 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="ressl", description="ReSSL: relational self-supervised pretraining and evaluation.")
+    parser = Parser(prog="ressl", allow_abbrev=False, description="ReSSL: relational self-supervised pretraining and evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("pretrain", help="pretrain an encoder by ReSSL",
+    p = sub.add_parser("pretrain", allow_abbrev=False, help="pretrain an encoder by ReSSL",
                        description="Pretrain by ReSSL. With no arguments: the embedded digits demo, a few minutes on a CPU.")
     p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())}")
     add_config_flags(p)
 
     for name, what in (("knn", "weighted kNN accuracy of a checkpoint's frozen backbone"),
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
-        e = sub.add_parser(name, help=what, description=what.capitalize() + ".")
+        e = sub.add_parser(name, allow_abbrev=False, help=what, description=what.capitalize() + ".")
         e.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
         e.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
         e.add_argument("--dataset", help="dataset name (default: the run's)")
@@ -79,7 +81,20 @@ def build_parser() -> Parser:
             e.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100, the paper)")
             e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
             e.add_argument("--weight_decay", type=float, default=0.0)
+    x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
+                       description="Write the student's (or teacher's) backbone with torchvision's key names.")
+    x.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
+    x.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors")
+    x.add_argument("--teacher", action="store_true", help="export the teacher's backbone instead of the student's")
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ressl.export import export_backbone
+
+    meta = export_backbone(args.checkpoint, args.out, args.teacher)
+    print(f"wrote {args.out}: {meta['network']} {meta['architecture']} (width {meta['width']}, small stem {meta['small_stem']})")
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -114,10 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_evaluate(args)
+    except (NonFiniteLoss, CheckpointWriteError) as err:  # not the user's input: exit 1
+        print(f"ressl {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"ressl {args.command}: {err}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         out = getattr(args, "cfg_out", None)
         print("\nressl: interrupted" + (f"; the last checkpoint is in {Path(out)}" if out else ""), file=sys.stderr)

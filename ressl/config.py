@@ -66,6 +66,8 @@ class Config:
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
     max_minutes: float | None = None  # stop training after this long (the schedule still spans `epochs`)
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    resume: str | None = None  # a checkpoint to continue from (default: OUT/checkpoint.pt when it exists)
 
     # --- evaluation --------------------------------------------------------------------------
     knn_k: int = 200  # neighbours in the weighted kNN (InstDisc protocol, as the paper's code)

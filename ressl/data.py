@@ -245,28 +245,27 @@ class _EvalResize:
 
 def pretrain_batches(
     dataset: Dataset, batch_size: int, image_size: int, min_scale: float, workers: int,
-    generator: torch.Generator, device: torch.device,
+    order: torch.Tensor, start: int, device: torch.device,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (weak source, strong source) uint8 batches for this process, last partial batch dropped.
+    """The epoch's (weak source, strong source) uint8 batches for this process, from batch ``start`` on.
 
-    In memory: both are the same (B, C, H, W) slice, cropped later on the device. Folders: two
-    independent crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes
-    its share of the same permutation.
+    ``order`` (N,) is the epoch's permutation; the last partial batch is dropped. In memory: both
+    sources are the same (B, C, H, W) slice, cropped later on the device. Folders: two independent
+    crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes its share.
     """
     world, rank = dist.world_size(), dist.rank()
     local = batch_size // world
     split = dataset.train
-    order = torch.randperm(len(split), generator=generator)
     steps = len(split) // batch_size
     if split.images is not None:
         images = split.images
-        for step in range(steps):
+        for step in range(start, steps):
             idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
             batch = images[idx.to(images.device)].to(device, non_blocking=True)
             yield batch, batch
         return
     assert split.folder is not None
-    mine = order[: steps * batch_size].view(steps, world, local)[:, rank].reshape(-1).tolist()
+    mine = order[: steps * batch_size].view(steps, world, local)[start:, rank].reshape(-1).tolist()
     ds = ImageFolderDataset(split.folder, transform=_TwoCrops(image_size, min_scale))
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=workers,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import signal
 import math
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,8 +71,17 @@ class MetricsLog:
 
 @dataclass
 class TrainState:
-    step: int = 0
-    epoch: int = 0
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # epochs completed
+    index: int = 0  # batches done inside the current epoch (a mid-epoch checkpoint resumes here)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 @dataclass
@@ -87,66 +101,95 @@ class Run:
     out: Path
     log: MetricsLog
     steps_per_epoch: int
+    stop_requested: bool = False  # set by the SIGTERM/SIGINT handler, honoured at the next step boundary
 
     @property
     def total_steps(self) -> int:
         return self.cfg.epochs * self.steps_per_epoch
 
 
+def epoch_order(run: Run) -> torch.Tensor:
+    """The epoch's sample order, from a generator seeded by (seed, epoch): a resumed run redraws it exactly."""
+    generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + run.state.epoch)
+    return torch.randperm(len(run.dataset.train), generator=generator)
+
+
 def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
-    """One pass over the training set in the official ReSSL order; returns the last logged loss."""
+    """The rest of the current epoch in the official ReSSL order; returns the last logged loss."""
     cfg, model, optimizer, state = run.cfg, run.model, run.optimizer, run.state
     autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
     warmup = round(cfg.warmup_epochs * run.steps_per_epoch)
-    batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers, run.generator, run.device)
+    batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
+                               epoch_order(run), state.index, run.device)
     progress = _progress(run)
+    first_bad_step = torch.full((), -1, device=run.device)  # kept on the device: no per-step host sync
     model.train()
     last_loss, window_start, window_images = None, time.perf_counter(), 0
-    for weak_source, strong_source in batches:
-        lr = cosine_lr(state.step, run.total_steps, cfg.lr, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        momentum = ema_momentum(state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
-        weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
-        strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
+    try:
+        for weak_source, strong_source in batches:
+            lr = cosine_lr(state.step, run.total_steps, cfg.lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            momentum = ema_momentum(state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
+            weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
+            strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
 
-        # 1. student on the strong view
-        with autocast:
-            student = model.student(strong)  # (B, D), unit norm
-        # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
-        model.update_teacher(momentum)
-        with torch.no_grad(), autocast:
-            teacher = model.teacher(weak)  # (B, D), unit norm
-        # 3. relational loss against the queue as it was before this batch
-        loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
-        # 4. one backward pass and an optimiser step
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # 5. the teacher's batch (from every process) enters the queue
-        model.queue.push(teacher)
+            # 1. student on the strong view
+            with autocast:
+                student = model.student(strong)  # (B, D), unit norm
+            # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
+            model.update_teacher(momentum)
+            with torch.no_grad(), autocast:
+                teacher = model.teacher(weak)  # (B, D), unit norm
+            # 3. relational loss against the queue as it was before this batch
+            loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+            # 4. one backward pass and an optimiser step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # 5. the teacher's batch (from every process) enters the queue
+            model.queue.push(teacher)
 
-        state.step += 1
-        window_images += weak.shape[0] * dist.world_size()
-        if state.step % cfg.log_every == 0:
-            last_loss = loss.item()  # the loop's only host sync
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(
-                    f"the loss became {last_loss} at step {state.step}: lower --lr, raise --teacher_temperature, "
-                    "or try --precision fp32"
-                )
-            rate = window_images / (time.perf_counter() - window_start)
-            run.log.write(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, ema_momentum=momentum, images_per_s=rate)
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, first_bad_step)
+            state.step += 1
+            state.index += 1
+            window_images += weak.shape[0] * dist.world_size()
+            end_of_epoch = state.index == run.steps_per_epoch
+            checkpoint_due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
+            if state.step % cfg.log_every == 0 or end_of_epoch or checkpoint_due or run.stop_requested:
+                _check_finite(first_bad_step)  # before anything is saved: a bad step never reaches a checkpoint
+                last_loss = loss.item()
+                rate = window_images / (time.perf_counter() - window_start)
+                run.log.write(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, ema_momentum=momentum, images_per_s=rate)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
+                window_start, window_images = time.perf_counter(), 0
             if progress is not None:
-                progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
-            window_start, window_images = time.perf_counter(), 0
+                progress.update(1)
+            if end_of_epoch:
+                break
+            if checkpoint_due or run.stop_requested:
+                save_checkpoint(run)
+            if run.stop_requested:
+                raise Interrupted(f"stopped at step {state.step}; checkpoint saved: resume with the same command "
+                                  f"(ressl pretrain --out {run.out})")
+            if deadline is not None and time.time() > deadline:
+                break
+    finally:
         if progress is not None:
-            progress.update(1)
-        if deadline is not None and time.time() > deadline:
-            break
-    if progress is not None:
-        progress.close()
+            progress.close()
+    if state.index == run.steps_per_epoch:
+        state.epoch, state.index = state.epoch + 1, 0
     return last_loss
+
+
+def _check_finite(first_bad_step: torch.Tensor) -> None:
+    bad = int(first_bad_step)
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"the loss became NaN or infinite at step {bad}: lower --lr, raise --teacher_temperature/--student_temperature, "
+            "or try --precision fp32; the last good checkpoint is kept"
+        )
 
 
 def _progress(run: Run) -> Any:
@@ -154,8 +197,8 @@ def _progress(run: Run) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=run.steps_per_epoch, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}", unit="step",
-                dynamic_ncols=True, leave=False)
+    return tqdm(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
+                unit="step", dynamic_ncols=True, leave=False)
 
 
 def evaluate_knn(run: Run) -> dict[str, float] | None:
@@ -198,14 +241,15 @@ def setup(cfg: Config) -> Run:
     generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug,
               generator, state, out, MetricsLog(out / "metrics.jsonl"), len(dataset.train) // cfg.batch_size)
-    if (out / "checkpoint.pt").exists():
-        resume(run, out / "checkpoint.pt")
-    elif dist.is_main():
+    if cfg.resume or (out / "checkpoint.pt").exists():
+        resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
+    if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.yaml")
     return run
 
 
+# a checkpoint trained with other values of these is meaningless to continue
 RESUME_KEYS = ("dataset", "data", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn")
 
 
@@ -223,21 +267,58 @@ def resume(run: Run, path: Path) -> None:
     run.optimizer.load_state_dict(saved["optimizer"])
     run.state = TrainState(**saved["state"])
     run.generator.set_state(saved["generator"])
+    checkpoint.set_rng_states(saved["rng"])
     if dist.is_main():
-        print(f"resuming {path} at epoch {run.state.epoch}, step {run.state.step}", flush=True)
+        print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
 
 
 def save_checkpoint(run: Run) -> None:
+    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights."""
     if not dist.is_main():
         return
+    norms = torch._foreach_norm([p.detach() for p in run.model.student.parameters()])
+    if not bool(torch.isfinite(torch.stack(norms)).all()):
+        raise NonFiniteLoss(f"the student's weights became NaN or infinite by step {run.state.step}: lower --lr "
+                            "or try --precision fp32; the last good checkpoint is kept")
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "state": {"step": run.state.step, "epoch": run.state.epoch},
+        "state": dataclasses.asdict(run.state),
         "generator": run.generator.get_state(),
+        "rng": checkpoint.rng_states(),
         "config": run.cfg.to_dict(),
     }
     checkpoint.save_atomic(state, run.out / "checkpoint.pt")
+
+
+def _end_of_epoch(run: Run, loss: float | None, started: float, say: Any) -> None:
+    cfg = run.cfg
+    summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {(time.time() - started) / 60:.1f} min"
+    if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
+        acc = evaluate_knn(run)
+        if acc is not None:
+            run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
+            summary += f"  kNN top-1 {acc['top1']:.2f}%"
+    say(summary, flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: Run) -> Iterator[None]:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop at the next step boundary."""
+    def request_stop(signum: int, frame: Any) -> None:
+        if run.stop_requested:  # a second Ctrl-C: stop now, the last checkpoint stays as it was
+            raise KeyboardInterrupt
+        run.stop_requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -257,20 +338,17 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             run.log.write(step=0, epoch=0, knn_top1=initial["top1"], knn_top5=initial["top5"])
             say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
     loss = None
-    while run.state.epoch < cfg.epochs:
-        loss = train_one_epoch(run, deadline)
-        run.state.epoch += 1
-        save_checkpoint(run)
-        summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {(time.time() - started) / 60:.1f} min"
-        if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
-            acc = evaluate_knn(run)
-            if acc is not None:
-                run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
-                summary += f"  kNN top-1 {acc['top1']:.2f}%"
-        say(summary, flush=True)
-        if deadline is not None and time.time() > deadline:
-            say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
-            break
+    with _stop_on_signals(run):
+        while run.state.epoch < cfg.epochs:
+            loss = train_one_epoch(run, deadline)
+            save_checkpoint(run)
+            if run.state.index:  # stopped inside an epoch (--max_minutes)
+                say(f"stopping after {cfg.max_minutes} minutes (--max_minutes) at step {run.state.step}", flush=True)
+                break
+            _end_of_epoch(run, loss, started, say)
+            if deadline is not None and time.time() > deadline:
+                say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
+                break
     final.update(epochs=run.state.epoch, steps=run.state.step, loss=loss, minutes=(time.time() - started) / 60)
     acc = evaluate_knn(run)
     if acc is not None:

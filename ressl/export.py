@@ -1,0 +1,36 @@
+"""Backbone export: the student's (or teacher's) ResNet alone, in torchvision's key names, as safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ressl.evaluate import load_backbone
+
+
+def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False) -> dict[str, str]:
+    """Write the backbone of ``checkpoint_path`` to ``out`` (``.safetensors``); return its metadata.
+
+    Keys are torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), with no ``module.``
+    or ``backbone.`` prefix and no ``fc``: load it into ``torchvision.models.resnet18()`` after setting
+    ``fc = nn.Identity()`` (and the small-image stem where the run used it). The run's configuration
+    is stored as JSON in the file's metadata.
+    """
+    backbone, cfg = load_backbone(checkpoint_path, teacher)
+    tensors = {k: v.detach().to(memory_format=torch.contiguous_format).contiguous().cpu() for k, v in backbone.state_dict().items()}
+    small_stem = isinstance(backbone.maxpool, torch.nn.Identity)
+    metadata = {
+        "format": "pt",
+        "architecture": cfg.backbone,
+        "width": str(cfg.width),
+        "small_stem": str(small_stem).lower(),
+        "network": "teacher" if teacher else "student",
+        "config": json.dumps(cfg.to_dict()),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return metadata

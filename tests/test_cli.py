@@ -1,0 +1,89 @@
+"""The command line end to end, in subprocesses as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ressl.cli import main
+
+TINY = ["--image_size", "16", "--width", "8", "--hidden_dim", "32", "--out_dim", "16", "--batch_size", "32",
+        "--queue_size", "64", "--knn_k", "10", "--precision", "fp32", "--workers", "0"]
+
+
+def ressl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ressl", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_pretrain_then_knn_and_linear(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    done = ressl("pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "2", *TINY)
+    assert done.returncode == 0, done.stderr
+    assert "kNN of the randomly initialised encoder" in done.stdout and "kNN top-1" in done.stdout
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "final.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r and "lr" in r and "images_per_s" in r for r in records)
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 2 and 0 <= final["knn"]["top1"] <= 100
+
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # plain data only
+    assert state["config"]["epochs"] == 2 and state["config"]["dataset"] == "npz"
+
+    knn = ressl("knn", "--checkpoint", str(out / "checkpoint.pt"), "--k", "10")
+    assert knn.returncode == 0, knn.stderr
+    assert json.loads(knn.stdout.splitlines()[-1])["top1"] == pytest.approx(final["knn"]["top1"], abs=0.01)
+    linear = ressl("linear", "--checkpoint", str(out / "checkpoint.pt"), "--epochs", "3")
+    assert linear.returncode == 0, linear.stderr
+    assert 0 <= json.loads(linear.stdout.splitlines()[-1])["top1"] <= 100
+
+
+@pytest.mark.slow
+def test_user_mistake_is_one_line_without_traceback(tmp_path):
+    done = ressl("pretrain", "--preset", "cifar10", "--data", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "does not exist" in done.stderr and "--data" in done.stderr
+
+
+def bad(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--preset", "cifar11"], "did you mean 'cifar10'"),
+    (["pretrain", "--queue_size", "100"], "not a multiple"),
+    (["pretrain", "--image_size", "4"], "too small"),
+    (["pretrain", "--epochs", "many"], "epochs must be a int"),
+    (["knn", "--checkpoint", "nowhere.pt"], "does not exist"),
+])
+def test_bad_input_exit_2(argv, message, capsys):
+    assert message in bad(argv, capsys)
+
+
+def test_unknown_flag_suggests_the_right_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--epoch", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--epochs" in err and len(err.splitlines()) == 1
+
+
+def test_empty_folder_and_unreadable_checkpoint(tmp_path, capsys):
+    assert "no images" in bad(["pretrain", "--dataset", "folder", "--data", str(tmp_path)], capsys)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in bad(["knn", "--checkpoint", str(junk)], capsys)
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "payload": Path("x")}, evil)  # an arbitrary pickled object
+    assert "refusing to load" in bad(["knn", "--checkpoint", str(evil)], capsys)

@@ -1,0 +1,44 @@
+import json
+
+import torch
+import torchvision
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ressl.cli import main
+from ressl.train import save_checkpoint
+
+from test_train import tiny_run
+
+
+def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_dir, tmp_path):
+    run = tiny_run(npz_dir, tmp_path, width=64, hidden_dim=32, batch_size=64, queue_size=128)
+    run.model.update_teacher(0.0)
+    with torch.no_grad():
+        for p in run.model.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make student and teacher differ
+    save_checkpoint(run)
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", "--checkpoint", str(run.out / "checkpoint.pt"), "--out", str(out)]) == 0
+
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # the small-image stem
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.load_state_dict(load_file(out), strict=True)
+
+    x = torch.randn(2, 3, 16, 16)
+    ours = run.model.student.backbone.eval()
+    torch.testing.assert_close(net.eval()(x), ours(x.contiguous(memory_format=torch.channels_last)), rtol=1e-4, atol=1e-5)
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert meta["network"] == "student" and meta["small_stem"] == "true"
+    assert json.loads(meta["config"])["width"] == 64
+    assert not any(k.startswith(("module.", "backbone.", "encoder.", "fc.")) for k in load_file(out))
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    assert main(["export", "--checkpoint", str(run.out / "checkpoint.pt"), "--out", str(teacher_file), "--teacher"]) == 0
+    teacher = load_file(teacher_file)
+    assert not torch.equal(teacher["conv1.weight"], load_file(out)["conv1.weight"])
+    torch.testing.assert_close(teacher["conv1.weight"], run.model.teacher.backbone.conv1.weight.contiguous())

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ressl import relational_loss
+
+
+def naive_loss(student, teacher, queue, ts=0.1, tt=0.04):
+    """The paper's formula, one sample and one queue entry at a time, in float64."""
+    total = 0.0
+    for s, t in zip(student.double(), teacher.double()):
+        p = [math.exp(float(t @ q) / tt) for q in queue.double()]
+        z_p = sum(p)
+        q_logits = [float(s @ q) / ts for q in queue.double()]
+        m = max(q_logits)
+        log_z_q = m + math.log(sum(math.exp(v - m) for v in q_logits))
+        total += -sum(pk / z_p * (lk - log_z_q) for pk, lk in zip(p, q_logits))
+    return total / len(student)
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+@pytest.mark.parametrize("ts,tt", [(0.1, 0.04), (0.2, 0.1), (0.05, 0.05)])
+def test_matches_naive_reference(ts, tt):
+    s, t, q = unit(6, 8), unit(6, 8), unit(20, 8)
+    assert relational_loss(s, t, q, ts, tt).item() == pytest.approx(naive_loss(s, t, q, ts, tt), rel=1e-5)
+
+
+def test_equals_entropy_when_student_matches_teacher():
+    t, q = unit(4, 8), unit(16, 8)
+    loss = relational_loss(t, t, q, 0.1, 0.1)
+    p = F.softmax(t @ q.T / 0.1, dim=1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert loss.item() == pytest.approx(entropy.item(), rel=1e-5)
+
+
+def test_collapse_gives_log_k():
+    v = unit(1, 8)
+    loss = relational_loss(v.expand(4, 8), v.expand(4, 8), v.expand(32, 8))
+    assert loss.item() == pytest.approx(math.log(32), rel=1e-6)
+
+
+def test_no_gradient_reaches_teacher_or_queue():
+    s = unit(4, 8).requires_grad_()
+    t = unit(4, 8).requires_grad_()
+    q = unit(16, 8).requires_grad_()
+    relational_loss(s, t, q).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None and q.grad is None
+
+
+def test_stable_at_low_temperature_and_bf16():
+    s, t, q = unit(8, 16), unit(8, 16), unit(64, 16)
+    loss = relational_loss(s, t, q, 0.01, 0.01)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(naive_loss(s, t, q, 0.01, 0.01), rel=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16 = relational_loss(s.bfloat16(), t.bfloat16(), q, 0.01, 0.01)
+    assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
+    assert loss_bf16.item() == pytest.approx(loss.item(), rel=0.1)

@@ -1,0 +1,134 @@
+"""Runs that survive: exact resume after SIGKILL, SIGTERM saves, atomic writes, numeric faults."""
+
+import errno
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ressl import checkpoint
+from ressl.checkpoint import CheckpointWriteError
+from ressl.cli import main
+
+from test_cli import TINY
+
+
+def command(npz_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ressl", "pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out),
+            "--epochs", "8", "--checkpoint_every", "1", "--log_every", "1", *TINY, *extra]
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                    for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.005)
+    raise TimeoutError
+
+
+def losses(out: Path) -> dict[int, float]:
+    """The last loss logged for each step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (a, b))
+    assert sa["state"] == sb["state"]
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key  # bit for bit, queue and pointer included
+    for key, value in sa["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"])
+    assert losses(a) == losses(b)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_exact(npz_dir, tmp_path):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert subprocess.run(command(npz_dir, unbroken), capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.Popen(command(npz_dir, broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(broken, random.Random().randint(2, 20), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(broken / "checkpoint.pt", weights_only=True)["state"]["step"]
+    assert killed_at < 32
+    resumed = subprocess.run(command(npz_dir, broken), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert_same_run(unbroken, broken)
+    assert not list(broken.glob(".checkpoint.pt.*"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_says_how_to_resume(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(npz_dir, out, "--checkpoint_every", "0"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "resume" in err and str(out) in err and "Traceback" not in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    assert state["step"] >= 3 and max(losses(out)) == state["step"]
+
+
+def test_torn_write_is_never_visible(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process dies in the middle of the write
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", no_space)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(npz_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--checkpoint_every", "1",
+            "--log_every", "1", *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0  # a good checkpoint at step 4
+    good = checkpoint.load(out / "checkpoint.pt")
+    assert main(argv + ["--epochs", "3", "--lr", "1e30"]) == 1  # continues, and blows up
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "NaN or infinite" in err and "step 5" in err and "--lr" in err
+    saved = checkpoint.load(out / "checkpoint.pt")
+    assert saved["state"] == good["state"]
+    assert all(torch.equal(v, good["model"][k]) for k, v in saved["model"].items())
+
+
+def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--width", "16"]) == 2
+    assert "different width" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+import copy
+
+import torch
+
+from ressl import config
+from ressl.loss import relational_loss
+from ressl.train import epoch_order, setup, train_one_epoch
+
+
+def tiny_run(npz_dir, tmp_path, **overrides):
+    values = dict(dataset="npz", data=str(npz_dir), out=str(tmp_path / "run"), image_size=16, width=8, hidden_dim=32,
+                  out_dim=16, batch_size=32, queue_size=64, lr=0.05, epochs=5, precision="fp32", channels_last=False,
+                  log_every=1, knn_k=10)
+    values.update(overrides)
+    return setup(config.resolve(None, values))
+
+
+def test_one_step_follows_the_official_order(npz_dir, tmp_path):
+    """One training step equals a naive re-implementation of: student(strong); EMA; teacher(weak);
+    loss against the queue *before* this batch; SGD step; push the teacher's batch."""
+    run = tiny_run(npz_dir, tmp_path, batch_size=128, queue_size=256, ema_momentum=0.9, weight_decay=1e-3)
+    cfg = run.cfg
+    student, teacher = copy.deepcopy(run.model.student), copy.deepcopy(run.model.teacher)
+    queue_before = run.model.queue.queue.clone()
+    generator = torch.Generator()
+    generator.set_state(run.generator.get_state())
+    order = epoch_order(run)
+
+    train_one_epoch(run)
+
+    # the naive reference, with the same random numbers
+    batch = run.dataset.train.images[order]
+    weak, strong = run.weak_aug(batch, generator), run.strong_aug(batch, generator)
+    z_student = student(strong)
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.copy_(0.9 * t + 0.1 * s)
+        z_teacher = teacher(weak)
+    relational_loss(z_student, z_teacher, queue_before, cfg.student_temperature, cfg.teacher_temperature).backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            decay = cfg.weight_decay if p.ndim > 1 else 0.0
+            p -= cfg.lr * (p.grad + decay * p)  # first SGD step: the momentum buffer is the gradient
+
+    for a, b in zip(student.parameters(), run.model.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(teacher.parameters(), run.model.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run.model.queue.queue[:128], z_teacher, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run.model.queue.queue[128:], queue_before[128:])
+    assert run.state.step == 1
+
+
+def test_training_steps_lower_the_loss(npz_dir, tmp_path):
+    run = tiny_run(npz_dir, tmp_path)
+    images = run.dataset.train.images[:64]
+    views = torch.Generator().manual_seed(1)
+    weak, strong = run.weak_aug(images, views), run.strong_aug(images, views)
+    with torch.no_grad():
+        run.model.queue.push(run.model.teacher(weak))
+        target, queue = run.model.teacher(weak), run.model.queue.queue.clone()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return relational_loss(run.model.student(strong), target, queue).item()
+
+    before = loss()
+    for _ in range(5):
+        train_one_epoch(run)
+    after = loss()
+    assert run.state.step == 5 * 4
+    assert after < before - 0.05, (before, after)
+
+
+def test_teacher_strong_switch_gives_teacher_colour_ops(npz_dir, tmp_path):
+    assert not tiny_run(npz_dir, tmp_path).weak_aug.strong
+    assert tiny_run(npz_dir, tmp_path / "b", teacher_strong=True).weak_aug.strong
