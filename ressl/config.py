@@ -49,6 +49,9 @@ class Config:
     blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
 
+    teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
+    bn_groups: int = 1  # on one device: the teacher normalises this many shuffled groups apart (emulated shuffle-BN)
+
     # --- optimisation ------------------------------------------------------------------------
     epochs: int = 200  # the paper's schedule for its headline tables
     batch_size: int = 256  # global batch, split across processes
@@ -198,6 +201,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least {smallest}): "
             "raise --image_size or use --small_stem true"
         )
+    if cfg.teacher_bn not in {"shuffle", "sync", "local"}:
+        raise ConfigError(f"teacher_bn must be shuffle, sync or local, got {cfg.teacher_bn!r}")
+    if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
+        raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 

@@ -274,21 +274,38 @@ def pretrain_batches(
         yield views[:, 0], views[:, 1]
 
 
+PAD_LABEL = -100  # rows added so that every process gets as many evaluation images; dropped after gathering
+
+
 def eval_batches(
     split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
     device: torch.device, workers: int = 4,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,)."""
+    """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,).
+
+    Under ``torchrun`` each process takes every world-th image (padded to equal counts with
+    ``PAD_LABEL`` rows); ``ressl.evaluate.extract_features`` gathers and drops the padding.
+    """
+    n, world = len(split), dist.world_size()
+    per_rank = -(-n // world)
+    indices = torch.arange(per_rank * world).remainder(n).view(per_rank, world)[:, dist.rank()]
+    pad = torch.arange(per_rank * world).view(per_rank, world)[:, dist.rank()] >= n
     if split.images is not None:
-        labels = split.labels if split.labels is not None else torch.full((len(split),), -1)
-        for start in range(0, len(split), batch_size):
-            x = split.images[start : start + batch_size].to(device, non_blocking=True)
+        labels = split.labels if split.labels is not None else torch.full((n,), -1)
+        labels = torch.where(pad, PAD_LABEL, labels[indices])
+        for start in range(0, per_rank, batch_size):
+            idx = indices[start : start + batch_size]
+            x = split.images[idx.to(split.images.device)].to(device, non_blocking=True)
             yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device)
         return
     assert split.folder is not None
     ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    start = 0
     for x, y in loader:
+        y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
+        start += len(y)
         yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device)
 
 

@@ -1,11 +1,14 @@
-"""Distributed helpers read from ``torchrun``'s environment; each is a no-op in a single process."""
+"""Distributed helpers read from ``torchrun``'s (or SLURM's) environment; each is a no-op in a single process."""
 
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -28,12 +31,42 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _slurm_to_torchrun_env() -> None:
+    """Under ``srun`` without torchrun, translate SLURM's variables into the ones ``env://`` reads."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        os.environ["MASTER_ADDR"] = first_host(nodes)
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        return nodelist
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
 def init_from_env(device_type: str) -> bool:
-    """Join the process group described by ``torchrun`` (``WORLD_SIZE`` > 1); return whether we did."""
+    """Join the process group described by torchrun (``WORLD_SIZE`` > 1) or SLURM; return whether we did.
+
+    NCCL on CUDA (each process on ``cuda:LOCAL_RANK``), gloo on CPU.
+    """
+    _slurm_to_torchrun_env()
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    torch_dist.init_process_group(backend=backend)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    torch_dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return True
 
 
@@ -45,3 +78,124 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     torch_dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any process (a collective: call it on every rank at the same step)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+@torch.no_grad()
+def shuffled_forward(teacher: nn.Module, weak: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shuffle-BN (MoCo): the teacher embeds a batch mixed from all processes, then rows are put back.
+
+    Args:
+        teacher: the network, in train mode (its BatchNorm uses the batch it is given).
+        weak: (B, ...) this process's batch.
+        generator: a CPU generator in the same state on every rank (the permutation must agree).
+
+    Returns:
+        (world * B, D): the teacher's embeddings of every process's batch, in rank order, so the
+        caller can push them to the queue without another gather; this rank's rows are
+        ``[rank * B : (rank + 1) * B]``.
+    """
+    everything = all_gather_cat(weak)  # (W*B, ...)
+    b = weak.shape[0]
+    perm = torch.randperm(everything.shape[0], generator=generator).to(weak.device)
+    mine = perm[rank() * b : (rank() + 1) * b]
+    shuffled = all_gather_cat(teacher(everything[mine]))  # row i embeds image perm[i]
+    out = torch.empty_like(shuffled)
+    out[perm] = shuffled
+    return out
+
+
+@torch.no_grad()
+def grouped_forward(teacher: nn.Module, weak: torch.Tensor, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """Emulated shuffle-BN on one device: the teacher normalises ``groups`` random subsets separately.
+
+    ``weak`` (B, ...) -> (B, D) in the input's order.
+    """
+    if groups <= 1:
+        return teacher(weak)
+    perm = torch.randperm(weak.shape[0], generator=generator).to(weak.device)
+    shuffled = torch.cat([teacher(chunk) for chunk in weak[perm].chunk(groups)])
+    out = torch.empty_like(shuffled)
+    out[perm] = shuffled
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of every process's output is summed back."""
+
+    @staticmethod
+    def forward(ctx: object, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        torch_dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        torch_dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor) if is_distributed() else tensor
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span every process, on any device and backend (gloo included).
+
+    Sums and sums of squares are all-reduced with autograd, so gradients equal those of one process
+    holding the whole batch. In one process, or in eval mode, it is an ordinary BatchNorm. Handles
+    (B, C) and (B, C, H, W) inputs.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected a (B, C) or (B, C, H, W) input, got {tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = [0] if x.dim() == 2 else [0, 2, 3]
+        shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 under autocast -> fp32; fp64 stays
+        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device, dtype=xf.dtype)
+        sums = all_reduce_sum(torch.cat([xf.sum(dims), count]))  # two passes, as exact as one process's
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = xf - mean.view(shape)
+        var = all_reduce_sum((centred * centred).sum(dims)) / n
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum or 0.1)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum or 0.1)
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d in ``module`` by :class:`SyncBatchNorm`, keeping parameters and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(child, SyncBatchNorm):
+            sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            reference = child.running_mean if child.running_mean is not None else next(child.parameters())
+            sync.to(device=reference.device, dtype=reference.dtype)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module
+
+
+__all__ = ["SyncBatchNorm", "all_gather_cat", "convert_sync_batchnorm", "grouped_forward", "init_from_env", "shuffled_forward"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
+from ressl.data import PAD_LABEL
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ def extract_features(
         feats.append(f.float())
         labels.append(y)
     backbone.train(was_training)
-    return dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
+    features, labels_all = dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
+    keep = labels_all != PAD_LABEL  # rows that only padded a process's share
+    return features[keep], labels_all[keep]
 
 
 def knn_scores(
@@ -145,6 +148,8 @@ def evaluate_checkpoint(
     from ressl.train import autocast_dtype, resolve_device
 
     dev = resolve_device(device)
+    if dist.init_from_env(dev.type) and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank())
     backbone, cfg = load_backbone(path, teacher, dev)
     ds = load_dataset(dataset or cfg.dataset, data if data is not None else cfg.data, cfg.download)
     if ds.bank is None or ds.test is None:

@@ -30,10 +30,11 @@ def relational_loss(
     The similarities are computed in float32 even under bf16/fp16 autocast, and both softmaxes go
     through ``log_softmax`` (max-subtracted), so temperatures down to 0.01 stay finite.
     """
-    queue = queue.detach().float()
+    dtype = torch.promote_types(student.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
+    queue = queue.detach().to(dtype)
     with torch.autocast(device_type=student.device.type, enabled=False):
-        student_logits = student.float() @ queue.T / student_temperature  # (B, K)
-        teacher_logits = teacher.detach().float() @ queue.T / teacher_temperature  # (B, K)
+        student_logits = student.to(dtype) @ queue.T / student_temperature  # (B, K)
+        teacher_logits = teacher.detach().to(dtype) @ queue.T / teacher_temperature  # (B, K)
         target = F.softmax(teacher_logits, dim=1)  # (B, K), sums to 1
         log_q = F.log_softmax(student_logits, dim=1)  # (B, K)
         return -(target * log_q).sum(dim=1).mean()

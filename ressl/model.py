@@ -77,7 +77,8 @@ class Encoder(nn.Module):
         self.projector = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.backbone(images)).float(), dim=1)
+        z = self.projector(self.backbone(images))
+        return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # (B, out_dim), fp32 under autocast
 
 
 class ReSSL(nn.Module):

@@ -1,0 +1,190 @@
+"""Two processes with the gloo backend on CPU: the global queue, SyncBN, shuffle-BN, torchrun end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ressl import EmbeddingQueue, build_model, dist, relational_loss
+
+from test_cli import TINY
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+def _join(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+
+
+def spawn(fn, tmp_path: Path) -> list:
+    mp.spawn(fn, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+# --- the queue ---------------------------------------------------------------------------------
+
+
+def _queue_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    torch.manual_seed(0)  # the same random initial queue on every rank
+    queue = EmbeddingQueue(12, 3)
+    for step in range(3):  # each rank pushes its own batch of 2 rows per step
+        queue.push(torch.full((2, 3), 10.0 * step + rank))
+    torch.save({"queue": queue.queue, "pointer": queue.pointer}, f"{tmp}/rank{rank}.pt")
+
+
+def test_every_rank_holds_the_same_queue_as_one_process(tmp_path):
+    results = spawn(_queue_worker, tmp_path)
+    torch.testing.assert_close(results[0]["queue"], results[1]["queue"], rtol=0, atol=0)
+    torch.manual_seed(0)
+    single = EmbeddingQueue(12, 3)
+    for step in range(3):  # one process with the global batch: rank 0's rows, then rank 1's
+        single.push(torch.cat([torch.full((2, 3), 10.0 * step + r) for r in range(WORLD)]))
+    torch.testing.assert_close(results[0]["queue"], single.queue, rtol=0, atol=0)
+    assert int(results[0]["pointer"]) == int(single.pointer) == 0
+
+
+# --- SyncBN: 2 x B/2 equals 1 x B ---------------------------------------------------------------
+
+
+# float64: in float32 the reduction order alone moves first-layer gradients by ~1e-4 through 20 BatchNorms
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(8, 3, 16, 16, generator=g).double(), torch.randn(8, 3, 16, 16, generator=g).double(),
+            torch.randn(32, 16, generator=g).double())
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", 16, width=8, hidden_dim=32, out_dim=16, queue_size=32, head_bn=True).double()
+
+
+def _step(model, student_forward, strong, weak, queue) -> torch.Tensor:
+    student = student_forward(strong)
+    with torch.no_grad():
+        teacher = model.teacher(weak)
+    loss = relational_loss(student, teacher, torch.nn.functional.normalize(queue, dim=1))
+    loss.backward()
+    return loss.detach()
+
+
+def _syncbn_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    strong, weak, queue = _data()
+    model = dist.convert_sync_batchnorm(_model())
+    ddp = DistributedDataParallel(model.student)
+    half = slice(rank * 4, (rank + 1) * 4)
+    loss = _step(model, ddp, strong[half], weak[half], queue)
+    torch_dist.all_reduce(loss)
+    grads = [p.grad for p in model.student.parameters()]
+    torch.save({"loss": loss / WORLD, "grads": grads}, f"{tmp}/rank{rank}.pt")
+
+
+def test_syncbn_two_halves_equal_one_whole_batch(tmp_path):
+    results = spawn(_syncbn_worker, tmp_path)
+    strong, weak, queue = _data()
+    model = _model()
+    loss = _step(model, model.student, strong, weak, queue)
+    for r in results:
+        torch.testing.assert_close(r["loss"], loss, rtol=1e-5, atol=1e-5)
+        for g_dist, p in zip(r["grads"], model.student.parameters()):
+            torch.testing.assert_close(g_dist, p.grad, rtol=1e-4, atol=1e-5)
+
+
+# --- shuffle-BN ---------------------------------------------------------------------------------
+
+
+class Recorder(nn.Module):
+    """Embeds an image as its mean value; remembers what it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.mean(dim=(1, 2, 3)))
+        return x.mean(dim=(1, 2, 3))[:, None].expand(-1, 2)
+
+
+def _shuffle_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    weak = (100 * rank + torch.arange(8.0))[:, None, None, None].expand(8, 1, 2, 2).contiguous()
+    teacher = Recorder()
+    everyone = dist.shuffled_forward(teacher, weak, torch.Generator().manual_seed(0))
+    torch.save({"seen": teacher.seen[0], "everyone": everyone}, f"{tmp}/rank{rank}.pt")
+
+
+def test_shuffle_bn_mixes_processes_and_restores_order(tmp_path):
+    results = spawn(_shuffle_worker, tmp_path)
+    for rank, r in enumerate(results):
+        from_self = (r["seen"] // 100 == rank).sum().item()
+        assert 0 < from_self < 8, "each teacher batch must mix images from both processes"
+        expected = torch.cat([100 * k + torch.arange(8.0) for k in range(WORLD)])
+        torch.testing.assert_close(r["everyone"][:, 0], expected)  # back in rank order
+    seen = torch.cat([r["seen"] for r in results])
+    assert sorted(seen.tolist()) == sorted(torch.cat([100 * k + torch.arange(8.0) for k in range(WORLD)]).tolist())
+
+
+def test_grouped_forward_emulates_shuffle_bn_on_one_device():
+    teacher = Recorder()
+    weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
+    out = dist.grouped_forward(teacher, weak, 4, torch.Generator().manual_seed(0))
+    assert len(teacher.seen) == 4 and all(len(s) == 2 for s in teacher.seen)
+    assert torch.cat(teacher.seen).tolist() != torch.arange(8.0).tolist()  # shuffled into groups
+    torch.testing.assert_close(out[:, 0], torch.arange(8.0))
+
+
+def test_slurm_node_list():
+    assert dist.first_host("gpu[03-05,07],cpu1") == "gpu03"
+    assert dist.first_host("node7") == "node7"
+
+
+# --- torchrun end to end ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
+           "-m", "ressl", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY]
+    done = torchrun(*args, "--epochs", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in out.glob("*.pt")] == ["checkpoint.pt"]
+    assert done.stdout.count("kNN top-1") == 1  # rank 0 alone prints
+    resumed = torchrun(*args, "--epochs", "2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
+
+    knn_two = torchrun("knn", "--checkpoint", str(out / "checkpoint.pt"), "--k", "10", cwd=tmp_path)
+    assert knn_two.returncode == 0, knn_two.stderr[-2000:]
+    knn_one = subprocess.run([sys.executable, "-m", "ressl", "knn", "--checkpoint", str(out / "checkpoint.pt"), "--k", "10"],
+                             capture_output=True, text=True, timeout=300)
+    two = json.loads(knn_two.stdout.strip().splitlines()[-1])
+    one = json.loads(knn_one.stdout.strip().splitlines()[-1])
+    assert two == pytest.approx(one, abs=1e-6)
