@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ressl import checkpoint, config, dist
 from ressl.augment import BatchAugment, strong_augment, weak_augment
@@ -25,6 +26,7 @@ from ressl.data import Dataset, eval_batches, load_dataset, precropped, pretrain
 from ressl.evaluate import extract_features, knn_accuracy
 from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
+from ressl.monitor import health, queue_fill
 from ressl.schedule import cosine_lr, ema_momentum
 
 
@@ -96,7 +98,9 @@ class Run:
     optimizer: torch.optim.SGD
     weak_aug: BatchAugment
     strong_aug: BatchAugment
-    generator: torch.Generator
+    generator: torch.Generator  # augmentation parameters; seeded per process
+    shuffle_generator: torch.Generator  # teacher batch shuffles; the same on every process
+    student_forward: nn.Module  # the student, wrapped in DistributedDataParallel when distributed
     state: TrainState
     out: Path
     log: MetricsLog
@@ -121,10 +125,8 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     warmup = round(cfg.warmup_epochs * run.steps_per_epoch)
     batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
                                epoch_order(run), state.index, run.device)
-    progress = _progress(run)
-    first_bad_step = torch.full((), -1, device=run.device)  # kept on the device: no per-step host sync
+    meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     model.train()
-    last_loss, window_start, window_images = None, time.perf_counter(), 0
     try:
         for weak_source, strong_source in batches:
             lr = cosine_lr(state.step, run.total_steps, cfg.lr, warmup)
@@ -136,51 +138,114 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
 
             # 1. student on the strong view
             with autocast:
-                student = model.student(strong)  # (B, D), unit norm
+                student = run.student_forward(strong)  # (B, D), unit norm
             # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
             model.update_teacher(momentum)
             with torch.no_grad(), autocast:
-                teacher = model.teacher(weak)  # (B, D), unit norm
+                teacher, everyone = embed_weak(run, weak)  # (B, D) ours, (world * B, D) all processes
             # 3. relational loss against the queue as it was before this batch
             loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+            meter.observe(loss, student, teacher, weak.shape[0])  # health signals use the same queue, on log steps
             # 4. one backward pass and an optimiser step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             # 5. the teacher's batch (from every process) enters the queue
-            model.queue.push(teacher)
+            model.queue.push(everyone, gather=False)
 
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, first_bad_step)
             state.step += 1
             state.index += 1
-            window_images += weak.shape[0] * dist.world_size()
-            end_of_epoch = state.index == run.steps_per_epoch
-            checkpoint_due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
-            if state.step % cfg.log_every == 0 or end_of_epoch or checkpoint_due or run.stop_requested:
-                _check_finite(first_bad_step)  # before anything is saved: a bad step never reaches a checkpoint
-                last_loss = loss.item()
-                rate = window_images / (time.perf_counter() - window_start)
-                run.log.write(step=state.step, epoch=state.epoch, loss=last_loss, lr=lr, ema_momentum=momentum, images_per_s=rate)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
-            if end_of_epoch:
+            stop = meter.end_step(lr, momentum)
+            if state.index == run.steps_per_epoch:
                 break
-            if checkpoint_due or run.stop_requested:
+            if stop or (cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0):
                 save_checkpoint(run)
-            if run.stop_requested:
+            if stop:
                 raise Interrupted(f"stopped at step {state.step}; checkpoint saved: resume with the same command "
                                   f"(ressl pretrain --out {run.out})")
             if deadline is not None and time.time() > deadline:
                 break
     finally:
-        if progress is not None:
-            progress.close()
+        meter.close()
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0
-    return last_loss
+    return meter.last_loss
+
+
+class _Meter:
+    """What the loop reports: metrics every ``log_every`` steps, the progress bar, and a NaN watch.
+
+    Losses stay on the device between logging steps; ``first_bad_step`` records the first
+    non-finite loss without a host sync, and is checked before anything is logged or saved.
+    """
+
+    def __init__(self, run: Run, first_bad_step: torch.Tensor) -> None:
+        self.run, self.first_bad_step = run, first_bad_step
+        self.progress = _progress(run)
+        self.last_loss: float | None = None
+        self.signals: dict[str, torch.Tensor] = {}
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def _due(self, step: int, index: int) -> bool:
+        """Whether step number ``step``, the ``index``-th of its epoch (both counted from 1), is logged."""
+        cfg = self.run.cfg
+        checkpoint = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+        return step % cfg.log_every == 0 or index == self.run.steps_per_epoch or checkpoint
+
+    def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, batch: int) -> None:
+        step = self.run.state.step + 1
+        self.loss = loss.detach()
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(self.loss), step, self.first_bad_step)
+        self.window_images += batch * dist.world_size()
+        if self._due(step, self.run.state.index + 1):
+            cfg = self.run.cfg
+            self.signals = health(student.detach(), teacher, self.run.model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+
+    def end_step(self, lr: float, momentum: float) -> bool:
+        """Log if due; return whether to stop now (a signal arrived, agreed by every process)."""
+        run, state = self.run, self.run.state
+        due = self._due(state.step, state.index)
+        stop = _stop_agreed(run, due)
+        if due or stop:
+            _check_finite(self.first_bad_step)  # before anything is saved: a bad step never reaches a checkpoint
+            self.last_loss = self.loss.item()
+            rate = self.window_images / (time.perf_counter() - self.window_start)
+            fill = queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size)
+            signals = {k: v.item() for k, v in self.signals.items()}
+            run.log.write(step=state.step, epoch=state.epoch, loss=self.last_loss, lr=lr, ema_momentum=momentum,
+                          images_per_s=rate, queue_fill=fill, **signals)
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
+            self.window_start, self.window_images = time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress.update(1)
+        return stop
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's embeddings of the weak view: (B, D) for this process and (world * B, D) for the queue.
+
+    Distributed with ``teacher_bn=shuffle``, the teacher sees a batch shuffled across processes
+    (shuffle-BN); on one device, ``bn_groups`` > 1 normalises shuffled groups apart instead.
+    """
+    model, cfg = run.model, run.cfg
+    if dist.is_distributed() and cfg.teacher_bn == "shuffle":
+        everyone = dist.shuffled_forward(model.teacher, weak, run.shuffle_generator)
+        b = weak.shape[0]
+        return everyone[dist.rank() * b : (dist.rank() + 1) * b], everyone
+    teacher = dist.grouped_forward(model.teacher, weak, cfg.bn_groups, run.shuffle_generator)
+    return teacher, dist.all_gather_cat(teacher)
+
+
+def _stop_agreed(run: Run, log_due: bool) -> bool:
+    """Whether to stop now; distributed, the processes agree at logging steps so that all stop together."""
+    if not dist.is_distributed():
+        return run.stop_requested
+    return dist.any_rank(run.stop_requested, run.device) if log_due else False
 
 
 def _check_finite(first_bad_step: torch.Tensor) -> None:
@@ -220,7 +285,8 @@ def default_out(cfg: Config) -> Path:
 def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists."""
     device = resolve_device(cfg.device)
-    dist.init_from_env(device.type)
+    if dist.init_from_env(device.type) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
     config.validate(cfg, dist.world_size())
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download)
     if len(dataset.train) < cfg.batch_size:
@@ -229,18 +295,25 @@ def setup(cfg: Config) -> Run:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size,
                         cfg.head_bn, cfg.small_stem).to(device)
+    if cfg.teacher_bn == "sync" and dist.is_distributed():
+        dist.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = build_optimizer(model.student, cfg)
+    student_forward: nn.Module = model.student
+    if dist.is_distributed():
+        student_forward = DistributedDataParallel(model.student, device_ids=[device.index] if device.type == "cuda" else None)
     size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
     common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0))
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, **common)
     weak_aug = strong_augment(size, mean, std, blur=cfg.blur, **common) if cfg.teacher_strong else weak_augment(size, mean, std, **common)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     state = TrainState()
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * dist.rank())
+    shuffle_generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug,
-              generator, state, out, MetricsLog(out / "metrics.jsonl"), len(dataset.train) // cfg.batch_size)
+              generator, shuffle_generator, student_forward, state, out, MetricsLog(out / "metrics.jsonl"),
+              len(dataset.train) // cfg.batch_size)
     if cfg.resume or (out / "checkpoint.pt").exists():
         resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
     if dist.is_main():
@@ -266,25 +339,35 @@ def resume(run: Run, path: Path) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.state = TrainState(**saved["state"])
-    run.generator.set_state(saved["generator"])
+    generators = saved["generators"]
+    if len(generators) != dist.world_size():
+        raise config.ConfigError(f"{path} was written by {len(generators)} processes, this run has {dist.world_size()}: "
+                                 "resume with the same number of processes")
+    run.generator.set_state(generators[dist.rank()].clone())  # a view into a shared storage crashes set_state
+    run.shuffle_generator.set_state(saved["shuffle_generator"])
     checkpoint.set_rng_states(saved["rng"])
     if dist.is_main():
         print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
 
 
 def save_checkpoint(run: Run) -> None:
-    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights."""
-    if not dist.is_main():
-        return
+    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights.
+
+    Every process must call it (the augmentation generators of all processes are gathered first).
+    """
     norms = torch._foreach_norm([p.detach() for p in run.model.student.parameters()])
-    if not bool(torch.isfinite(torch.stack(norms)).all()):
+    if not bool(torch.isfinite(torch.stack(norms)).all()):  # the same weights, so the same answer, on every rank
         raise NonFiniteLoss(f"the student's weights became NaN or infinite by step {run.state.step}: lower --lr "
                             "or try --precision fp32; the last good checkpoint is kept")
+    generators = [g.clone() for g in dist.all_gather_cat(run.generator.get_state()[None].to(run.device)).cpu()]
+    if not dist.is_main():
+        return
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "state": dataclasses.asdict(run.state),
-        "generator": run.generator.get_state(),
+        "generators": generators,
+        "shuffle_generator": run.shuffle_generator.get_state(),
         "rng": checkpoint.rng_states(),
         "config": run.cfg.to_dict(),
     }

@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses as a user runs it."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,13 @@ def test_pretrain_then_knn_and_linear(npz_dir, tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "final.json"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in r and "lr" in r and "images_per_s" in r for r in records)
+    logged = [r for r in records if "loss" in r]
+    named = {"loss", "lr", "ema_momentum", "images_per_s", "queue_fill", "teacher_entropy", "student_entropy",
+             "student_std", "teacher_std"}
+    assert logged and all(named <= set(r) for r in logged)
+    k = 64  # queue size in TINY: relation entropies lie in [0, log K]
+    assert all(0 <= r["teacher_entropy"] <= math.log(k) + 1e-4 and 0 <= r["student_std"] <= 1 for r in logged)
+    assert [r["queue_fill"] for r in logged][-1] == 1.0
     final = json.loads((out / "final.json").read_text())
     assert final["epochs"] == 2 and 0 <= final["knn"]["top1"] <= 100
 
