@@ -86,6 +86,7 @@ def build_parser() -> Parser:
     x.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
     x.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors")
     x.add_argument("--teacher", action="store_true", help="export the teacher's backbone instead of the student's")
+    add_report_commands(sub)
     return parser
 
 
@@ -118,9 +119,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay}
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
                                  args.batch_size, args.workers, **extra)
-    print(f"{args.command}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
-    print(json.dumps(result))
+    from ressl import dist
+
+    if dist.is_main():
+        print(f"{args.command}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+        print(json.dumps(result))
     return 0
+
+
+# --- report and embed: what a run learned (ressl.report) ---------------------------------------
+
+
+def add_report_commands(sub: Any) -> None:
+    r = sub.add_parser("report", allow_abbrev=False, help="write RUN_DIR/report.md and report.html: curves, embedding map, retrieval",
+                       description="Write RUN_DIR/report.md and RUN_DIR/report.html (PNGs embedded, opens offline): the "
+                                   "configuration, final metrics, loss/learning-rate/kNN/health curves, a 2-D map of the "
+                                   "test embeddings and a retrieval grid.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the --out of ressl pretrain)")
+    r.add_argument("--data", help="dataset directory for the embedding plots (default: the one the run was trained on)")
+    r.add_argument("--dataset", help="dataset name (default: the run's)")
+    r.add_argument("--no-embeddings", dest="embeddings", action="store_false",
+                   help="skip the embedding map and retrieval grid (no checkpoint or data needed)")
+    r.add_argument("--max_points", type=int, default=2000, help="test images in the 2-D map (default 2000)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
+    r.add_argument("--workers", type=int, default=4)
+
+    m = sub.add_parser("embed", allow_abbrev=False, help="write a checkpoint's backbone features of a data set as .npy",
+                       description="Backbone features (N, F) float32 of a split, in order, and FILE.files.txt naming each "
+                                   "row (the image path for folders, SPLIT:INDEX for in-memory sets).")
+    m.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
+    m.add_argument("--data", required=True, help="dataset directory: an image folder, train.npz/test.npz, or a torchvision root")
+    m.add_argument("--dataset", help="dataset name (default: the run's; 'folder' or 'npz' for other data)")
+    m.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
+    m.add_argument("--teacher", action="store_true", help="the teacher's backbone instead of the student's")
+    m.add_argument("--out", required=True, help="output file, e.g. features.npy")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
+    m.add_argument("--workers", type=int, default=4)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ressl.report import make_report
+
+    if args.max_points < 1:
+        raise ConfigError(f"--max_points must be at least 1, got {args.max_points}")
+    report = make_report(args.run_dir, args.data, args.dataset, args.embeddings, args.device, args.batch_size,
+                         args.workers, args.max_points, say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"wrote {report.markdown} and {report.html} ({len(report.images)} plots)")
+    for note in report.notes:
+        print(f"  left out: {note}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ressl.report import embed
+
+    out, files, (n, dim) = embed(args.checkpoint, args.data, args.out, args.dataset, args.split, args.teacher,
+                                 args.device, args.batch_size, args.workers)
+    print(f"wrote {out}: {n} x {dim} float32 features ({args.split} split), row origins in {files}")
+    return 0
+
+
+REPORT_COMMANDS = {"report": cmd_report, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pretrain(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command in REPORT_COMMANDS:
+            return REPORT_COMMANDS[args.command](args)
         return cmd_evaluate(args)
     except (NonFiniteLoss, CheckpointWriteError) as err:  # not the user's input: exit 1
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)

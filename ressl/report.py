@@ -1,0 +1,630 @@
+"""What a run learned: a Markdown + HTML report of a run directory, and backbone embeddings of any data.
+
+``make_report(run_dir)`` reads ``config.yaml``, ``metrics.jsonl`` and ``final.json`` and writes
+``report.md`` (PNGs beside it in ``report_files/``) and ``report.html`` (the same PNGs embedded as
+base64 data URIs: one file that opens offline). With the checkpoint and the run's data it adds a
+2-D map of the test embeddings (t-SNE, or UMAP when ``umap-learn`` is installed) and a retrieval
+grid (test images and their nearest training images by backbone features).
+
+``embed(...)`` writes the backbone features (N, F) of a split as ``.npy`` and, line by line in the
+same order, where each row came from (``FILE.files.txt``). Both reuse ``ressl.evaluate`` and
+``ressl.data``: the features are exactly those the kNN evaluation sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ressl.folder import DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ressl.config import Config
+    from ressl.data import Dataset, Split
+
+CLASS_NAMES: dict[str, list[str]] = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
+}
+HEALTH_KEYS = ("teacher_entropy", "student_entropy", "student_std", "teacher_std", "queue_fill")
+FILES_DIR = "report_files"  # PNGs beside report.md
+
+
+class RunDirError(DataError):
+    """RUN_DIR is not a run directory; the message names the fix."""
+
+
+# --- reading a run ------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, value)`` of every record holding a finite number under ``key`` (and ``x``), sorted by x."""
+    points = [(float(r[x]), float(r[key])) for r in records
+              if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float)) and math.isfinite(r[key])]
+    points.sort(key=lambda p: p[0])
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    xs, ys = zip(*points)
+    return np.asarray(xs), np.asarray(ys)
+
+
+def class_names(ds: "Dataset") -> list[str]:
+    """CIFAR-10/STL-10: the standard names; image folders: their class folder names; else the label numbers."""
+    for split in (ds.bank, ds.train, ds.test):
+        if split is not None and split.folder is not None and split.folder.classes:
+            return list(split.folder.classes)
+    names = CLASS_NAMES.get(ds.name)
+    if names is not None and len(names) == ds.num_classes:
+        return list(names)
+    return [str(i) for i in range(ds.num_classes)]
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def split_features(
+    backbone: torch.nn.Module, cfg: "Config", ds: "Dataset", split: "Split", device: torch.device,
+    batch_size: int = 512, workers: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them."""
+    from ressl.data import eval_batches
+    from ressl.evaluate import extract_features
+    from ressl.train import autocast_dtype
+
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    batches = eval_batches(split, cfg.image_size, ds.mean, ds.std, batch_size, device, workers)
+    return extract_features(backbone, batches, autocast_dtype(cfg.precision, device))
+
+
+def split_rows(split: "Split", name: str) -> list[str]:
+    """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory)."""
+    if split.folder is not None:
+        return [str(p) for p in split.folder.files]
+    return [f"{name}:{i}" for i in range(len(split))]
+
+
+def embed(
+    checkpoint: str, data: str, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
+    device: str = "auto", batch_size: int = 512, workers: int = 4,
+) -> tuple[Path, Path, tuple[int, int]]:
+    """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
+    ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
+    from ressl.data import load_dataset, to_device
+    from ressl.evaluate import load_backbone
+    from ressl.train import resolve_device
+
+    if split not in ("train", "test"):
+        raise DataError(f"--split must be train or test, got {split!r}")
+    dev = resolve_device(device)
+    backbone, cfg = load_backbone(checkpoint, teacher, dev)
+    name = dataset or cfg.dataset
+    try:
+        ds = load_dataset(name, data, download=False)
+    except DataError as err:
+        if dataset is None:
+            raise DataError(f"{err} (read as the run's dataset {name!r}; pass --dataset folder or npz for other data)") from None
+        raise
+    chosen = ds.train if split == "train" else ds.test
+    if chosen is None:
+        raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
+    to_device(ds, dev)
+    feats, _ = split_features(backbone, cfg, ds, chosen, dev, batch_size, workers)
+    rows = split_rows(chosen, split)
+    assert len(rows) == feats.shape[0], (len(rows), feats.shape)
+    out_path = Path(out).expanduser()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
+        np.save(f, feats.cpu().numpy().astype(np.float32))
+    files_path = files_list_path(out_path)
+    files_path.write_text("".join(r + "\n" for r in rows))
+    return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
+
+
+def files_list_path(out: Path) -> Path:
+    """``emb.npy`` -> ``emb.files.txt``; any other name gets ``.files.txt`` appended."""
+    return out.with_suffix(".files.txt") if out.suffix == ".npy" else out.with_name(out.name + ".files.txt")
+
+
+@torch.no_grad()
+def nearest(gallery: torch.Tensor, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and indices (M, k) of the ``k`` nearest rows of ``gallery`` (N, F) to each query (M, F),
+    most similar first. ``exclude`` (M,): a gallery index each query must not return (itself, when the
+    queries are drawn from the gallery)."""
+    gallery = F.normalize(gallery.float(), dim=1)
+    k = min(k, gallery.shape[0] - (exclude is not None))
+    sims, idxs = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        sim = F.normalize(queries[start : start + chunk_size].float(), dim=1) @ gallery.T  # (m, N)
+        if exclude is not None:
+            sim.scatter_(1, exclude[start : start + chunk_size, None].to(sim.device), -math.inf)
+        top = sim.topk(k, dim=1)
+        sims.append(top.values)
+        idxs.append(top.indices)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(N, 2) coordinates of the unit-normalised ``features`` (N, F) and the method's name:
+    UMAP (cosine) when ``umap-learn`` is importable, else t-SNE after PCA to 50 dimensions."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    try:
+        import umap  # type: ignore[import-not-found]
+    except ImportError:
+        umap = None
+    n = x.shape[0]
+    if umap is not None:
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed)
+        return np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    if x.shape[1] > 50 and n > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return np.asarray(tsne.fit_transform(x), dtype=np.float64), "t-SNE"
+
+
+def display_image(split: "Split", i: int) -> np.ndarray:
+    """Image ``i`` of ``split`` as uint8 (H, W, 3) for display (grey for an unreadable file)."""
+    if split.images is not None:
+        img = split.images[i].cpu()
+        img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+        return img.permute(1, 2, 0).numpy()
+    from ressl.folder import load_rgb
+
+    assert split.folder is not None
+    loaded = load_rgb(split.folder.files[i])
+    return np.full((8, 8, 3), 128, np.uint8) if loaded is None else loaded.permute(1, 2, 0).numpy()
+
+
+def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """Up to ``n`` indices, classes taken in turn (a random member of each), so the grid shows many classes."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(labels)):
+        seen: set[int] = set()
+        for i in order:
+            if len(chosen) == n:
+                break
+            if int(i) not in chosen and int(labels[i]) not in seen:
+                chosen.append(int(i))
+                seen.add(int(labels[i]))
+    return chosen
+
+
+# --- figures (matplotlib's object API: no pyplot, no global backend; PNGs are drawn by Agg) ---
+
+
+def _figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_training(records: list[dict[str, Any]]) -> "Figure | None":
+    """Two panels over optimiser steps: the relational loss (nats) and the learning rate (EMA momentum on a right axis)."""
+    steps, loss = series(records, "loss")
+    if not len(steps):
+        return None
+    lr_steps, lr = series(records, "lr")
+    fig = _figure(7.5, 5.2)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(steps, loss, color="tab:blue", marker="." if len(steps) < 50 else None, label="relational loss")
+    top.set_ylabel("loss (nats)")
+    top.set_title("Training loss: cross-entropy of the student's relation to the teacher's")
+    top.grid(alpha=0.3)
+    bottom.plot(lr_steps, lr, color="tab:orange", label="learning rate")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("optimiser step")
+    bottom.grid(alpha=0.3)
+    m_steps, momentum = series(records, "ema_momentum")
+    handles, labels = bottom.get_legend_handles_labels()
+    if len(m_steps):
+        right = bottom.twinx()
+        right.plot(m_steps, momentum, color="tab:green", linestyle="--", label="teacher EMA momentum")
+        right.set_ylabel("EMA momentum")
+        h, lab = right.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    bottom.legend(handles, labels, loc="best", fontsize="small")
+    return fig
+
+
+def plot_knn(records: list[dict[str, Any]], final_epochs: float | None = None) -> "Figure | None":
+    """Weighted-kNN top-1 and top-5 accuracy (%) of the student's backbone on the test split, over epochs."""
+    epochs, top1 = series(records, "knn_top1", x="epoch")
+    if not len(epochs):
+        return None
+    epochs5, top5 = series(records, "knn_top5", x="epoch")
+    fig = _figure(7.5, 3.8)
+    ax = fig.subplots()
+    ax.plot(epochs, top1, marker="o", color="tab:blue", label="top-1")
+    if len(epochs5):
+        ax.plot(epochs5, top5, marker="s", linestyle="--", color="tab:gray", label="top-5")
+    for e, v in zip(epochs, top1):
+        ax.annotate(f"{v:.1f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small")
+    ax.set_xlabel("epochs completed (0: random initialisation)")
+    ax.set_ylabel("kNN accuracy (%)")
+    ax.set_title("Weighted kNN on the test split (training images as the bank)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_health(records: list[dict[str, Any]], queue_size: int | None, out_dim: int | None) -> "Figure | None":
+    """Relation entropies (nats) with ``log K`` marked, and the embeddings' spread with ``1/sqrt(D)`` marked
+    (queue fill on a right axis); only the panels whose keys were logged."""
+    data = {key: series(records, key) for key in HEALTH_KEYS}
+    entropy_keys = [k for k in ("teacher_entropy", "student_entropy") if len(data[k][0])]
+    spread_keys = [k for k in ("student_std", "teacher_std", "queue_fill") if len(data[k][0])]
+    panels = [p for p in (entropy_keys, spread_keys) if p]
+    if not panels:
+        return None
+    fig = _figure(7.5, 2.8 + 2.6 * len(panels))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    colours = {"teacher_entropy": "tab:red", "student_entropy": "tab:blue", "student_std": "tab:blue",
+               "teacher_std": "tab:red", "queue_fill": "tab:gray"}
+    labels = {"teacher_entropy": "teacher (weak view)", "student_entropy": "student (strong view)",
+              "student_std": "student", "teacher_std": "teacher", "queue_fill": "queue fill (right axis)"}
+    for ax, keys in zip(axes, panels):
+        handles = []
+        if keys is entropy_keys:
+            for k in keys:
+                handles += ax.plot(*data[k], color=colours[k], label=labels[k])
+            if queue_size:
+                handles.append(ax.axhline(math.log(queue_size), color="black", linestyle=":",
+                                          label=f"log K = {math.log(queue_size):.2f} (uniform relation)"))
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("relation entropy (nats)")
+            ax.set_title("Entropy of the relation to the queue (log K: no structure, 0: one-hot)")
+        else:
+            for k in keys:
+                if k != "queue_fill":
+                    handles += ax.plot(*data[k], color=colours[k], label=labels[k])
+            if out_dim and any(k != "queue_fill" for k in keys):
+                handles.append(ax.axhline(1 / math.sqrt(out_dim), color="black", linestyle=":",
+                                          label=f"1/sqrt(D) = {1 / math.sqrt(out_dim):.3f} (uniform on the sphere)"))
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("std of unit embeddings")
+            ax.set_title("Spread of the embeddings across the batch (0: collapse)")
+            if "queue_fill" in keys:
+                right = ax.twinx()
+                handles += right.plot(*data["queue_fill"], color=colours["queue_fill"], linestyle="--", label=labels["queue_fill"])
+                right.set_ylabel("fraction of the queue filled")
+                right.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles, loc="best", fontsize="small")
+    axes[-1].set_xlabel("optimiser step")
+    return fig
+
+
+def plot_embedding_map(points: np.ndarray, labels: np.ndarray, names: list[str], method: str, what: str) -> "Figure":
+    """Scatter of ``points`` (N, 2) coloured by class, one legend entry per class name."""
+    fig = _figure(7.5, 6.2)
+    ax = fig.subplots()
+    classes = sorted(int(c) for c in np.unique(labels))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo"]
+    for j, c in enumerate(classes):
+        sel = labels == c
+        name = names[c] if 0 <= c < len(names) else ("unlabelled" if c < 0 else str(c))
+        colour = cmap(j % cmap.N) if cmap.N <= 20 else cmap(j / max(1, len(classes) - 1))
+        ax.scatter(points[sel, 0], points[sel, 1], s=8 if len(points) > 500 else 18, color=colour, label=name, alpha=0.8, linewidths=0)
+    ax.set_title(f"{method} of {what} ({len(points)} images), coloured by class")
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(classes) <= 30:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", markerscale=2, title="class")
+    return fig
+
+
+def plot_retrieval(
+    queries: list[np.ndarray], query_labels: list[int], neighbours: list[list[np.ndarray]],
+    neighbour_labels: list[list[int]], sims: list[list[float]], names: list[str],
+) -> "Figure":
+    """One row per query: the query image, then its nearest training images with class and cosine similarity;
+    a green frame marks a neighbour of the query's class, red another class."""
+    rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
+    fig = _figure(1.35 * cols + 0.3, 1.55 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    name = lambda c: names[c] if 0 <= c < len(names) else ("?" if c < 0 else str(c))  # noqa: E731
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                image, title, colour, width = queries[r], f"query\n{name(query_labels[r])}", "black", 2.5
+            elif c - 1 < len(neighbours[r]):
+                y = neighbour_labels[r][c - 1]
+                image, title = neighbours[r][c - 1], f"{name(y)}\ncos {sims[r][c - 1]:.2f}"
+                labelled = y >= 0 and query_labels[r] >= 0
+                colour, width = ("tab:green" if y == query_labels[r] else "tab:red") if labelled else "gray", 2.5
+            else:
+                ax.set_axis_off()
+                continue
+            ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) <= 64 else "antialiased")
+            ax.set_title(title, fontsize=8)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(width)
+    fig.suptitle("Nearest training images by backbone features (cosine); green: same class, red: another", fontsize=10)
+    return fig
+
+
+def save_png(fig: "Figure", path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, facecolor="white")
+    return path
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` wrote, and what it left out and why."""
+
+    markdown: Path
+    html: Path
+    images: dict[str, Path] = field(default_factory=dict)  # plot name -> PNG
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.markdown, self.html, *self.images.values()]
+
+
+@dataclass
+class _Doc:
+    """The report's content, rendered to both Markdown and HTML."""
+
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, value: Any) -> None:
+        self.blocks.append((kind, value))
+
+    def markdown(self, base: Path) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind in ("h1", "h2"):
+                out.append(("# " if kind == "h1" else "## ") + value)
+            elif kind == "p":
+                out.append(value)
+            elif kind == "ul":
+                out.append("\n".join(f"- {item}" for item in value))
+            elif kind == "table":
+                header, *rows = value
+                cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+                out.append("\n".join(["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+                                     + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]))
+            elif kind == "img":
+                path, caption = value
+                out.append(f"![{path.stem}]({path.relative_to(base).as_posix()})\n\n*{caption}*")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
+               "<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+               "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}"
+               "figcaption{color:#555;font-size:90%}code{background:#f3f3f3}</style></head><body>"]
+        for kind, value in self.blocks:
+            if kind in ("h1", "h2"):
+                out.append(f"<{kind}>{e(value)}</{kind}>")
+            elif kind == "p":
+                out.append(f"<p>{e(value)}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{e(str(item))}</li>" for item in value) + "</ul>")
+            elif kind == "table":
+                header, *rows = value
+                out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"
+                           + "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+            elif kind == "img":
+                path, caption = value
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(f"<figure><img alt=\"{e(path.stem)}\" src=\"data:image/png;base64,{data}\">"
+                           f"<figcaption>{e(caption)}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "none" if v is None else str(v)
+
+
+def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["dataset", f"{cfg.get('dataset')} ({cfg.get('data') or 'built in'})"],
+            ["encoder", f"{cfg.get('backbone')} width {cfg.get('width')}, {cfg.get('image_size')} px, embeddings of {cfg.get('out_dim')}"],
+            ["method", f"queue K={cfg.get('queue_size')}, temperatures student {cfg.get('student_temperature')} / "
+                       f"teacher {cfg.get('teacher_temperature')}, EMA {cfg.get('ema_momentum')}"]]
+    if final:
+        rows.append(["epochs done", f"{final.get('epochs')} of {cfg.get('epochs')} ({final.get('steps')} steps)"])
+        if final.get("minutes") is not None:
+            rows.append(["training time", f"{final['minutes']:.1f} min"])
+        if final.get("loss") is not None:
+            rows.append(["final loss", f"{final['loss']:.4f} nats"])
+        for key, what in (("knn", "kNN (k={k})"), ("knn_random_init", "kNN of the random initialisation")):
+            if isinstance(final.get(key), dict):
+                rows.append([what.format(k=cfg.get("knn_k")), f"top-1 {final[key]['top1']:.2f}%, top-5 {final[key]['top5']:.2f}%"])
+    _, rate = series(records, "images_per_s")
+    if len(rate):
+        rows.append(["throughput", f"median {np.median(rate):.0f} images/s"])
+    return rows
+
+
+def make_report(
+    run_dir: str | Path, data: str | None = None, dataset: str | None = None, embeddings: bool = True,
+    device: str = "auto", batch_size: int = 512, workers: int = 4, max_points: int = 2000,
+    n_queries: int = 8, n_neighbours: int = 6, say: Any = None,
+) -> Report:
+    """Write ``run_dir/report.md`` and ``run_dir/report.html``; see the module docstring.
+
+    ``data``/``dataset`` override the run's; ``embeddings=False`` skips the checkpoint-based plots
+    (map and retrieval). Plots whose data is missing are left out with a note in the report.
+    """
+    import yaml
+
+    run = Path(run_dir).expanduser()
+    say = say or (lambda *a, **k: None)
+    if not run.is_dir():
+        raise RunDirError(f"run directory {run} does not exist: pass the --out of ressl pretrain")
+    if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
+        raise RunDirError(f"{run} is not a run directory (no config.yaml or metrics.jsonl): pass the --out of ressl pretrain")
+    cfg: dict[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        loaded = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = loaded if isinstance(loaded, dict) else {}
+    records = read_metrics(run / "metrics.jsonl")
+    final = None
+    if (run / "final.json").is_file():
+        try:
+            final = json.loads((run / "final.json").read_text())
+        except json.JSONDecodeError:
+            final = None
+    files = run / FILES_DIR
+    report = Report(run / "report.md", run / "report.html")
+    doc, plots = _Doc(), _Doc()
+
+    doc.add("h1", f"ReSSL run report: {run.name}")
+    doc.add("p", f"Run directory {run.resolve()}, report written {datetime.now().strftime('%Y-%m-%d %H:%M')}.")
+    doc.add("h2", "Summary")
+    if final is None:
+        report.notes.append("final.json is missing: the run has not finished (or was stopped); the numbers are those logged so far")
+    doc.add("table", [["", "value"], *_summary_rows(cfg, final, records)])
+
+    def add_plot(name: str, fig: "Figure | None", caption: str, missing: str) -> None:
+        if fig is None:
+            report.notes.append(missing)
+            return
+        report.images[name] = save_png(fig, files / f"{name}.png")
+        plots.add("img", (report.images[name], caption))
+
+    add_plot("training", plot_training(records),
+             "Top: the relational loss (nats) over optimiser steps. Bottom: the learning rate (cosine schedule) "
+             "and the teacher's EMA momentum.", "no loss records in metrics.jsonl: training plot left out")
+    add_plot("knn", plot_knn(records),
+             "Weighted kNN accuracy of the student's frozen backbone on the test split, after each evaluated epoch "
+             "(epoch 0: the random initialisation).", "no kNN records in metrics.jsonl (no labelled test split?): kNN plot left out")
+    add_plot("health", plot_health(records, cfg.get("queue_size"), cfg.get("out_dim")),
+             "Relation entropies: near log K the relation cannot tell queue entries apart (collapse); the teacher's "
+             "(sharper temperature) should sit below the student's. Spread: 0 means every image maps to one point, "
+             "1/sqrt(D) a uniform spread on the sphere.",
+             f"no health signals ({', '.join(HEALTH_KEYS)}) in metrics.jsonl: entropy and spread plot left out")
+    if embeddings:
+        _embedding_plots(run, cfg, data, dataset, device, batch_size, workers, max_points, n_queries, n_neighbours,
+                         report, plots, files, say)
+    else:
+        report.notes.append("embedding map and retrieval grid skipped (--no-embeddings)")
+
+    doc.add("h2", "Plots")
+    doc.blocks += plots.blocks
+    if report.notes:
+        doc.add("h2", "Left out")
+        doc.add("ul", report.notes)
+    doc.add("h2", "Configuration")
+    doc.add("table", [["field", "value"], *[[k, _fmt(v)] for k, v in cfg.items()]])
+    report.markdown.write_text(doc.markdown(run))
+    report.html.write_text(doc.html(f"ReSSL run report: {run.name}"))
+    return report
+
+
+def _embedding_plots(
+    run: Path, cfg: dict[str, Any], data: str | None, dataset: str | None, device: str, batch_size: int,
+    workers: int, max_points: int, n_queries: int, n_neighbours: int, report: Report, plots: _Doc, files: Path, say: Any,
+) -> None:
+    """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
+    from ressl.checkpoint import CheckpointError
+    from ressl.data import load_dataset, to_device
+    from ressl.evaluate import load_backbone
+    from ressl.train import resolve_device
+
+    try:
+        dev = resolve_device(device)
+        backbone, run_cfg = load_backbone(str(run / "checkpoint.pt"), False, dev)
+        ds = load_dataset(dataset or run_cfg.dataset, data if data is not None else run_cfg.data, download=False)
+    except (CheckpointError, DataError) as err:
+        report.notes.append(f"embedding map and retrieval grid left out: {err}")
+        say(f"ressl report: embedding plots left out: {err}")
+        return
+    to_device(ds, dev)
+    names = class_names(ds)
+    gallery_split = ds.bank if ds.bank is not None else ds.train
+    query_split = ds.test if ds.test is not None else gallery_split
+    say(f"ressl report: backbone features of {len(gallery_split)} + {len(query_split)} images ...")
+    gallery, gallery_y = split_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers)
+    if query_split is gallery_split:
+        queries, query_y = gallery, gallery_y
+    else:
+        queries, query_y = split_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers)
+    what = "test embeddings" if query_split is ds.test else "training embeddings"
+
+    rng = np.random.default_rng(0)
+    n = queries.shape[0]
+    subset = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
+    if len(subset) >= 5:
+        say(f"ressl report: 2-D map of {len(subset)} embeddings ...")
+        points, method = project_2d(queries[torch.from_numpy(subset)].cpu().numpy())
+        fig = plot_embedding_map(points, query_y.cpu().numpy()[subset], names, method, what)
+        report.images["embedding_map"] = save_png(fig, files / "embedding_map.png")
+        plots.add("img", (report.images["embedding_map"],
+                          f"{method} of the backbone features of {len(subset)} {what.replace('embeddings', 'images')}"
+                          f"{f' (a random subset of {n})' if len(subset) < n else ''}, one colour per class. Classes that form separate islands are what the kNN and "
+                          "linear probes can read off."))
+    else:
+        report.notes.append(f"embedding map left out: only {len(subset)} images")
+
+    exclude = torch.arange(n) if query_split is gallery_split else None
+    sims, idx = nearest(gallery, queries, n_neighbours, exclude=exclude)
+    qy, gy = query_y.cpu(), gallery_y.cpu()
+    if bool((qy >= 0).all()) and bool((gy >= 0).all()):
+        precision = (gy[idx.cpu()] == qy[:, None]).float().mean().item() * 100
+        plots.add("p", f"Across all {n} queries, {precision:.1f}% of the {idx.shape[1]} nearest training images share the query's class.")
+    chosen = pick_queries(qy.numpy(), n_queries)
+    fig = plot_retrieval(
+        [display_image(query_split, i) for i in chosen], [int(qy[i]) for i in chosen],
+        [[display_image(gallery_split, int(j)) for j in idx[i]] for i in chosen],
+        [[int(gy[int(j)]) for j in idx[i]] for i in chosen], [[float(s) for s in sims[i]] for i in chosen], names)
+    report.images["retrieval"] = save_png(fig, files / "retrieval.png")
+    plots.add("img", (report.images["retrieval"],
+                      f"Each row: a {'test' if query_split is ds.test else 'training'} image, then its {idx.shape[1]} nearest "
+                      "training images by cosine similarity of the student's backbone features."))
+
+
+__all__ = ["Report", "class_names", "embed", "make_report", "nearest", "project_2d", "read_metrics", "series", "split_features"]

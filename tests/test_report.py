@@ -1,0 +1,230 @@
+"""``ressl report`` and ``ressl embed`` on a short tiny run; the report's figures and helpers."""
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import make_images
+from ressl.augment import eval_transform
+from ressl.cli import main
+from ressl.data import Dataset, Split
+from ressl.evaluate import load_backbone
+from ressl.folder import FolderIndex
+from ressl.report import (class_names, nearest, pick_queries, plot_embedding_map, plot_health, plot_knn, plot_training,
+                          project_2d, read_metrics)
+
+TINY = ["--image_size", "16", "--width", "8", "--hidden_dim", "32", "--out_dim", "16", "--batch_size", "32",
+        "--queue_size", "64", "--knn_k", "10", "--precision", "fp32", "--workers", "0"]
+EVERY_PLOT = ("training", "knn", "health", "embedding_map", "retrieval")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, npz data directory) of a 2-epoch tiny run with kNN after every epoch."""
+    data = tmp_path_factory.mktemp("npz")
+    for part, n, seed in (("train", 128, 0), ("test", 64, 1)):
+        x, y = make_images(n, 16, 4, seed=seed)
+        np.savez(data / f"{part}.npz", x=x, y=y)
+    run = tmp_path_factory.mktemp("runs") / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(data), "--out", str(run), "--epochs", "2", "--knn_every", "1",
+            "--log_every", "2", "--device", "cpu", *TINY]
+    assert main(argv) == 0
+    return run, data
+
+
+def copy_run(run: Path, dest: Path, health: bool) -> Path:
+    """A copy of ``run`` whose loss records carry (health=True) or lack (False) the monitor's keys."""
+    shutil.copytree(run, dest)
+    records = read_metrics(dest / "metrics.jsonl")
+    health_keys = ("teacher_entropy", "student_entropy", "student_std", "teacher_std", "queue_fill")
+    for r in records:
+        for key in health_keys:
+            r.pop(key, None)
+        if health and "loss" in r:
+            s = r["step"]
+            r.update(teacher_entropy=2.0 + 0.1 * s, student_entropy=3.0 + 0.05 * s, student_std=0.2 - 0.01 * s,
+                     teacher_std=0.18 - 0.01 * s, queue_fill=min(1.0, s * 32 / 64))
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dest
+
+
+def assert_real_png(path: Path) -> None:
+    with Image.open(path) as im:
+        im.load()
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100, path
+    assert pixels.std() > 10, f"{path} looks blank"
+
+
+def test_report_writes_every_file_it_promises(trained, tmp_path, capsys):
+    run = copy_run(trained[0], tmp_path / "run", health=True)
+    assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
+    for name in EVERY_PLOT:
+        png = run / "report_files" / f"{name}.png"
+        assert_real_png(png)
+        assert f"](report_files/{name}.png)" in md
+    assert page.count("data:image/png;base64,") == len(EVERY_PLOT)
+    assert "report_files/" not in page and "src=\"http" not in page  # one file, offline
+    final = json.loads((run / "final.json").read_text())
+    assert f"top-1 {final['knn']['top1']:.2f}%" in md and f"top-1 {final['knn']['top1']:.2f}%" in page
+    assert "| queue_size | 64 |" in md and "left out" not in out
+
+
+def test_without_health_keys_or_embeddings_the_report_says_what_it_left_out(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path / "run", health=False)
+    assert main(["report", str(run), "--no-embeddings"]) == 0
+    pngs = sorted(p.stem for p in (run / "report_files").glob("*.png"))
+    assert pngs == ["knn", "training"]
+    md = (run / "report.md").read_text()
+    assert "no health signals" in md and "--no-embeddings" in md
+    assert (run / "report.html").read_text().count("data:image/png;base64,") == 2
+
+
+def test_unavailable_data_gives_a_report_without_the_embedding_plots(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path / "run", health=False)
+    assert main(["report", str(run), "--data", str(tmp_path / "moved"), "--device", "cpu"]) == 0
+    md = (run / "report.md").read_text()
+    assert "embedding map and retrieval grid left out" in md and "does not exist" in md
+    assert (run / "report_files" / "training.png").is_file()
+    assert not (run / "report_files" / "embedding_map.png").exists() and not (run / "report_files" / "retrieval.png").exists()
+
+
+def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a run directory" in err
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_figures_plot_the_logged_values(trained):
+    records = read_metrics(trained[0] / "metrics.jsonl")
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    fig = plot_training(records)
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [s for s, _ in loss] and list(line.get_ydata()) == [v for _, v in loss]
+    knn = sorted((r["epoch"], r["knn_top1"]) for r in records if "knn_top1" in r)
+    assert [e for e, _ in knn] == [0, 1, 2]  # random init, after epoch 1, final
+    assert list(plot_knn(records).axes[0].lines[0].get_ydata()) == [v for _, v in knn]
+    health_keys = ("teacher_entropy", "student_entropy", "student_std", "teacher_std", "queue_fill")
+    assert plot_health([{k: v for k, v in r.items() if k not in health_keys} for r in records], 64, 16) is None
+    fake = [{"step": s, "teacher_entropy": 1.0 + s, "student_std": 0.1} for s in range(3)]
+    ax_entropy, ax_spread = plot_health(fake, 64, 16).axes[:2]
+    assert list(ax_entropy.lines[0].get_ydata()) == [1.0, 2.0, 3.0]
+    assert ax_entropy.lines[-1].get_ydata()[0] == pytest.approx(np.log(64))  # the log K reference
+    assert ax_spread.lines[-1].get_ydata()[0] == pytest.approx(0.25)  # 1/sqrt(16)
+
+
+def test_class_names_and_the_map_legend():
+    def ds(name, n, folder=None):
+        return Dataset(name, Split(folder=folder) if folder else Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)), None, None,
+                       n, (0.5,) * 3, (0.5,) * 3)
+
+    assert class_names(ds("cifar10", 10))[:3] == ["airplane", "automobile", "bird"]
+    assert class_names(ds("npz", 3)) == ["0", "1", "2"]
+    assert class_names(ds("folder", 2, FolderIndex([Path("a/x.png")], [0], ["cat", "dog"]))) == ["cat", "dog"]
+    points, labels = np.random.default_rng(0).normal(size=(30, 2)), np.arange(30) % 3
+    fig = plot_embedding_map(points, labels, ["cat", "dog", "emu"], "t-SNE", "test embeddings")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cat", "dog", "emu"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 30
+
+
+def test_nearest_matches_brute_force_and_excludes_self():
+    gallery, queries = torch.randn(40, 6), torch.randn(9, 6)
+    sims, idx = nearest(gallery, queries, 4, chunk_size=2)
+    brute = F.normalize(queries, dim=1) @ F.normalize(gallery, dim=1).T
+    expected = brute.topk(4, dim=1)
+    torch.testing.assert_close(sims, expected.values)
+    assert torch.equal(idx, expected.indices)
+    sims, idx = nearest(gallery, gallery, 3, exclude=torch.arange(40))
+    assert not (idx == torch.arange(40)[:, None]).any() and sims.shape == (40, 3)
+
+
+def test_pick_queries_spreads_over_classes():
+    labels = np.array([0] * 20 + [1] * 3 + [2] * 2)
+    chosen = pick_queries(labels, 5)
+    assert len(set(chosen)) == 5 and set(labels[chosen[:3]]) == {0, 1, 2}
+
+
+def test_project_2d_uses_umap_when_importable(monkeypatch):
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    points, method = project_2d(x)
+    assert method == "t-SNE" and points.shape == (40, 2) and np.isfinite(points).all()
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def fit_transform(self, data):
+            assert np.allclose(np.linalg.norm(data, axis=1), 1)  # features are unit-normalised first
+            return data[:, :2]
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    points, method = project_2d(x)
+    assert method == "UMAP" and points.shape == (40, 2)
+
+
+def direct_features(checkpoint: Path, images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Backbone features of uint8 images (B, C, H, W), without ressl.data's batching."""
+    backbone, cfg = load_backbone(str(checkpoint))
+    with torch.no_grad():
+        return backbone(eval_transform(images, cfg.image_size, mean, std))
+
+
+def test_embed_in_memory_split_rows_in_order(trained, tmp_path):
+    run, data = trained
+    out = tmp_path / "emb.npy"
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(data), "--split", "test",
+                 "--out", str(out), "--device", "cpu", "--batch_size", "24"]) == 0
+    features = np.load(out)
+    rows = (tmp_path / "emb.files.txt").read_text().splitlines()
+    assert features.dtype == np.float32 and features.shape == (64, 64)  # resnet18 width 8: 8 * 8 features
+    assert rows == [f"test:{i}" for i in range(64)]
+    with np.load(data / "test.npz") as f:
+        x, y = torch.from_numpy(f["x"]).permute(0, 3, 1, 2), f["y"]
+    with np.load(data / "train.npz") as f:  # npz statistics come from the training images
+        train = torch.from_numpy(f["x"]).permute(0, 3, 1, 2).float() / 255
+    mean, std = train.mean(dim=(0, 2, 3)).tolist(), train.std(dim=(0, 2, 3)).tolist()
+    pick = [0, 5, 31, 63]
+    expected = direct_features(run / "checkpoint.pt", x[pick], mean, std)
+    np.testing.assert_allclose(features[pick], expected.numpy(), rtol=1e-3, atol=1e-4)
+    assert not np.allclose(features[0], features[1])  # rows differ: a shuffled order would be caught
+
+
+def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
+    run, _ = trained
+    x, y = make_images(12, 16, 3, seed=2)
+    root = tmp_path / "pictures"
+    for i, (img, c) in enumerate(zip(x, y)):
+        folder = root / ["zebra", "ant", "moth"][c]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{11 - i:02d}.png")  # lossless, names not in creation order
+    out = tmp_path / "feats.npy"
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(root), "--dataset", "folder",
+                 "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    features = np.load(out)
+    files = [Path(p) for p in (tmp_path / "feats.files.txt").read_text().splitlines()]
+    assert features.shape == (12, 64) and len(files) == 12 and all(p.is_file() for p in files)
+    assert [p.parent.name for p in files] == ["ant"] * 4 + ["moth"] * 4 + ["zebra"] * 4
+    from ressl.data import STATS
+
+    for i in (0, 5, 11):
+        image = torch.from_numpy(np.array(Image.open(files[i]).convert("RGB"))).permute(2, 0, 1)[None]
+        expected = direct_features(run / "checkpoint.pt", image, *STATS["imagenet"])
+        np.testing.assert_allclose(features[i], expected[0].numpy(), rtol=1e-3, atol=1e-4)
+    # no test split in a plain folder: a one-line error
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(root), "--dataset", "folder",
+                 "--split", "test", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--split train" in err
