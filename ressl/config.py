@@ -48,6 +48,7 @@ class Config:
     teacher_strong: bool = False  # give the teacher the strong recipe too (the paper's ablation, Table 5)
     blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
+    flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
     bn_groups: int = 1  # on one device: the teacher normalises this many shuffled groups apart (emulated shuffle-BN)

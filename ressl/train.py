@@ -304,7 +304,7 @@ def setup(cfg: Config) -> Run:
     if dist.is_distributed():
         student_forward = DistributedDataParallel(model.student, device_ids=[device.index] if device.type == "cuda" else None)
     size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
-    common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0))
+    common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5 if cfg.flip else 0.0)
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, **common)
     weak_aug = strong_augment(size, mean, std, blur=cfg.blur, **common) if cfg.teacher_strong else weak_augment(size, mean, std, **common)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
