@@ -382,7 +382,8 @@ def _end_of_epoch(run: Run, loss: float | None, started: float, say: Any) -> Non
         if acc is not None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
-    say(summary, flush=True)
+    if "kNN" in summary or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
+        say(summary, flush=True)
 
 
 @contextlib.contextmanager

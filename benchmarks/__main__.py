@@ -1,0 +1,30 @@
+"""Run the three benchmarks and print a short table of their ratios.
+
+    python -m benchmarks [--device auto|cpu|cuda] [--quick] [--preset NAME] [--data auto|random|DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from benchmarks import augment, common, end_to_end, step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = end_to_end.add_flags(common.parser("ressl speed ratios: step overhead, augmentation speed-up, end to end.", "python -m benchmarks"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = [module.run(args) for module in (step, augment, end_to_end)]
+    width = max(len(r.name) for r in results)
+    print(f"\n{'benchmark':<{width}}  {'ratio':>7}  {'target':<8}  met")
+    for r in results:
+        print(f"{r.name:<{width}}  {r.ratio:7.3f}  {r.target:<8}  {'yes' if r.met else 'NO'}")
+    for r in results:
+        print(f"  {r.name}: {r.detail}")
+    print(f"({time.perf_counter() - started:.0f} s{', --quick: a smoke test, not a measurement' if args.quick else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

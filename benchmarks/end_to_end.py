@@ -1,0 +1,113 @@
+"""End to end: images/s of real ReSSL training divided by the images/s of the bare step.
+
+Training: ``ressl.train.setup(cfg)`` then ``ressl.train.train_one_epoch(run, deadline)`` (epoch after
+epoch until the deadline), the very loop ``ressl pretrain`` runs, with its progress bar and metric
+log; images/s are read from the run's ``metrics.jsonl`` (one record per ``log_every`` steps), leaving
+out the first window (warm-up). Mid-run checkpoints are off (``checkpoint_every=0``): disk writes are
+not the step. Bare step: as in ``benchmarks.step`` (student forward + backward, teacher forward, on
+an already augmented batch), on the run's own model, timed before and after training.
+
+    python -m benchmarks.end_to_end [--device cpu|cuda] [--quick] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks.step import make_bare_step
+from ressl.train import setup, train_one_epoch
+
+
+def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--seconds", type=float, default=None, help="training time (default 30, --quick 4)")
+    return parser
+
+
+def training_rate(metrics: Path, batch_size: int, skip_steps: int, call_starts: list[int]) -> tuple[float, int]:
+    """Images/s over the logged windows that start at or after step ``skip_steps``, and the steps they cover.
+
+    A window runs from the previous logged step, or from the start of the ``train_one_epoch`` call that logged
+    it (``call_starts``: the step count at each call) when that is later: a call restarts the window's clock.
+    """
+    images = seconds = 0.0
+    steps, previous = 0, 0
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "images_per_s" not in record:
+            continue
+        start = max([previous] + [s for s in call_starts if s < record["step"]])
+        window = record["step"] - start
+        if start >= skip_steps and window > 0:
+            images += window * batch_size
+            seconds += window * batch_size / record["images_per_s"]
+            steps += window
+        previous = record["step"]
+    if steps == 0:
+        raise RuntimeError(f"no logged window after the first {skip_steps} steps in {metrics}: train longer (--seconds)")
+    return images / seconds, steps
+
+
+def run(args: argparse.Namespace) -> common.Result:
+    device = common.device_of(args)
+    root, source = common.data_dir(args)
+    seconds = args.seconds if getattr(args, "seconds", None) else (4.0 if args.quick else 30.0)
+    out = Path(tempfile.mkdtemp(prefix="ressl-bench-e2e-"))
+    extra = dict(out=str(out / "run"), checkpoint_every=0, knn_every=0)
+    if args.quick:
+        extra["log_every"] = 2
+    try:
+        cfg = common.build_config(args, root, **extra)
+        run_ = setup(cfg)
+        print(f"[end_to_end] {common.describe(cfg, device, run_.amp_dtype)}, {seconds:.0f} s of training, "
+              f"log every {cfg.log_every} steps; data: {source}", flush=True)
+        images = run_.dataset.train.images
+        assert images is not None, "the end-to-end benchmark needs an in-memory dataset (train.npz)"
+        batch = images[: cfg.batch_size].to(device)
+        weak, strong = run_.weak_aug(batch, run_.generator), run_.strong_aug(batch, run_.generator)
+        run_.model.train()
+        bare = make_bare_step(run_.model, weak, strong, device, run_.amp_dtype)
+        repeats = args.repeats or (3 if args.quick else 7)
+        for _ in range(2):
+            bare()
+        bare_times = [common.timed(bare, device) for _ in range(repeats)]
+
+        skip = cfg.log_every  # the first logged window holds the warm-up
+        min_steps = skip + 2 * cfg.log_every  # at least two windows after it, however slow the machine
+        call_starts: list[int] = []
+        deadline = time.time() + seconds
+        while True:
+            call_starts.append(run_.state.step)
+            train_one_epoch(run_, deadline)
+            if time.time() >= deadline:
+                if run_.state.step >= min_steps:
+                    break
+                deadline = time.time() + max(1.0, seconds / 4)  # too few steps so far: keep going a while
+
+        bare_times += [common.timed(bare, device) for _ in range(repeats)]
+        train_rate, steps = training_rate(run_.out / "metrics.jsonl", cfg.batch_size, skip, call_starts)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    bare_rate = cfg.batch_size / statistics.median(bare_times)
+    detail = (f"training {train_rate:.0f} img/s over {steps} steps ({run_.state.step} run), bare step {bare_rate:.0f} img/s "
+              f"(median of {len(bare_times)}, before and after)")
+    result = common.Result("end to end (training / bare img/s)", train_rate / bare_rate, ">= 0.90", detail)
+    print(f"[end_to_end] {result.line()}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_flags(common.parser(__doc__.splitlines()[0], "python -m benchmarks.end_to_end")).parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

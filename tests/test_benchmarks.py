@@ -1,0 +1,33 @@
+"""The benchmarks run end to end (``python -m benchmarks --quick``, one thread) on generated images and print their three ratios."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_prints_three_ratios(tmp_path):
+    env = dict(os.environ, RESSL_BENCH_DATA="random", TMPDIR=str(tmp_path))  # never reads /work/shared
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--data", "random", "--threads", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "random uint8" in out  # says which data it used
+    ratios = {}
+    for name in ("step", "augment", "end_to_end"):
+        match = re.search(rf"^\[{name}\] .*: ratio (\S+) \(target", out, flags=re.M)
+        assert match, f"no ratio line for {name}:\n{out}"
+        ratios[name] = float(match.group(1))
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values()), ratios
+    table = out[out.index("benchmark "):]
+    for words in ("step overhead", "augmentation speed-up", "end to end"):
+        assert words in table
