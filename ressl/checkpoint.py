@@ -43,6 +43,12 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files a killed process left beside ``path`` (the checkpoint itself is never torn)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain data only, no code is run."""
     path = Path(path).expanduser()

@@ -29,6 +29,7 @@ class Config:
     data: str | None = None  # a directory: npz arrays (train.npz/test.npz), an image folder, or a torchvision root
     download: bool = False  # let torchvision download CIFAR/STL-10 into `data` (never done unless asked)
     image_size: int = 32  # training resolution; the paper: 32 for CIFAR, 64 for STL-10/Tiny-ImageNet, 224 for ImageNet
+    max_bad_fraction: float = 0.01  # image folders: share of unreadable files skipped (with a warning) before stopping
     workers: int = 4  # loader processes, used only for image folders (in-memory sets are sliced on the device)
 
     # --- model -------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class Split:
     images: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     folder: FolderIndex | None = None
+    max_bad_fraction: float = 0.01  # folders: unreadable images tolerated before the run stops
 
     def __len__(self) -> int:
         if self.images is not None:
@@ -164,23 +165,23 @@ def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
     return Split(folder=FolderIndex(files=files, labels=labels, classes=classes))
 
 
-def load_folder(root: Path, name: str) -> Dataset:
+def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Dataset:
     """An image folder: ``root/train`` + ``root/val`` (or ``test``) with class sub-folders, or one folder
     (class sub-folders, or a flat folder of unlabeled images for pretraining only)."""
     train_dir = root / "train"
     if train_dir.is_dir():
-        train = Split(folder=scan_folder(train_dir))
+        train = Split(folder=scan_folder(train_dir, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction)
         test: Split | None = None
         for part in ("val", "test"):
             part_dir = root / part
             if (part_dir / "val_annotations.txt").exists() and train.folder and train.folder.classes:
                 test = _tiny_imagenet_val(part_dir, train.folder.classes)
             elif part_dir.is_dir():
-                test = Split(folder=scan_folder(part_dir))
+                test = Split(folder=scan_folder(part_dir, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction)
             if test is not None:
                 break
     else:
-        train, test = Split(folder=scan_folder(root)), None
+        train, test = Split(folder=scan_folder(root, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction), None
     assert train.folder is not None
     bank = train if train.folder.labels is not None else None
     classes = train.folder.classes or []
@@ -188,7 +189,7 @@ def load_folder(root: Path, name: str) -> Dataset:
     return Dataset(name, train, bank, test if test is not None and test.labelled else None, len(classes), mean, std)
 
 
-def load_dataset(dataset: str, data: str | None, download: bool = False) -> Dataset:
+def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01) -> Dataset:
     """Resolve ``dataset`` and ``data`` into splits; raises :class:`DataError` with a one-line fix."""
     if data is None:
         if dataset == "digits":
@@ -207,7 +208,7 @@ def load_dataset(dataset: str, data: str | None, download: bool = False) -> Data
         return load_npz(root, dataset)
     if dataset in TORCHVISION_SETS:
         return load_torchvision(dataset, root, download)
-    return load_folder(root, dataset)
+    return load_folder(root, dataset, max_bad_fraction)
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def pretrain_batches(
         return
     assert split.folder is not None
     mine = order[: steps * batch_size].view(steps, world, local)[start:, rank].reshape(-1).tolist()
-    ds = ImageFolderDataset(split.folder, transform=_TwoCrops(image_size, min_scale))
+    ds = ImageFolderDataset(split.folder, transform=_TwoCrops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=workers,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
     for views, _ in loader:
@@ -299,7 +300,7 @@ def eval_batches(
             yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device)
         return
     assert split.folder is not None
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size))
+    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction)
     loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     start = 0

@@ -288,7 +288,7 @@ def setup(cfg: Config) -> Run:
     if dist.init_from_env(device.type) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     config.validate(cfg, dist.world_size())
-    dataset = load_dataset(cfg.dataset, cfg.data, cfg.download)
+    dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
     to_device(dataset, device)
@@ -318,6 +318,7 @@ def setup(cfg: Config) -> Run:
         resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
         config.save(cfg, out / "config.yaml")
     return run
 

@@ -94,3 +94,38 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "payload": Path("x")}, evil)  # an arbitrary pickled object
     assert "refusing to load" in bad(["knn", "--checkpoint", str(evil)], capsys)
+
+
+@pytest.mark.slow
+def test_folder_of_broken_and_odd_images_pretrains_to_the_end(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    odd = tmp_path / "train" / "a"
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(odd / "rgba.png")
+    Image.new("P", (20, 20), 3).save(odd / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(odd / "gray16.png")
+    Image.new("L", (20, 20), 77).save(odd / "gray.png")
+    (odd / "empty.jpg").write_bytes(b"")
+    (odd / "notes.png").write_text("not an image")
+    whole = (tmp_path / "train" / "b" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "b" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # truncated: decoded in part
+
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "folder", "--data", str(tmp_path), "--out", str(out), "--epochs", "2",
+            "--batch_size", "8", "--queue_size", "32", "--image_size", "16", "--width", "8", "--hidden_dim", "32",
+            "--out_dim", "16", "--knn_k", "5", "--precision", "fp32", "--workers", "0"]
+    assert main(argv) == 2  # 2 unreadable of 32 files is over the default 1%
+    assert "max_bad_fraction" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="empty.jpg"):
+        assert main(argv + ["--max_bad_fraction", "0.1"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 2 and "knn" in final
