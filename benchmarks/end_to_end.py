@@ -12,6 +12,10 @@ an already augmented batch), on the run's own model, timed before and after trai
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the training progress bar would drown the ratios
+
 import argparse
 import json
 import shutil
