@@ -77,7 +77,8 @@ class Config:
     # --- evaluation --------------------------------------------------------------------------
     knn_k: int = 200  # neighbours in the weighted kNN (InstDisc protocol, as the paper's code)
     knn_temperature: float = 0.1
-    knn_every: int = 0  # epochs between online kNN checks (0: only before and after training)
+    knn_every: int = 10  # epochs between online kNN checks on labelled data (0: only before and after training)
+    knn_subset: int = 10000  # the online check uses a fixed sample of this many bank and test images (the final one: all)
     eval_batch_size: int = 512
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run directory

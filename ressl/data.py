@@ -310,6 +310,21 @@ def eval_batches(
         yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device)
 
 
+def sample_split(split: Split, size: int, seed: int = 0) -> Split:
+    """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order."""
+    if len(split) <= size:
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    if split.images is not None:
+        labels = split.labels[idx.to(split.labels.device)] if split.labels is not None else None
+        return Split(split.images[idx.to(split.images.device)], labels, max_bad_fraction=split.max_bad_fraction)
+    assert split.folder is not None
+    folder = split.folder
+    return Split(folder=FolderIndex(files=[folder.files[i] for i in idx.tolist()],
+                                    labels=[folder.labels[i] for i in idx.tolist()] if folder.labels is not None else None,
+                                    classes=folder.classes), max_bad_fraction=split.max_bad_fraction)
+
+
 def to_device(dataset: Dataset, device: torch.device) -> None:
     """Move in-memory images to ``device`` once, so batches never cross the host-device link."""
     for split in {id(s): s for s in (dataset.train, dataset.bank, dataset.test) if s is not None}.values():

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ressl import checkpoint, config, dist
 from ressl.augment import BatchAugment, strong_augment, weak_augment
 from ressl.config import Config
-from ressl.data import Dataset, eval_batches, load_dataset, precropped, pretrain_batches, to_device
+from ressl.data import Dataset, eval_batches, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import extract_features, knn_accuracy
 from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
@@ -60,15 +60,34 @@ def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.SGD:
 
 
 class MetricsLog:
-    """Append-only JSON lines, written by rank 0 only."""
+    """Append-only JSON lines, written by rank 0 only; the same scalars as TensorBoard events when
+    ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._board: Any = None
 
     def write(self, **record: Any) -> None:
-        if dist.is_main():
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not dist.is_main():
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        board = self._tensorboard()
+        if board is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, record.get("step", 0))
+            board.flush()
+
+    def _tensorboard(self) -> Any:
+        if self._board is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                self._board = False
+                return None
+            self._board = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self._board or None
 
 
 @dataclass
@@ -100,7 +119,8 @@ class Run:
     strong_aug: BatchAugment
     generator: torch.Generator  # augmentation parameters; seeded per process
     shuffle_generator: torch.Generator  # teacher batch shuffles; the same on every process
-    student_forward: nn.Module  # the student, wrapped in DistributedDataParallel when distributed
+    student_forward: nn.Module  # the student, wrapped in DistributedDataParallel when distributed (compiled with --compile)
+    teacher_forward: nn.Module  # the teacher (compiled with --compile)
     state: TrainState
     out: Path
     log: MetricsLog
@@ -234,10 +254,10 @@ def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """
     model, cfg = run.model, run.cfg
     if dist.is_distributed() and cfg.teacher_bn == "shuffle":
-        everyone = dist.shuffled_forward(model.teacher, weak, run.shuffle_generator)
+        everyone = dist.shuffled_forward(run.teacher_forward, weak, run.shuffle_generator)
         b = weak.shape[0]
         return everyone[dist.rank() * b : (dist.rank() + 1) * b], everyone
-    teacher = dist.grouped_forward(model.teacher, weak, cfg.bn_groups, run.shuffle_generator)
+    teacher = dist.grouped_forward(run.teacher_forward, weak, cfg.bn_groups, run.shuffle_generator)
     return teacher, dist.all_gather_cat(teacher)
 
 
@@ -266,15 +286,19 @@ def _progress(run: Run) -> Any:
                 unit="step", dynamic_ncols=True, leave=False)
 
 
-def evaluate_knn(run: Run) -> dict[str, float] | None:
-    """Weighted kNN of the student's backbone: labelled training images as the bank, the test split as queries."""
+def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None:
+    """Weighted kNN of the student's backbone: labelled training images as the bank, the test split as queries.
+
+    ``subset`` caps both at a fixed, seeded sample of that many images (the online monitor's cheap check).
+    """
     data, cfg = run.dataset, run.cfg
     if data.bank is None or data.test is None or not data.bank.labelled:
         return None
     backbone = run.model.student.backbone
     batches = lambda split: eval_batches(split, cfg.image_size, data.mean, data.std, cfg.eval_batch_size, run.device, cfg.workers)  # noqa: E731
-    bank, bank_labels = extract_features(backbone, batches(data.bank), run.amp_dtype)
-    queries, query_labels = extract_features(backbone, batches(data.test), run.amp_dtype)
+    bank_split, test_split = (data.bank, data.test) if subset is None else (sample_split(data.bank, subset), sample_split(data.test, subset))
+    bank, bank_labels = extract_features(backbone, batches(bank_split), run.amp_dtype)
+    queries, query_labels = extract_features(backbone, batches(test_split), run.amp_dtype)
     return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)
 
 
@@ -303,6 +327,9 @@ def setup(cfg: Config) -> Run:
     student_forward: nn.Module = model.student
     if dist.is_distributed():
         student_forward = DistributedDataParallel(model.student, device_ids=[device.index] if device.type == "cuda" else None)
+    teacher_forward: nn.Module = model.teacher
+    if cfg.compile:  # the modules keep their parameters: checkpoints and the EMA are unaffected
+        student_forward, teacher_forward = torch.compile(student_forward), torch.compile(teacher_forward)  # type: ignore[assignment]
     size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
     common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5 if cfg.flip else 0.0)
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, **common)
@@ -312,7 +339,7 @@ def setup(cfg: Config) -> Run:
     generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * dist.rank())
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug,
-              generator, shuffle_generator, student_forward, state, out, MetricsLog(out / "metrics.jsonl"),
+              generator, shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
               len(dataset.train) // cfg.batch_size)
     if cfg.resume or (out / "checkpoint.pt").exists():
         resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
@@ -379,7 +406,7 @@ def _end_of_epoch(run: Run, loss: float | None, started: float, say: Any) -> Non
     cfg = run.cfg
     summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {(time.time() - started) / 60:.1f} min"
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
-        acc = evaluate_knn(run)
+        acc = evaluate_knn(run, cfg.knn_subset)
         if acc is not None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
             summary += f"  kNN top-1 {acc['top1']:.2f}%"

@@ -129,3 +129,17 @@ def test_folder_of_broken_and_odd_images_pretrains_to_the_end(tmp_path, capsys):
         assert main(argv + ["--max_bad_fraction", "0.1"]) == 0
     final = json.loads((out / "final.json").read_text())
     assert final["epochs"] == 2 and "knn" in final
+
+
+def test_tensorboard_events_when_installed(npz_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "teacher_entropy", "student_std", "knn_top1"} <= tags
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.Scalars("loss")[-1].value == pytest.approx([r["loss"] for r in logged if "loss" in r][-1])

@@ -76,3 +76,14 @@ def test_pretrain_batches_resume_mid_epoch(npz_dir):
     rest = [w for w, _ in pretrain_batches(ds, 32, 16, 0.2, 0, order, 2, torch.device("cpu"))]
     assert len(full) == 4 and len(rest) == 2
     assert all(torch.equal(a, b) for a, b in zip(full[2:], rest))
+
+
+def test_sample_split_is_fixed_and_keeps_labels(npz_dir):
+    from ressl.data import sample_split
+
+    ds = load_dataset("npz", str(npz_dir))
+    a, b = sample_split(ds.train, 50), sample_split(ds.train, 50)
+    assert len(a) == 50 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    rows = {tuple(img.flatten().tolist()): int(y) for img, y in zip(ds.train.images, ds.train.labels)}
+    assert all(rows[tuple(img.flatten().tolist())] == int(y) for img, y in zip(a.images, a.labels))
+    assert sample_split(ds.train, 1000) is ds.train
