@@ -81,6 +81,9 @@ def build_parser() -> Parser:
             e.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100, the paper)")
             e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
             e.add_argument("--weight_decay", type=float, default=0.0)
+            e.add_argument("--augment", action="store_true",
+                           help="random crops and flips of the training images every epoch (a backbone pass per epoch) "
+                                "instead of features cached once (the fast default)")
     x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
                        description="Write the student's (or teacher's) backbone with torchvision's key names.")
     x.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
@@ -116,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ressl.evaluate import evaluate_checkpoint
 
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
-        "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay}
+        "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
                                  args.batch_size, args.workers, **extra)
     from ressl import dist

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +16,7 @@ from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
     from ressl.config import Config
+    from ressl.data import Split
 
 
 @torch.no_grad()
@@ -81,44 +82,91 @@ def knn_accuracy(
     return topk_accuracy(knn_scores(bank, bank_labels, queries, num_classes, k, temperature), query_labels)
 
 
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features (B, F), labels (B,))
+
+
 def linear_probe(
     train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
     num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256, weight_decay: float = 0.0,
-    seed: int = 0, progress: bool = False,
+    seed: int = 0, progress: bool = False, train_batches: Batches | None = None,
 ) -> dict[str, float]:
-    """A linear classifier trained on frozen, cached features (F): SGD momentum 0.9, cosine decay.
+    """A linear classifier on frozen features (F): SGD momentum 0.9, cosine decay, the paper's 100 epochs.
 
-    The paper's protocol (100 epochs, SGD, cosine) on features computed once, without augmentation:
-    each epoch costs a matmul instead of a backbone pass. Features are standardised with the
-    training set's mean and std first (a BatchNorm without affine, as MoCo v3's probe), which makes
-    one learning rate work across backbones.
+    By default it trains on ``train_features`` computed once, without augmentation: each epoch costs
+    a matmul instead of a backbone pass (the fast path). ``train_batches(epoch)`` replaces them with
+    fresh features per epoch (e.g. of augmented images, :func:`augmented_batches`). Features are
+    standardised with the clean training features' mean and std (a BatchNorm without affine, as MoCo
+    v3's probe), which makes one learning rate work across backbones.
     """
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    x_train, x_test = (train_features - mean) / std, (test_features - mean) / std
-    classifier = nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    classifier = nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    steps_per_epoch = math.ceil(train_features.shape[0] / batch_size)
     total = epochs * steps_per_epoch
+
+    def cached(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(train_features.shape[0], generator=generator).to(train_features.device)
+        for start in range(0, train_features.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            yield train_features[idx], train_labels[idx]
+
     epoch_iter: Iterable[int] = range(epochs)
-    if progress:
+    if progress and dist.is_main():
         from tqdm import tqdm
 
         epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False)
     step = 0
-    for _ in epoch_iter:
-        order = torch.randperm(x_train.shape[0], generator=generator).to(x_train.device)
-        for start in range(0, x_train.shape[0], batch_size):
+    for epoch in epoch_iter:
+        for x, y in (train_batches or cached)(epoch):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, lr)
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(classifier(x_train[idx]), train_labels[idx])
+                group["lr"] = cosine_lr(min(step, total - 1), total, lr)
+            loss = F.cross_entropy(classifier((x - mean) / std), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
     with torch.no_grad():
-        return topk_accuracy(classifier(x_test), test_labels)
+        return topk_accuracy(classifier((test_features - mean) / std), test_labels)
+
+
+def augmented_batches(
+    backbone: nn.Module, split: "Split", image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    batch_size: int, device: torch.device, dtype: torch.dtype | None, seed: int = 0, workers: int = 4,
+) -> Batches:
+    """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(0.08-1) and a flip.
+
+    In-memory images are cropped batched on the device; folders are cropped by loader workers.
+    """
+    from torchvision.transforms import v2
+
+    from ressl.augment import eval_transform, weak_augment
+    from ressl.folder import ImageFolderDataset
+
+    augment = weak_augment(image_size, mean, std, crop_scale=(0.08, 1.0))
+    folder_crop = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return backbone(images.contiguous(memory_format=torch.channels_last)).float()
+
+    def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        backbone.eval()
+        if split.images is not None:
+            assert split.labels is not None
+            order = torch.randperm(len(split), generator=generator)
+            for start in range(0, len(split), batch_size):
+                idx = order[start : start + batch_size].to(split.images.device)
+                yield embed(augment(split.images[idx].to(device), generator)), split.labels[idx].to(device)
+            return
+        ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers)
+        for x, y in loader:
+            yield embed(eval_transform(x.to(device), image_size, mean, std)), y.to(device)
+
+    return epoch_batches
 
 
 # --- evaluating a checkpoint ------------------------------------------------------------------
@@ -140,9 +188,10 @@ def load_backbone(path: str, teacher: bool = False, device: torch.device | None 
 def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int = 200, temperature: float = 0.1,
-    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0,
+    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
 ) -> dict[str, float]:
-    """``protocol`` is ``knn`` or ``linear``; the dataset defaults to the one in the checkpoint's configuration."""
+    """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
+    the dataset defaults to the one in the checkpoint's configuration."""
     from ressl.data import eval_batches, load_dataset, to_device
     from ressl.folder import DataError
     from ressl.train import autocast_dtype, resolve_device
@@ -165,4 +214,6 @@ def evaluate_checkpoint(
     (bank, bank_y), (test, test_y) = feats["bank"], feats["test"]
     if protocol == "knn":
         return knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature)
-    return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True)
+    train_batches = augmented_batches(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None
+    return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
+                        train_batches=train_batches)

@@ -143,3 +143,12 @@ def test_tensorboard_events_when_installed(npz_dir, tmp_path):
     assert {"loss", "lr", "teacher_entropy", "student_std", "knn_top1"} <= tags
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.Scalars("loss")[-1].value == pytest.approx([r["loss"] for r in logged if "loss" in r][-1])
+
+
+@pytest.mark.slow
+def test_linear_probe_with_augmentation(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    done = ressl("linear", "--checkpoint", str(out / "checkpoint.pt"), "--epochs", "3", "--augment")
+    assert done.returncode == 0, done.stderr
+    assert 0 <= json.loads(done.stdout.splitlines()[-1])["top1"] <= 100

@@ -44,3 +44,18 @@ def test_linear_probe_learns_a_linear_rule():
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     acc = linear_probe(x[:300], y[:300], x[300:], y[300:], num_classes=2, epochs=20, lr=0.1, batch_size=64)
     assert acc["top1"] > 90
+
+
+def test_linear_probe_with_fresh_batches_each_epoch():
+    x = torch.randn(400, 10)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    seen = []
+
+    def batches(epoch):
+        seen.append(epoch)
+        noisy = x[:300] + 0.05 * torch.randn(300, 10)  # a new "augmented" view every epoch
+        for start in range(0, 300, 64):
+            yield noisy[start : start + 64], y[:300][start : start + 64]
+
+    acc = linear_probe(x[:300], y[:300], x[300:], y[300:], 2, epochs=15, lr=0.1, batch_size=64, train_batches=batches)
+    assert seen == list(range(15)) and acc["top1"] > 90
