@@ -31,6 +31,15 @@ def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_di
     x = torch.randn(2, 3, 16, 16)
     ours = run.model.student.backbone.eval()
     torch.testing.assert_close(net.eval()(x), ours(x.contiguous(memory_format=torch.channels_last)), rtol=1e-4, atol=1e-5)
+    try:  # timm (an optional extra) uses the same key names
+        import timm
+    except ImportError:
+        pass
+    else:
+        other = timm.create_model("resnet18", num_classes=0, pretrained=False)
+        other.conv1, other.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        other.load_state_dict(load_file(out), strict=True)
+        torch.testing.assert_close(other.eval()(x), net(x), rtol=1e-4, atol=1e-5)
     with safe_open(out, "pt") as f:
         meta = f.metadata()
     assert meta["network"] == "student" and meta["small_stem"] == "true"
