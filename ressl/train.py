@@ -351,14 +351,20 @@ def setup(cfg: Config) -> Run:
 
 
 # a checkpoint trained with other values of these is meaningless to continue
-RESUME_KEYS = ("dataset", "data", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn")
+RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn")
 
 
 def resume(run: Run, path: Path) -> None:
     """Continue from ``path``; refuse when the configuration differs in what the weights depend on."""
     saved = checkpoint.load(path, map_location=run.device)
+    missing = {"optimizer", "state", "generators", "shuffle_generator", "rng"} - set(saved)
+    if missing:
+        raise checkpoint.CheckpointError(f"{path} lacks {', '.join(sorted(missing))} (written by another version?): "
+                                         "use another --out for a new run")
     old = saved["config"]
     changed = [k for k in RESUME_KEYS if old.get(k) != getattr(run.cfg, k)]
+    if old.get("data") and run.cfg.data and Path(old["data"]).expanduser().resolve() != Path(run.cfg.data).expanduser().resolve():
+        changed.append("data")
     if changed:
         raise config.ConfigError(
             f"{path} was trained with a different {', '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}): "

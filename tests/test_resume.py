@@ -132,3 +132,18 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--width", "16"]) == 2
     assert "different width" in capsys.readouterr().err
+
+
+def test_resume_accepts_the_same_data_by_another_path(npz_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["pretrain", "--dataset", "npz", "--out", str(out), *TINY]
+    assert main(base + ["--data", str(npz_dir), "--epochs", "1"]) == 0
+    monkeypatch.chdir(npz_dir.parent)
+    assert main(base + ["--data", f"./{npz_dir.name}/../{npz_dir.name}", "--epochs", "2"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.npz", "test.npz"):
+        (other / name).write_bytes((npz_dir / name).read_bytes())
+    assert main(base + ["--data", str(other), "--epochs", "3"]) == 2
+    assert "different data" in capsys.readouterr().err
