@@ -199,6 +199,8 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
         raise DataError(f"dataset {dataset!r} needs --data PATH (a directory of images or train.npz/test.npz)"
                         + (" or --download" if dataset in TORCHVISION_SETS else ""))
     root = Path(data).expanduser()
+    if dataset in TORCHVISION_SETS and download:
+        root.mkdir(parents=True, exist_ok=True)  # torchvision downloads into it
     if not root.exists():
         raise DataError(f"data directory {root} does not exist: pass --data PATH pointing at your images"
                         + (" (or add --download)" if dataset in TORCHVISION_SETS else ""))

@@ -87,3 +87,23 @@ def test_sample_split_is_fixed_and_keeps_labels(npz_dir):
     rows = {tuple(img.flatten().tolist()): int(y) for img, y in zip(ds.train.images, ds.train.labels)}
     assert all(rows[tuple(img.flatten().tolist())] == int(y) for img, y in zip(a.images, a.labels))
     assert sample_split(ds.train, 1000) is ds.train
+
+
+def test_download_is_asked_for_and_never_implicit(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    class FakeCIFAR10:  # stands in for the network: records what torchvision would be asked
+        def __init__(self, root, download, train):
+            calls.append((root, download))
+            self.data = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+            self.targets = [0, 1, 0, 1]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    target = tmp_path / "new" / "cifar10"
+    ds = load_dataset("cifar10", str(target), download=True)
+    assert target.is_dir() and len(ds.train) == 4 and all(d for _, d in calls)
+    calls.clear()
+    load_dataset("cifar10", str(target))
+    assert calls and not any(d for _, d in calls)
