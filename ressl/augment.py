@@ -15,7 +15,10 @@ any device. The distributions follow torchvision's ``RandomResizedCrop``, ``Colo
 ``RandomGrayscale``, ``GaussianBlur`` and ``RandomHorizontalFlip``.
 
 Jitter order: like torchvision's ``ColorJitter``, the four colour operations are applied in a
-random order, drawn independently **per sample** (a uniform random permutation per image).
+uniformly random order. ``jitter_order="batch"`` (the default, as torchvision's ``ColorJitter``
+draws one order per call) uses one permutation for the whole batch: four whole-batch kernels
+instead of sixteen gathered subsets, about twice as fast on a CPU; each image's marginal
+distribution is the same as with ``jitter_order="sample"`` (one permutation per image).
 """
 
 from __future__ import annotations
@@ -222,7 +225,10 @@ class BatchAugment:
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                  jitter_p: float = 0.8, gray_p: float = 0.2, blur: bool | None = None,
                  blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
-                 flip_p: float = 0.5) -> None:
+                 flip_p: float = 0.5, jitter_order: str = "batch") -> None:
+        if jitter_order not in ("batch", "sample"):
+            raise ValueError(f"jitter_order must be 'batch' or 'sample', got {jitter_order!r}")
+        self.jitter_order = jitter_order
         self.size, self.strong, self.crop = int(size), bool(strong), bool(crop)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
@@ -261,7 +267,7 @@ class BatchAugment:
             for name, amount in zip(_OPS, self.jitter):
                 lo, hi = ((-amount, amount) if name == "hue" else (max(0.0, 1.0 - amount), 1.0 + amount))
                 p[name] = lo + (hi - lo) * rand(batch)
-            p["order"] = rand(batch, 4).argsort(dim=1)
+            p["order"] = (rand(batch, 4) if self.jitter_order == "sample" else rand(1, 4).expand(batch, 4)).argsort(dim=1)
             p["gray"] = rand(batch) < self.gray_p
             p["blur"] = (rand(batch) < self.blur_p) & self.blur
             p["sigma"] = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(batch)
@@ -287,7 +293,14 @@ class BatchAugment:
 
         x = x * (1.0 / 255.0)
         jit, order = params["jitter"].cpu(), params["order"].cpu()
-        for step in range(4):
+        if bool((order == order[:1]).all()):  # one order for the batch: whole-batch ops, identity where not jittered
+            keep = jit.to(device=dev, dtype=x.dtype, non_blocking=True)
+            for op in order[0].tolist():
+                identity = 0.0 if _OPS[op] == "hue" else 1.0
+                factor = params[_OPS[op]].to(dev, x.dtype, non_blocking=True)
+                x = _COLOUR_FNS[op](x, identity + keep * (factor - identity))
+            order = order[:0]  # nothing left for the per-sample path below
+        for step in range(order.shape[1] if order.shape[0] else 0):
             for op, fn in enumerate(_COLOUR_FNS):
                 sel = torch.nonzero(jit & (order[:, step] == op)).squeeze(1)  # on CPU: no sync
                 if sel.numel() > 0:

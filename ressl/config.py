@@ -49,6 +49,7 @@ class Config:
     teacher_strong: bool = False  # give the teacher the strong recipe too (the paper's ablation, Table 5)
     blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
+    jitter_order: str = "batch"  # colour-jitter order: one random permutation per batch (fast) or per sample
     flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
@@ -208,6 +209,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"teacher_bn must be shuffle, sync or local, got {cfg.teacher_bn!r}")
     if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
+    if cfg.jitter_order not in {"batch", "sample"}:
+        raise ConfigError(f"jitter_order must be batch or sample, got {cfg.jitter_order!r}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 

@@ -332,8 +332,9 @@ def setup(cfg: Config) -> Run:
         student_forward, teacher_forward = torch.compile(student_forward), torch.compile(teacher_forward)  # type: ignore[assignment]
     size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
     common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5 if cfg.flip else 0.0)
-    strong_aug = strong_augment(size, mean, std, blur=cfg.blur, **common)
-    weak_aug = strong_augment(size, mean, std, blur=cfg.blur, **common) if cfg.teacher_strong else weak_augment(size, mean, std, **common)
+    strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
+    weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
+                else weak_augment(size, mean, std, **common))
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     state = TrainState()
     generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * dist.rank())

@@ -232,7 +232,7 @@ def test_blur_default_and_kernel_size() -> None:
 
 def test_jitter_factor_and_sigma_distributions() -> None:
     n = 20000
-    p = strong_augment(64, MEAN, STD).sample_params(n, generator=gen(13))
+    p = strong_augment(64, MEAN, STD, jitter_order="sample").sample_params(n, generator=gen(13))
     for key, (lo, hi) in [("brightness", (0.6, 1.4)), ("contrast", (0.6, 1.4)),
                           ("saturation", (0.6, 1.4)), ("hue", (-0.1, 0.1)), ("sigma", (0.1, 2.0))]:
         v = p[key]
@@ -243,6 +243,32 @@ def test_jitter_factor_and_sigma_distributions() -> None:
     for pos in range(4):  # every op in every position with probability 1/4
         freq = torch.bincount(order[:, pos], minlength=4).double() / n
         assert (freq - 0.25).abs().max() < 5 * math.sqrt(0.25 * 0.75 / n)
+
+
+def test_batch_jitter_order_is_one_uniform_permutation_per_call() -> None:
+    aug, g, calls = strong_augment(32, MEAN, STD), gen(5), 4000
+    orders = []
+    for _ in range(calls):
+        order = aug.sample_params(3, generator=g)["order"]
+        assert torch.equal(order, order[:1].expand(3, 4))  # the same order for the whole batch
+        orders.append(order[0])
+    orders = torch.stack(orders)
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand(calls, 4))
+    for pos in range(4):
+        freq = torch.bincount(orders[:, pos], minlength=4).double() / calls
+        assert (freq - 0.25).abs().max() < 5 * math.sqrt(0.25 * 0.75 / calls)
+
+
+def test_batch_and_sample_order_paths_agree_for_the_same_parameters() -> None:
+    images = torch.randint(0, 256, (17, 3, 32, 32), dtype=torch.uint8, generator=gen(9))
+    aug = strong_augment(32, MEAN, STD)
+    p = aug.sample_params(17, generator=gen(10))
+    p["jitter"][:3] = False  # images without jitter: the whole-batch path must leave their colours alone
+    fast = aug.apply(images[:16], {k: v[:16] for k, v in p.items()})  # one order: whole-batch kernels
+    mixed = dict(p, order=p["order"].clone())
+    mixed["order"][16] = mixed["order"][16].flip(0)  # one image with another order: the per-sample path
+    slow = aug.apply(images, mixed)[:16]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- functional equivalence
