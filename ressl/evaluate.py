@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.data import PAD_LABEL
+from ressl.data import PAD_LABEL, eval_batches
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -40,6 +40,14 @@ def extract_features(
     features, labels_all = dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
     keep = labels_all != PAD_LABEL  # rows that only padded a process's share
     return features[keep], labels_all[keep]
+
+
+def split_features(
+    backbone: nn.Module, split: "Split", image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    batch_size: int, device: torch.device, dtype: torch.dtype | None, workers: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, F) and labels (N,) of every image of ``split``, in order, as every evaluation computes them."""
+    return extract_features(backbone, eval_batches(split, image_size, mean, std, batch_size, device, workers), dtype)
 
 
 def knn_scores(
@@ -192,13 +200,11 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration."""
-    from ressl.data import eval_batches, load_dataset, to_device
+    from ressl.data import load_dataset, to_device
     from ressl.folder import DataError
     from ressl.train import autocast_dtype, resolve_device
 
     dev = resolve_device(device)
-    if dist.init_from_env(dev.type) and dev.type == "cuda":
-        dev = torch.device("cuda", dist.local_rank())
     backbone, cfg = load_backbone(path, teacher, dev)
     ds = load_dataset(dataset or cfg.dataset, data if data is not None else cfg.data, cfg.download)
     if ds.bank is None or ds.test is None:
@@ -207,11 +213,8 @@ def evaluate_checkpoint(
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dtype = autocast_dtype(cfg.precision, dev)
-    feats = {}
-    for name, split in (("bank", ds.bank), ("test", ds.test)):
-        batches = eval_batches(split, cfg.image_size, ds.mean, ds.std, batch_size, dev, workers)
-        feats[name] = extract_features(backbone, batches, dtype)
-    (bank, bank_y), (test, test_y) = feats["bank"], feats["test"]
+    bank, bank_y = split_features(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers)
+    test, test_y = split_features(backbone, ds.test, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers)
     if protocol == "knn":
         return knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature)
     train_batches = augmented_batches(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None

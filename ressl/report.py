@@ -94,14 +94,12 @@ def split_features(
     batch_size: int = 512, workers: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them."""
-    from ressl.data import eval_batches
-    from ressl.evaluate import extract_features
+    from ressl.evaluate import split_features as features
     from ressl.train import autocast_dtype
 
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    batches = eval_batches(split, cfg.image_size, ds.mean, ds.std, batch_size, device, workers)
-    return extract_features(backbone, batches, autocast_dtype(cfg.precision, device))
+    return features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device, autocast_dtype(cfg.precision, device), workers)
 
 
 def split_rows(split: "Split", name: str) -> list[str]:

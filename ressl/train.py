@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ressl import checkpoint, config, dist
 from ressl.augment import BatchAugment, strong_augment, weak_augment
 from ressl.config import Config
-from ressl.data import Dataset, eval_batches, load_dataset, precropped, pretrain_batches, sample_split, to_device
-from ressl.evaluate import extract_features, knn_accuracy
+from ressl.data import Dataset, load_dataset, precropped, pretrain_batches, sample_split, to_device
+from ressl.evaluate import knn_accuracy, split_features
 from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
 from ressl.monitor import health, queue_fill
@@ -31,11 +31,13 @@ from ressl.schedule import cosine_lr, ema_momentum
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """The device for ``--device``; under torchrun/SLURM it also joins the process group, and CUDA
+    processes take ``cuda:LOCAL_RANK``."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise config.ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if dist.init_from_env(device.type) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
     return device
 
 
@@ -294,11 +296,11 @@ def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None
     data, cfg = run.dataset, run.cfg
     if data.bank is None or data.test is None or not data.bank.labelled:
         return None
-    backbone = run.model.student.backbone
-    batches = lambda split: eval_batches(split, cfg.image_size, data.mean, data.std, cfg.eval_batch_size, run.device, cfg.workers)  # noqa: E731
     bank_split, test_split = (data.bank, data.test) if subset is None else (sample_split(data.bank, subset), sample_split(data.test, subset))
-    bank, bank_labels = extract_features(backbone, batches(bank_split), run.amp_dtype)
-    queries, query_labels = extract_features(backbone, batches(test_split), run.amp_dtype)
+    features = lambda split: split_features(run.model.student.backbone, split, cfg.image_size, data.mean, data.std,  # noqa: E731
+                                            cfg.eval_batch_size, run.device, run.amp_dtype, cfg.workers)
+    bank, bank_labels = features(bank_split)
+    queries, query_labels = features(test_split)
     return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)
 
 
@@ -309,8 +311,6 @@ def default_out(cfg: Config) -> Path:
 def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists."""
     device = resolve_device(cfg.device)
-    if dist.init_from_env(device.type) and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank())
     config.validate(cfg, dist.world_size())
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     if len(dataset.train) < cfg.batch_size:
