@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ressl import config
+from ressl import allocator, config
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset
 from ressl.model import ReSSL
@@ -70,6 +70,7 @@ def parser(description: str, prog: str) -> argparse.ArgumentParser:
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
+    allocator.keep_freed_memory()  # as the ressl command does
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)

@@ -82,7 +82,7 @@ class FullStep:
         b = self.cfg.batch_size
         start = (index % self.steps_per_epoch) * b
         idx = self.order[start:start + b]
-        return self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+        return self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
 
     def __call__(self) -> None:
         cfg, model, optimizer, autocast = self.cfg, self.model, self.optimizer, self.autocast

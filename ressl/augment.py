@@ -62,7 +62,9 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend ``x`` (B, 3, H, W) with the per-image mean of its grayscale; ``factor`` (B,)."""
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+    mean_gray = (x.mean(dim=(2, 3)) @ luma).view(-1, 1, 1, 1)  # the mean of the luma is the luma of the means
+    return _blend(x, mean_gray, factor)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
@@ -78,19 +80,20 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     position of every channel between min and max moves with the hue.
     """
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    delta = maxc - torch.minimum(torch.minimum(r, g), b)  # chroma (B, 1, H, W)
-    is_r = (r == maxc).to(x.dtype)  # which channel holds the max (r wins ties, then g)
+    maxc = x.amax(dim=1, keepdim=True)
+    delta = maxc - x.amin(dim=1, keepdim=True)  # chroma (B, 1, H, W)
+    # hexagonal hue in sextants: (g-b)/d, 2 + (b-r)/d or 4 + (r-g)/d for a max in r, g or b (r wins
+    # ties, then g); here in turns, shifted, > 0. Blended with 0/1 masks and written in place:
+    # every temporary is a (B, 1, H, W) plane.
+    is_r = (r == maxc).to(x.dtype)
     is_g = (g == maxc).to(x.dtype).mul_(1.0 - is_r)
-    is_b = 1.0 - is_r - is_g
-    # hexagonal hue in sextants: (g-b)/d, 2 + (b-r)/d or 4 + (r-g)/d; here in turns, shifted, > 0
-    num = is_r * (g - b) + is_g * (b - r + 2.0 * delta) + is_b * (r - g + 4.0 * delta)
+    num = (r - g).add_(delta, alpha=4.0)  # the b case ...
+    num.add_(is_g * ((b - r).add_(delta, alpha=2.0) - num)).add_(is_r * ((g - b) - num))  # ... replaced by g, then r
     hue = num.div_(delta.clamp_min(1e-12).mul_(6.0)).add_(shift.to(x.dtype).view(-1, 1, 1, 1) + 1.0)
     # HSV -> RGB: channel n in (r, g, b) = max - chroma * clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 * hue) mod 6 with n = 5, 3, 1; with t = k / 6 this is 2 - 6 |t - 1/3|.
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) / 6.0
-    t = torch.frac(hue + n)
-    w = t.sub_(1.0 / 3.0).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
+    w = (hue + n).frac_().sub_(1.0 / 3.0).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
     return torch.addcmul(maxc, delta, w, value=-1.0)
 
 
@@ -153,9 +156,10 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
     return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback.view(1, 4))
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
     """Crop ``boxes`` (B, 4) ``(top, left, h, w)`` from float ``x`` (B, C, H, W) and resize every
-    crop bilinearly to ``(size, size)`` -> ``(B, C, size, size)``, batched.
+    crop bilinearly to ``(size, size)`` -> ``(B, C, size, size)``, batched; crops where ``flip``
+    (B,) bool is set come out mirrored left-right (sampled right to left: no extra pass).
 
     Crops no larger than ``size`` (upsampling) go through one ``grid_sample`` (plain bilinear,
     ``align_corners=False``, like torchvision's resize); larger crops go through one
@@ -165,28 +169,33 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
     """
     b, c = x.shape[:2]
     boxes_cpu = boxes.cpu()
+    flip_cpu = torch.zeros(b, dtype=torch.bool) if flip is None else flip.cpu()
     up = (boxes_cpu[:, 2:] <= size).all(dim=1)
     if bool(up.all()):
-        return _grid_crop(x, boxes_cpu, size)
+        return _grid_crop(x, boxes_cpu, size, flip_cpu)
     out = x.new_empty(b, c, size, size)
     up_idx, down_idx = torch.nonzero(up).squeeze(1), torch.nonzero(~up).squeeze(1)
     if up_idx.numel() > 0:
         idx = up_idx.to(x.device, non_blocking=True)
-        out[idx] = _grid_crop(x[idx], boxes_cpu[up_idx], size)
+        out[idx] = _grid_crop(x[idx], boxes_cpu[up_idx], size, flip_cpu[up_idx])
     top, left, h, w = boxes_cpu[down_idx].to(x.dtype).unbind(1)
     rois = torch.stack([down_idx.to(x.dtype), left, top, left + w, top + h], dim=1)  # batch, x1, y1, x2, y2
-    out[down_idx.to(x.device, non_blocking=True)] = roi_align(
-        x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
-        sampling_ratio=-1, aligned=True)
+    down = roi_align(x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
+                     sampling_ratio=-1, aligned=True)
+    mirror = torch.nonzero(flip_cpu[down_idx]).squeeze(1).to(x.device, non_blocking=True)
+    down[mirror] = down[mirror].flip(-1)
+    out[down_idx.to(x.device, non_blocking=True)] = down
     return out
 
 
-def _grid_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Bilinear crop+resize of ``x`` (B, C, H, W) with ``boxes`` (B, 4) via ``grid_sample``."""
+def _grid_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor) -> Tensor:
+    """Bilinear crop+resize of ``x`` (B, C, H, W) with ``boxes`` (B, 4) via ``grid_sample``;
+    rows of ``flip`` (B,) bool sample their crop right to left."""
     b, _, height, width = x.shape
     top, left, h, w = boxes.to(torch.float32).unbind(1)
     t = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # output pixel centres in [0, 1]
-    gx = (left.view(-1, 1) + t * w.view(-1, 1)) * (2.0 / width) - 1.0  # (B, size) in [-1, 1]
+    t_x = torch.where(flip.view(-1, 1), t.flip(0), t)  # (B, size): mirrored crops read right to left
+    gx = (left.view(-1, 1) + t_x * w.view(-1, 1)) * (2.0 / width) - 1.0  # (B, size) in [-1, 1]
     gy = (top.view(-1, 1) + t * h.view(-1, 1)) * (2.0 / height) - 1.0
     grid = torch.stack([gx.view(b, 1, size).expand(b, size, size),
                         gy.view(b, size, 1).expand(b, size, size)], dim=-1)
@@ -195,10 +204,10 @@ def _grid_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
 
 
 def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
-    """``(x * scale - mean) / std`` per channel for ``x`` (B, 3, H, W)."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * scale - m) / s
+    """``(x * scale - mean) / std`` per channel for ``x`` (B, 3, H, W), as one multiply and one in-place add."""
+    m = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    return (x * (scale / s).to(x.device, x.dtype)).sub_((m / s).to(x.device, x.dtype))
 
 
 def _check_images(images: Tensor) -> None:
@@ -280,14 +289,15 @@ class BatchAugment:
         dev = images.device
         x = images.float()
         if self.crop:
-            x = resized_crop(x, params["crop"], self.size)
-        elif x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = resized_crop(x, params["crop"], self.size, params["flip"])  # the flip rides along
+        else:
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            # masks as exact 0/1 lerp weights (torch.where is slow on CPU)
+            flip = params["flip"].to(device=dev, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+            x = torch.lerp(x, x.flip(-1), flip)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        # masks as exact 0/1 lerp weights (torch.where is slow on CPU)
-        flip = params["flip"].to(device=dev, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
-        x = torch.lerp(x, x.flip(-1), flip)
         if not self.strong:
             return _normalise(x, self.mean, self.std, 1.0 / 255.0).contiguous()
 

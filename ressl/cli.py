@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ressl import config
+from ressl import allocator, config
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError
@@ -190,6 +190,7 @@ REPORT_COMMANDS = {"report": cmd_report, "embed": cmd_embed}
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    allocator.keep_freed_memory()  # CPU steps reuse their memory instead of page-faulting it in again
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args)

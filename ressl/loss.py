@@ -33,8 +33,9 @@ def relational_loss(
     dtype = torch.promote_types(student.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
     queue = queue.detach().to(dtype)
     with torch.autocast(device_type=student.device.type, enabled=False):
-        student_logits = student.to(dtype) @ queue.T / student_temperature  # (B, K)
-        teacher_logits = teacher.detach().to(dtype) @ queue.T / teacher_temperature  # (B, K)
+        # dividing the (B, D) embeddings, not the (B, K) similarities, by the temperature: same logits, K/D times less work
+        student_logits = (student.to(dtype) / student_temperature) @ queue.T  # (B, K)
+        teacher_logits = (teacher.detach().to(dtype) / teacher_temperature) @ queue.T  # (B, K)
         target = F.softmax(teacher_logits, dim=1)  # (B, K), sums to 1
         log_q = F.log_softmax(student_logits, dim=1)  # (B, K)
         return -(target * log_q).sum(dim=1).mean()

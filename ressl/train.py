@@ -54,11 +54,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_optimizer(student: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum; no weight decay on BatchNorm weights and biases (1-D parameters)."""
+    """SGD with momentum; no weight decay on BatchNorm weights and biases (1-D parameters).
+
+    The fused implementation (one kernel for all parameters) where PyTorch has one for the
+    parameters' device: CPU and CUDA; same update, about half the time of the per-tensor loop.
+    """
     decay = [p for p in student.parameters() if p.ndim > 1]
     no_decay = [p for p in student.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
+    fused = next(student.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, fused=fused or None)
 
 
 class MetricsLog:

@@ -207,6 +207,21 @@ def test_resized_crop_mixed_up_and_down_sampling() -> None:
         ref = TF.resized_crop(s[i], t, l, h, w, [24, 24], antialias=True)
         assert (ours[i] - ref)[:, 1:-1, 1:-1].abs().mean() < 2.0, i
 
+def test_flip_during_crop_equals_flipping_after() -> None:
+    """The flip folded into the crop (grid read right to left, or a mirrored roi_align output)
+    gives exactly the crop flipped afterwards, for enlarged and shrunk crops alike."""
+    s = smooth_images(4, 64, 64, seed=6).float()
+    boxes = torch.tensor([[0, 0, 64, 64], [10, 5, 20, 30], [3, 2, 50, 40], [30, 30, 16, 16]])
+    flip = torch.tensor([True, True, False, True])
+    plain = A.resized_crop(s, boxes, 24)
+    expected = torch.where(flip.view(-1, 1, 1, 1), plain.flip(-1), plain)
+    torch.testing.assert_close(A.resized_crop(s, boxes, 24, flip), expected, atol=1e-4, rtol=0)
+    small = torch.tensor([[10, 5, 20, 22], [30, 30, 16, 16]])  # every crop enlarged: the grid_sample path alone
+    plain = A.resized_crop(s[:2], small, 24)
+    flipped = A.resized_crop(s[:2], small, 24, torch.tensor([True, False]))
+    torch.testing.assert_close(flipped, torch.stack([plain[0].flip(-1), plain[1]]), atol=1e-4, rtol=0)
+
+
 
 # ----------------------------------------------------------------------------- other params
 def test_event_probabilities() -> None:
