@@ -1,10 +1,11 @@
 """Step overhead: one full ReSSL training step divided by the bare network work it cannot avoid.
 
-Full step, exactly as ``ressl.train.train_one_epoch`` does per batch: slice the uint8 batch from the
-in-memory set, learning rate and EMA momentum from the schedules, weak and strong batched
-augmentation, student forward on the strong view, EMA update, teacher forward on the weak view (no
-gradient), relational loss against the queue, backward, SGD step, queue push, the on-device
-finiteness flag.
+Full step: ``ressl.train.train_step``, the body of ``train_one_epoch``'s loop, on the batches that
+loop draws, on a run built by ``ressl.train.setup`` as ``ressl pretrain`` builds it: learning rate
+and EMA momentum from the schedules, weak and strong batched augmentation, student forward on the
+strong view, EMA update, teacher forward on the weak view (no gradient), relational loss against
+the queue, backward, SGD step, queue push, and the loop's on-device finiteness flag.
+Left out: logging, checkpoints, signals (``benchmarks.end_to_end`` measures the whole loop).
 
 Bare work: student forward + backward on an already augmented strong batch and teacher forward on
 the weak batch: same model (backbone, width, memory format), same batch, same autocast dtype; no
@@ -16,18 +17,18 @@ augmentation, no EMA, no loss against the queue, no optimiser step, no push.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from benchmarks import common
-from ressl.augment import strong_augment, weak_augment
-from ressl.config import Config
-from ressl.loss import relational_loss
-from ressl.model import ReSSL, build_model
-from ressl.schedule import cosine_lr, ema_momentum
-from ressl.train import autocast_dtype, build_optimizer
+from ressl.data import pretrain_batches
+from ressl.model import ReSSL
+from ressl.train import Run, epoch_order, setup, train_step
 
 
 def autocast_for(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
@@ -56,61 +57,34 @@ def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, devic
 
 
 class FullStep:
-    """The body of ``train_one_epoch``'s loop, minus logging, checkpoints and signals."""
+    """``ressl.train.train_step`` on the batches ``train_one_epoch`` draws: the loop's body minus logging,
+    checkpoints and signals, on a ``Run`` built by ``ressl.train.setup`` as ``ressl pretrain`` builds it."""
 
-    def __init__(self, cfg: Config, device: torch.device, images: torch.Tensor, mean, std, steps_per_epoch: int) -> None:
-        self.cfg, self.device, self.images = cfg, device, images
-        torch.manual_seed(cfg.seed)
-        self.model = common.channels_last(build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim,
-                                                      cfg.queue_size, cfg.head_bn, cfg.small_stem).to(device), cfg)
-        self.optimizer = build_optimizer(self.model.student, cfg)
-        self.amp_dtype = autocast_dtype(cfg.precision, device)
-        self.autocast = autocast_for(device, self.amp_dtype)
-        common_kw = dict(crop=True, crop_scale=(cfg.crop_min_scale, 1.0))
-        self.strong_aug = strong_augment(cfg.image_size, mean, std, blur=cfg.blur, **common_kw)
-        self.weak_aug = (strong_augment(cfg.image_size, mean, std, blur=cfg.blur, **common_kw) if cfg.teacher_strong
-                         else weak_augment(cfg.image_size, mean, std, **common_kw))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg.epochs * steps_per_epoch
-        self.step = 0
-        self.first_bad_step = torch.full((), -1, device=device)
-        self.model.train()
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.first_bad_step = torch.full((), -1, device=run.device)  # the loop's on-device NaN watch
+        self.batches = self._batches()
+        run.model.train()
 
-    def source_batch(self, index: int) -> torch.Tensor:
-        b = self.cfg.batch_size
-        start = (index % self.steps_per_epoch) * b
-        idx = self.order[start:start + b]
-        return self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        run, cfg = self.run, self.run.cfg
+        while True:
+            yield from pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
+                                        epoch_order(run), 0, run.device)
+            run.state.epoch += 1
+
+    def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        step = self.run.state.step + 1
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad_step)
 
     def __call__(self) -> None:
-        cfg, model, optimizer, autocast = self.cfg, self.model, self.optimizer, self.autocast
-        weak_source = strong_source = self.source_batch(self.step)
-        lr = cosine_lr(self.step, self.total_steps, cfg.lr, round(cfg.warmup_epochs * self.steps_per_epoch))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        momentum = ema_momentum(self.step, self.total_steps, cfg.ema_momentum, cfg.ema_cosine)
-        weak = self.weak_aug(weak_source, self.generator)
-        strong = self.strong_aug(strong_source, self.generator)
-        with autocast:
-            student = model.student(strong)
-        model.update_teacher(momentum)
-        with torch.no_grad(), autocast:
-            teacher = model.teacher(weak)
-        loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.queue.push(teacher)
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()), self.step + 1,
-                                          self.first_bad_step)
-        self.step += 1
+        train_step(self.run, *next(self.batches), self.observe)
+        self.run.state.step += 1
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """An augmented (weak, strong) pair of one batch, for the bare step."""
-        source = self.source_batch(0)
-        return self.weak_aug(source, self.generator), self.strong_aug(source, self.generator)
+        weak_source, strong_source = next(self.batches)
+        return self.run.weak_aug(weak_source, self.run.generator), self.run.strong_aug(strong_source, self.run.generator)
 
 
 def repeat(fn: Callable[[], None], n: int) -> Callable[[], None]:
@@ -123,17 +97,17 @@ def repeat(fn: Callable[[], None], n: int) -> Callable[[], None]:
 def run(args: argparse.Namespace) -> common.Result:
     device = common.device_of(args)
     root, source = common.data_dir(args)
-    cfg = common.build_config(args, root)
-    dataset = common.load(cfg)
-    images = dataset.train.images
-    assert images is not None, "the step benchmark needs an in-memory dataset (train.npz)"
-    images = images.to(device)
-    full = FullStep(cfg, device, images, dataset.mean, dataset.std, len(images) // cfg.batch_size)
+    out = Path(tempfile.mkdtemp(prefix="ressl-bench-step-"))
+    try:
+        cfg = common.build_config(args, root, out=str(out / "run"), checkpoint_every=0, knn_every=0)
+        full = FullStep(setup(cfg))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # nothing is written after setup
     weak, strong = full.views()
-    bare = make_bare_step(full.model, weak, strong, device, full.amp_dtype)
+    bare = make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype)
     steps = 2 if args.quick else 5  # steps per timed call
     repeats = args.repeats or (3 if args.quick else 9)
-    print(f"[step] {common.describe(cfg, device, full.amp_dtype)}; data: {source}", flush=True)
+    print(f"[step] {common.describe(cfg, device, full.run.amp_dtype)}; data: {source}", flush=True)
     t = common.side_by_side({"full": repeat(full, steps), "bare": repeat(bare, steps)}, device, repeats,
                             warmup=1 if args.quick else 2)
     if int(full.first_bad_step) >= 0:

@@ -6,10 +6,9 @@ import contextlib
 import dataclasses
 import json
 import signal
-import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -145,47 +144,66 @@ def epoch_order(run: Run) -> torch.Tensor:
     return torch.randperm(len(run.dataset.train), generator=generator)
 
 
-def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
-    """The rest of the current epoch in the official ReSSL order; returns the last logged loss."""
-    cfg, model, optimizer, state = run.cfg, run.model, run.optimizer, run.state
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (loss, student (B, D), teacher (B, D))
+
+
+def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor, observe: Observer | None = None) -> tuple[float, float]:
+    """One ReSSL step, number ``run.state.step``, in the official order; returns its (lr, EMA momentum).
+
+    ``weak_source``/``strong_source``: (B, C, H, W) uint8 images (the same tensor for in-memory sets).
+    ``observe(loss, student, teacher)`` sees the step before the queue changes (logging, NaN watch).
+    The caller advances ``run.state``.
+    """
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
     autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
-    warmup = round(cfg.warmup_epochs * run.steps_per_epoch)
+    lr = cosine_lr(run.state.step, run.total_steps, cfg.lr, round(cfg.warmup_epochs * run.steps_per_epoch))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    momentum = ema_momentum(run.state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
+    weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
+    strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
+
+    # 1. student on the strong view
+    with autocast:
+        student = run.student_forward(strong)  # (B, D), unit norm
+    # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
+    model.update_teacher(momentum)
+    with torch.no_grad(), autocast:
+        teacher, everyone = embed_weak(run, weak)  # (B, D) ours, (world * B, D) all processes
+    # 3. relational loss against the queue as it was before this batch
+    loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+    if observe is not None:
+        observe(loss, student, teacher)
+    # 4. one backward pass and an optimiser step
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    # 5. the teacher's batch (from every process) enters the queue
+    model.queue.push(everyone, gather=False)
+    return lr, momentum
+
+
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    """Whether a mid-epoch checkpoint is written after step number ``step`` (counted from 1)."""
+    return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+
+
+def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
+    """The rest of the current epoch, step after step; returns the last logged loss."""
+    cfg, state = run.cfg, run.state
     batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
                                epoch_order(run), state.index, run.device)
     meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
-    model.train()
+    run.model.train()
     try:
         for weak_source, strong_source in batches:
-            lr = cosine_lr(state.step, run.total_steps, cfg.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            momentum = ema_momentum(state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
-            weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
-            strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
-
-            # 1. student on the strong view
-            with autocast:
-                student = run.student_forward(strong)  # (B, D), unit norm
-            # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
-            model.update_teacher(momentum)
-            with torch.no_grad(), autocast:
-                teacher, everyone = embed_weak(run, weak)  # (B, D) ours, (world * B, D) all processes
-            # 3. relational loss against the queue as it was before this batch
-            loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
-            meter.observe(loss, student, teacher, weak.shape[0])  # health signals use the same queue, on log steps
-            # 4. one backward pass and an optimiser step
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # 5. the teacher's batch (from every process) enters the queue
-            model.queue.push(everyone, gather=False)
-
+            lr, momentum = train_step(run, weak_source, strong_source, meter.observe)  # health signals on log steps
             state.step += 1
             state.index += 1
             stop = meter.end_step(lr, momentum)
             if state.index == run.steps_per_epoch:
                 break
-            if stop or (cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0):
+            if stop or checkpoint_due(cfg, state.step):
                 save_checkpoint(run)
             if stop:
                 raise Interrupted(f"stopped at step {state.step}; checkpoint saved: resume with the same command "
@@ -216,14 +234,13 @@ class _Meter:
     def _due(self, step: int, index: int) -> bool:
         """Whether step number ``step``, the ``index``-th of its epoch (both counted from 1), is logged."""
         cfg = self.run.cfg
-        checkpoint = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-        return step % cfg.log_every == 0 or index == self.run.steps_per_epoch or checkpoint
+        return step % cfg.log_every == 0 or index == self.run.steps_per_epoch or checkpoint_due(cfg, step)
 
-    def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, batch: int) -> None:
+    def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         step = self.run.state.step + 1
         self.loss = loss.detach()
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(self.loss), step, self.first_bad_step)
-        self.window_images += batch * dist.world_size()
+        self.window_images += teacher.shape[0] * dist.world_size()
         if self._due(step, self.run.state.index + 1):
             cfg = self.run.cfg
             self.signals = health(student.detach(), teacher, self.run.model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
@@ -259,7 +276,7 @@ def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Distributed with ``teacher_bn=shuffle``, the teacher sees a batch shuffled across processes
     (shuffle-BN); on one device, ``bn_groups`` > 1 normalises shuffled groups apart instead.
     """
-    model, cfg = run.model, run.cfg
+    cfg = run.cfg
     if dist.is_distributed() and cfg.teacher_bn == "shuffle":
         everyone = dist.shuffled_forward(run.teacher_forward, weak, run.shuffle_generator)
         b = weak.shape[0]
