@@ -1,4 +1,4 @@
-"""Run the three benchmarks and print a short table of their ratios.
+"""Run the four benchmarks and print a short table of their ratios.
 
     python -m benchmarks [--device auto|cpu|cuda] [--quick] [--preset NAME] [--data auto|random|DIR]
 """
@@ -8,14 +8,15 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks import augment, common, end_to_end, step
+from benchmarks import augment, common, end_to_end, knn, step
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = end_to_end.add_flags(common.parser("ressl speed ratios: step overhead, augmentation speed-up, end to end.", "python -m benchmarks"))
+    description = "ressl speed ratios: step overhead, augmentation speed-up, end to end, kNN evaluation."
+    parser = knn.add_flags(end_to_end.add_flags(common.parser(description, "python -m benchmarks")))
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    results = [module.run(args) for module in (step, augment, end_to_end)]
+    results = [module.run(args) for module in (step, augment, end_to_end, knn)]
     width = max(len(r.name) for r in results)
     print(f"\n{'benchmark':<{width}}  {'ratio':>7}  {'target':<8}  met")
     for r in results:

@@ -80,9 +80,7 @@ def run(args: argparse.Namespace) -> common.Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "python -m benchmarks.augment").parse_args(argv)
-    run(args)
-    return 0
+    return common.main(run, __doc__, "augment", None, argv)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,12 @@ def describe(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None) -
     return (f"{cfg.backbone} width {cfg.width}, {cfg.image_size}px, batch {cfg.batch_size}, queue {cfg.queue_size}, "
             f"device {device.type}, {'bf16 autocast' if amp_dtype is not None else 'fp32'}"
             f"{', channels_last' if cfg.channels_last else ''}, {torch.get_num_threads()} threads")
+
+
+def main(run: Callable[[argparse.Namespace], Result], doc: str, module: str,
+         add_flags: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] | None = None,
+         argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.<module>``: parse the shared flags (plus ``add_flags``'), run one benchmark."""
+    p = parser(doc.splitlines()[0], f"python -m benchmarks.{module}")
+    run((add_flags(p) if add_flags else p).parse_args(argv))
+    return 0

@@ -108,9 +108,7 @@ def run(args: argparse.Namespace) -> common.Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = add_flags(common.parser(__doc__.splitlines()[0], "python -m benchmarks.end_to_end")).parse_args(argv)
-    run(args)
-    return 0
+    return common.main(run, __doc__, "end_to_end", add_flags, argv)
 
 
 if __name__ == "__main__":

@@ -122,9 +122,7 @@ def run(args: argparse.Namespace) -> common.Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parser(__doc__.splitlines()[0], "python -m benchmarks.step").parse_args(argv)
-    run(args)
-    return 0
+    return common.main(run, __doc__, "step", None, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +19,44 @@ if TYPE_CHECKING:
     from ressl.data import Split
 
 
+# An fp32 feature bank larger than this is kept in bf16 on CUDA (``split_features``' "auto"): the
+# 1.28M x 2048 ImageNet bank is 10.5 GB in fp32, 5.2 GB in bf16. bf16 keeps fp32's exponent range
+# (features are unnormalised), its 8-bit mantissa moves cosine similarities by ~1e-3, and bf16
+# matmuls run on the tensor cores. On CPU the bank stays fp32: memory is plentiful there and fast
+# bf16 matmul depends on the processor.
+BF16_BANK_BYTES = 2 * 1024**3
+
+StoreDtype = torch.dtype | Callable[[int], torch.dtype] | None  # a dtype, or feature dim -> dtype
+
+
+def auto_store_dtype(rows: int, feature_dim: int, device: torch.device) -> torch.dtype:
+    """bf16 for a CUDA bank of ``rows`` x ``feature_dim`` whose fp32 copy would exceed ``BF16_BANK_BYTES``, else fp32."""
+    large = rows * feature_dim * 4 > BF16_BANK_BYTES
+    return torch.bfloat16 if device.type == "cuda" and large else torch.float32
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
+    store_dtype: StoreDtype = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (N, F) in float32 and labels (N,) of every batch, in order.
+    """Backbone features (N, F) and labels (N,) of every batch, in order.
 
-    ``dtype`` (e.g. ``torch.bfloat16``) runs the backbone under autocast; the features are stored
-    in float32. Under ``torchrun`` each rank extracts its own batches and the results are gathered.
+    ``dtype`` (e.g. ``torch.bfloat16``) runs the backbone under autocast. The features are stored, and
+    gathered, in ``store_dtype`` (default float32); a callable is given the feature dim F at the first
+    batch and returns the dtype. Under ``torchrun`` each rank extracts its own batches and the results
+    are gathered.
     """
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
+    store = store_dtype
     for images, y in batches:
         with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             f = backbone(images.contiguous(memory_format=torch.channels_last))
-        feats.append(f.float())
+        if callable(store):  # decided at the first batch, once the feature dim is known
+            store = store(f.shape[1])
+        feats.append(f.to(store or torch.float32))
         labels.append(y)
     backbone.train(was_training)
     features, labels_all = dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
@@ -45,29 +67,85 @@ def extract_features(
 def split_features(
     backbone: nn.Module, split: "Split", image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, workers: int = 4,
+    store_dtype: torch.dtype | Literal["auto"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, F) and labels (N,) of every image of ``split``, in order, as every evaluation computes them."""
-    return extract_features(backbone, eval_batches(split, image_size, mean, std, batch_size, device, workers), dtype)
+    """Features (N, F) and labels (N,) of every image of ``split``, in order, as every evaluation computes them.
+
+    ``store_dtype="auto"``: bf16 for a large bank on CUDA, else float32 (:func:`auto_store_dtype`).
+    Pass ``torch.float32`` where the features must be fp32 (the linear probe, files written to disk).
+    """
+    chosen: StoreDtype
+    if isinstance(store_dtype, torch.dtype):
+        chosen = store_dtype
+    elif store_dtype == "auto":  # the feature dim is known at the first batch
+        chosen = lambda feature_dim: auto_store_dtype(len(split), feature_dim, device)
+    else:
+        raise ValueError(f"store_dtype: a torch.dtype or 'auto', not {store_dtype!r}")
+    batches = eval_batches(split, image_size, mean, std, batch_size, device, workers)
+    return extract_features(backbone, batches, dtype, chosen)
 
 
+@torch.no_grad()
+def inverse_norms(bank: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """1 / ||row|| (N,) in float32 of ``bank`` (N, F), as ``F.normalize`` divides (eps 1e-12).
+
+    A bf16/fp16 bank goes to float32 ``chunk_size`` rows at a time through one reused buffer: never
+    a whole fp32 copy (``vector_norm(dtype=float32)`` makes one; a bf16 norm keeps only 3 digits),
+    and no fresh allocation per chunk (on CPU each would page-fault its memory anew).
+    """
+    inv = torch.empty(bank.shape[0], device=bank.device)
+    buffer = None if bank.dtype == torch.float32 else torch.empty(min(chunk_size, bank.shape[0]), bank.shape[1], device=bank.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        rows = bank[start : start + chunk_size]
+        if buffer is not None:
+            rows = buffer[: rows.shape[0]].copy_(rows)
+        torch.linalg.vector_norm(rows, dim=1, out=inv[start : start + rows.shape[0]])
+    return inv.clamp_min_(1e-12).reciprocal_()
+
+
+def nearest_cosine(
+    q: torch.Tensor, bank: torch.Tensor, inv_norms: torch.Tensor, k: int, chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (m, k) float32 and bank indices (m, k) of the ``k`` rows of ``bank`` (N, F) nearest
+    to the unit-norm queries ``q`` (m, F), most similar first; ``inv_norms`` (N,) from :func:`inverse_norms`.
+
+    The bank goes through in chunks of ``chunk_size`` rows, keeping a running top-k, so memory is
+    O(m * chunk_size) whatever N. Each block is a matmul in the bank's dtype (bf16/fp16 on the tensor
+    cores); the product then goes to float32 and is scaled by the rows' inverse norms in one op.
+    """
+    best_sim = torch.empty(q.shape[0], 0, device=q.device)
+    best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        block = q @ bank[start : start + chunk_size].T  # (m, n) in the bank's dtype
+        sim = block * inv_norms[start : start + chunk_size]  # cosines, float32 (promoted by the fp32 norms)
+        sim, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        # merge with the best so far: at most 2k candidates, global indices
+        sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx + start], dim=1)
+        best_sim, pos = sim.topk(min(k, sim.shape[1]), dim=1)
+        best_idx = idx.gather(1, pos)
+    return best_sim, best_idx
+
+
+@torch.no_grad()
 def knn_scores(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-    k: int = 200, temperature: float = 0.1, chunk_size: int = 1024,
+    k: int = 200, temperature: float = 0.1, chunk_size: int = 1024, bank_chunk_size: int = 65536,
 ) -> torch.Tensor:
-    """Weighted kNN class scores (M, C) of ``queries`` (M, F) against ``bank`` (N, F) with labels (N,).
+    """Weighted kNN class scores (M, C) float32 of ``queries`` (M, F) against ``bank`` (N, F) with labels (N,).
 
     Features are L2-normalised; each of the ``k`` most similar bank entries votes for its class with
     weight ``exp(similarity / temperature)`` (Wu et al. 2018, the protocol of the paper's code).
-    Queries go through in chunks so memory is O(chunk_size * N) whatever the number of queries.
-    The bank may be kept in bf16/fp16 to halve its memory; similarities are accumulated by matmul.
+    Queries go through in chunks of ``chunk_size`` and the bank in chunks of ``bank_chunk_size`` rows,
+    so memory is O(chunk_size * bank_chunk_size) beyond the bank itself, whatever N and M. The bank
+    is neither normalised nor copied: it may be kept in bf16/fp16 (half the memory, tensor-core
+    matmuls); the similarities are compared and weighted in float32.
     """
-    bank = F.normalize(bank, dim=1)
+    inv_norms = inverse_norms(bank)  # (N,) float32
     k = min(k, bank.shape[0])
     scores = []
     for start in range(0, queries.shape[0], chunk_size):
-        q = F.normalize(queries[start : start + chunk_size], dim=1).to(bank.dtype)
-        sim = (q @ bank.T).float()  # (m, N)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
+        q = F.normalize(queries[start : start + chunk_size].float(), dim=1).to(bank.dtype)
+        top_sim, top_idx = nearest_cosine(q, bank, inv_norms, k, bank_chunk_size)  # (m, k)
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         votes.scatter_add_(1, bank_labels[top_idx], weights)
@@ -86,7 +164,7 @@ def knn_accuracy(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
     num_classes: int, k: int = 200, temperature: float = 0.1,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier."""
+    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier (:func:`knn_scores`)."""
     return topk_accuracy(knn_scores(bank, bank_labels, queries, num_classes, k, temperature), query_labels)
 
 
@@ -104,9 +182,10 @@ def linear_probe(
     a matmul instead of a backbone pass (the fast path). ``train_batches(epoch)`` replaces them with
     fresh features per epoch (e.g. of augmented images, :func:`augmented_batches`). Features are
     standardised with the clean training features' mean and std (a BatchNorm without affine, as MoCo
-    v3's probe), which makes one learning rate work across backbones.
+    v3's probe), which makes one learning rate work across backbones. Features stored in bf16/fp16
+    are converted to float32 a batch at a time.
     """
-    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    mean, std = train_features.mean(0).float(), train_features.std(0).float().clamp_min(1e-6)
     classifier = nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -129,13 +208,13 @@ def linear_probe(
         for x, y in (train_batches or cached)(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(min(step, total - 1), total, lr)
-            loss = F.cross_entropy(classifier((x - mean) / std), y)
+            loss = F.cross_entropy(classifier((x.float() - mean) / std), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
     with torch.no_grad():
-        return topk_accuracy(classifier((test_features - mean) / std), test_labels)
+        return topk_accuracy(classifier((test_features.float() - mean) / std), test_labels)
 
 
 def augmented_batches(
@@ -213,8 +292,9 @@ def evaluate_checkpoint(
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dtype = autocast_dtype(cfg.precision, dev)
-    bank, bank_y = split_features(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers)
-    test, test_y = split_features(backbone, ds.test, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers)
+    store: torch.dtype | Literal["auto"] = "auto" if protocol == "knn" else torch.float32  # the probe trains on fp32 features
+    bank, bank_y = split_features(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
+    test, test_y = split_features(backbone, ds.test, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
     if protocol == "knn":
         return knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature)
     train_batches = augmented_batches(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None

@@ -99,7 +99,8 @@ def split_features(
 
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device, autocast_dtype(cfg.precision, device), workers)
+    return features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device, autocast_dtype(cfg.precision, device), workers,
+                    store_dtype=torch.float32)  # written to .npy and projected with numpy: never bf16
 
 
 def split_rows(split: "Split", name: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The benchmarks run end to end (``python -m benchmarks --quick``, one thread) on generated images and print their three ratios."""
+"""The benchmarks run end to end (``python -m benchmarks --quick``, one thread) on generated images and print their four ratios."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_benchmarks_quick_prints_three_ratios(tmp_path):
+def test_benchmarks_quick_prints_four_ratios(tmp_path):
     env = dict(os.environ, RESSL_BENCH_DATA="random", TMPDIR=str(tmp_path))  # never reads /work/shared
     command = [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--data", "random", "--threads", "1"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -23,11 +23,11 @@ def test_benchmarks_quick_prints_three_ratios(tmp_path):
     out = proc.stdout
     assert "random uint8" in out  # says which data it used
     ratios = {}
-    for name in ("step", "augment", "end_to_end"):
+    for name in ("step", "augment", "end_to_end", "knn"):
         match = re.search(rf"^\[{name}\] .*: ratio (\S+) \(target", out, flags=re.M)
         assert match, f"no ratio line for {name}:\n{out}"
         ratios[name] = float(match.group(1))
     assert all(math.isfinite(r) and r > 0 for r in ratios.values()), ratios
     table = out[out.index("benchmark "):]
-    for words in ("step overhead", "augmentation speed-up", "end to end"):
+    for words in ("step overhead", "augmentation speed-up", "end to end", "kNN evaluation"):
         assert words in table

@@ -192,7 +192,7 @@ def test_embed_in_memory_split_rows_in_order(trained, tmp_path):
     assert features.dtype == np.float32 and features.shape == (64, 64)  # resnet18 width 8: 8 * 8 features
     assert rows == [f"test:{i}" for i in range(64)]
     with np.load(data / "test.npz") as f:
-        x, y = torch.from_numpy(f["x"]).permute(0, 3, 1, 2), f["y"]
+        x = torch.from_numpy(f["x"]).permute(0, 3, 1, 2)
     with np.load(data / "train.npz") as f:  # npz statistics come from the training images
         train = torch.from_numpy(f["x"]).permute(0, 3, 1, 2).float() / 255
     mean, std = train.mean(dim=(0, 2, 3)).tolist(), train.std(dim=(0, 2, 3)).tolist()
