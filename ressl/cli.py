@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ressl import allocator, config
+from ressl import allocator, config, dist
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError
@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps reuse their memory instead of page-faulting it in again
+    code = _run(args)
+    dist.leave(together=code == 0)  # under torchrun: close the process group before the interpreter exits
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args)

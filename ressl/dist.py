@@ -55,6 +55,17 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def leave(together: bool = True) -> None:
+    """Close the process group, if one was joined. ``together``: wait for every process first (after a
+    clean finish); after an error a peer may never arrive, so close at once. A process that exits with
+    the group still open can die with SIGABRT while gloo's threads serve a slower peer."""
+    if not is_distributed():
+        return
+    if together:
+        torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
 def init_from_env(device_type: str) -> bool:
     """Join the process group described by torchrun (``WORLD_SIZE`` > 1) or SLURM; return whether we did.
 

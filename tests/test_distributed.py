@@ -29,8 +29,16 @@ def _join(rank: int, tmp: str) -> None:
     torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
 
 
+def _run_worker(rank: int, fn, tmp: str) -> None:
+    """``fn(rank, tmp)``, then leave the group together: a process that exits while gloo's threads still
+    serve its peer dies with SIGABRT ("terminate called without an active exception")."""
+    fn(rank, tmp)
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
 def spawn(fn, tmp_path: Path) -> list:
-    mp.spawn(fn, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    mp.spawn(_run_worker, args=(fn, str(tmp_path)), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
