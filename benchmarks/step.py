@@ -70,7 +70,7 @@ class FullStep:
         run, cfg = self.run, self.run.cfg
         while True:
             yield from pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
-                                        epoch_order(run), 0, run.device)
+                                        epoch_order(run), 0, run.device, run.loader_views)
             run.state.epoch += 1
 
     def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:

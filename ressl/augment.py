@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["BatchAugment", "weak_augment", "strong_augment", "eval_transform", "torchvision_pipeline"]
+__all__ = ["BatchAugment", "weak_augment", "strong_augment", "eval_transform", "torchvision_pipeline", "prepared"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -333,6 +333,11 @@ class BatchAugment:
         return self.apply(images, params)
 
 
+def prepared(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The views arrived augmented (loader workers ran ``torchvision_pipeline``): pass them through."""
+    return images
+
+
 def weak_augment(size: int, mean: Sequence[float], std: Sequence[float], **kw) -> BatchAugment:
     """Teacher view: RandomResizedCrop + horizontal flip only (never colour operations)."""
     return BatchAugment(size, strong=False, mean=mean, std=std, **kw)
@@ -357,7 +362,7 @@ def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequen
 
 def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std: Sequence[float],
                          blur: bool | None = None,
-                         crop_scale: tuple[float, float] = (0.2, 1.0)) -> Callable:
+                         crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = True) -> Callable:
     """Per-sample reference recipe with ``torchvision.transforms.v2`` (official-code style):
     PIL image or uint8 (C, H, W) tensor -> float32 (3, size, size), normalised."""
     from torchvision.transforms import v2
@@ -368,6 +373,6 @@ def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std:
         if (size > 32) if blur is None else blur:
             k = blur_kernel_size(size)
             ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
-    ops += [v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+    ops += [v2.RandomHorizontalFlip(0.5 if flip else 0.0), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)

@@ -30,7 +30,7 @@ class Config:
     download: bool = False  # let torchvision download CIFAR/STL-10 into `data` (never done unless asked)
     image_size: int = 32  # training resolution; the paper: 32 for CIFAR, 64 for STL-10/Tiny-ImageNet, 224 for ImageNet
     max_bad_fraction: float = 0.01  # image folders: share of unreadable files skipped (with a warning) before stopping
-    workers: int = 4  # loader processes, used only for image folders (in-memory sets are sliced on the device)
+    workers: int = 4  # loader processes for image folders and augment_backend torchvision (in-memory sets are sliced on the device)
 
     # --- model -------------------------------------------------------------------------------
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
@@ -50,6 +50,8 @@ class Config:
     blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
     jitter_order: str = "batch"  # colour-jitter order: one random permutation per batch (fast) or per sample
+    augment_backend: str = "batched"  # batched (per-sample parameters, whole-batch ops on the device) or torchvision
+    #   (per-image transforms.v2 in loader workers, the official code's design: for comparison, much slower)
     flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
@@ -211,6 +213,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
     if cfg.jitter_order not in {"batch", "sample"}:
         raise ConfigError(f"jitter_order must be batch or sample, got {cfg.jitter_order!r}")
+    if cfg.augment_backend not in {"batched", "torchvision"}:
+        raise ConfigError(f"augment_backend must be batched or torchvision, got {cfg.augment_backend!r}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 

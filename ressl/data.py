@@ -7,7 +7,8 @@ loop receives uint8 batches and augments them batched (``ressl.augment``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +234,35 @@ class _TwoCrops:
         return torch.stack([self.crop(image), self.crop(image)])
 
 
+class TwoViews:
+    """The per-image (weak, strong) pair of the official code's loader: uint8 (C, H, W) -> float (2, 3, S, S).
+
+    ``weak`` and ``strong`` are per-sample pipelines (``ressl.augment.torchvision_pipeline``), run by
+    loader workers; the training loop then takes the views as they are (``augment_backend torchvision``).
+    """
+
+    def __init__(self, weak: Callable[[torch.Tensor], torch.Tensor], strong: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.weak(image), self.strong(image)])
+
+
+class _InMemoryImages(torch.utils.data.Dataset):
+    """``(transform(images[i]), labels[i])`` of an in-memory split, for loader workers (a CPU copy of the images)."""
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        assert split.images is not None
+        self.images, self.transform = split.images.cpu(), transform
+        self.labels = split.labels.cpu() if split.labels is not None else torch.full((len(split),), -1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
 class _EvalResize:
     """Resize (shorter side to size/0.875 above 64 px, as torchvision's ImageNet protocol) and centre-crop."""
 
@@ -248,33 +278,45 @@ class _EvalResize:
 
 def pretrain_batches(
     dataset: Dataset, batch_size: int, image_size: int, min_scale: float, workers: int,
-    order: torch.Tensor, start: int, device: torch.device,
+    order: torch.Tensor, start: int, device: torch.device, views: TwoViews | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's (weak source, strong source) uint8 batches for this process, from batch ``start`` on.
+    """The epoch's (weak source, strong source) batches for this process, from batch ``start`` on.
 
     ``order`` (N,) is the epoch's permutation; the last partial batch is dropped. In memory: both
     sources are the same (B, C, H, W) slice, cropped later on the device. Folders: two independent
     crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes its share.
+    With ``views`` (``augment_backend torchvision``) loader workers make finished float views instead,
+    image by image, from memory or folder alike.
     """
     world, rank = dist.world_size(), dist.rank()
     local = batch_size // world
     split = dataset.train
     steps = len(split) // batch_size
-    if split.images is not None:
+    if split.images is not None and views is None:
         images = split.images
         for step in range(start, steps):
             idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
             batch = images.index_select(0, idx.to(images.device)).to(device, non_blocking=True)  # 10x faster than images[idx] on CPU
             yield batch, batch
         return
-    assert split.folder is not None
     mine = order[: steps * batch_size].view(steps, world, local)[start:, rank].reshape(-1).tolist()
-    ds = ImageFolderDataset(split.folder, transform=_TwoCrops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
-    loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=workers,
+    if split.images is not None:
+        assert views is not None
+        ds: torch.utils.data.Dataset = _InMemoryImages(split, views)
+    else:
+        assert split.folder is not None
+        ds = ImageFolderDataset(split.folder, transform=views or _TwoCrops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
+    loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
-    for views, _ in loader:
-        views = views.to(device, non_blocking=True)  # (B, 2, 3, S, S)
-        yield views[:, 0], views[:, 1]
+    for pair, _ in loader:
+        pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
+        yield pair[:, 0], pair[:, 1]
+
+
+def loader_workers(asked: int) -> int:
+    """``--workers``, but no more than the CPUs this process may use (more only queue up, and PyTorch warns)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(asked, available))
 
 
 PAD_LABEL = -100  # rows added so that every process gets as many evaluation images; dropped after gathering
@@ -304,7 +346,7 @@ def eval_batches(
     assert split.folder is not None
     ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction)
     loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+                        num_workers=loader_workers(workers), pin_memory=device.type == "cuda")
     start = 0
     for x, y in loader:
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.data import PAD_LABEL, eval_batches
+from ressl.data import PAD_LABEL, eval_batches, loader_workers
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def augmented_batches(
                 yield embed(augment(split.images[idx].to(device), generator)), split.labels[idx].to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=loader_workers(workers))
         for x, y in loader:
             yield embed(eval_transform(x.to(device), image_size, mean, std)), y.to(device)
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ressl import checkpoint, config, dist
-from ressl.augment import BatchAugment, strong_augment, weak_augment
+from ressl.augment import prepared, strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
-from ressl.data import Dataset, load_dataset, precropped, pretrain_batches, sample_split, to_device
+from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import knn_accuracy, split_features
 from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
@@ -121,8 +121,9 @@ class Run:
     dataset: Dataset
     model: ReSSL
     optimizer: torch.optim.SGD
-    weak_aug: BatchAugment
-    strong_aug: BatchAugment
+    weak_aug: Augment  # uint8 (B, C, H, W) -> float (B, 3, S, S), batched on the device ...
+    strong_aug: Augment
+    loader_views: TwoViews | None  # ... or None of that: loader workers make the views (augment_backend torchvision)
     generator: torch.Generator  # augmentation parameters; seeded per process
     shuffle_generator: torch.Generator  # teacher batch shuffles; the same on every process
     student_forward: nn.Module  # the student, wrapped in DistributedDataParallel when distributed (compiled with --compile)
@@ -144,6 +145,7 @@ def epoch_order(run: Run) -> torch.Tensor:
     return torch.randperm(len(run.dataset.train), generator=generator)
 
 
+Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (loss, student (B, D), teacher (B, D))
 
 
@@ -192,7 +194,7 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     """The rest of the current epoch, step after step; returns the last logged loss."""
     cfg, state = run.cfg, run.state
     batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
-                               epoch_order(run), state.index, run.device)
+                               epoch_order(run), state.index, run.device, run.loader_views)
     meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     run.model.train()
     try:
@@ -357,11 +359,16 @@ def setup(cfg: Config) -> Run:
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
     weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
                 else weak_augment(size, mean, std, **common))
+    loader_views = None
+    if cfg.augment_backend == "torchvision":  # the official design, for comparison: per image, in loader workers
+        views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)
+        loader_views = TwoViews(torchvision_pipeline(size, strong=cfg.teacher_strong, **views), torchvision_pipeline(size, strong=True, **views))
+        weak_aug = strong_aug = prepared
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     state = TrainState()
     generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * dist.rank())
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
-    run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug,
+    run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug, loader_views,
               generator, shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
               len(dataset.train) // cfg.batch_size)
     if cfg.resume or (out / "checkpoint.pt").exists():

@@ -35,6 +35,7 @@ def test_command_line_strings_are_typed():
         ("cifar10", {"image_size": 4}, "too small"),
         ("imagenet", {"image_size": 16, "small_stem": "false"}, "too small"),
         ("cifar10", {"teacher_temperature": 0}, "must be positive"),
+        ("cifar10", {"augment_backend": "pil"}, "augment_backend must be batched or torchvision"),
     ],
 )
 def test_bad_values_are_one_line_errors(preset, values, match):

@@ -107,3 +107,32 @@ def test_download_is_asked_for_and_never_implicit(tmp_path, monkeypatch):
     calls.clear()
     load_dataset("cifar10", str(target))
     assert calls and not any(d for _, d in calls)
+
+
+def test_torchvision_backend_batches_are_finished_per_image_views(npz_dir):
+    """augment_backend torchvision: workers hand over normalised float (weak, strong) pairs, one epoch's
+    images exactly once, each view cut on its own (the official loader's design)."""
+    from ressl.augment import torchvision_pipeline
+    from ressl.data import TwoViews
+
+    ds = load_dataset("npz", str(npz_dir))
+    kw = dict(mean=ds.mean, std=ds.std, crop_scale=(0.2, 1.0))
+    views = TwoViews(torchvision_pipeline(16, strong=False, **kw), torchvision_pipeline(16, strong=True, **kw))
+    batches = list(pretrain_batches(ds, 32, 16, 0.2, 0, torch.randperm(128), 1, torch.device("cpu"), views))
+    assert len(batches) == 3  # from batch 1 on
+    weak, strong = batches[0]
+    assert weak.shape == strong.shape == (32, 3, 16, 16) and weak.dtype == torch.float32
+    assert weak.min() < -0.5 and weak.max() > 0.5  # normalised, not 0..255
+    assert not torch.equal(weak, strong)
+
+
+def test_torchvision_backend_on_a_folder(tmp_path):
+    from ressl.augment import torchvision_pipeline
+    from ressl.data import TwoViews
+
+    for i in range(8):
+        Image.new("RGB", (20 + i, 24), (40 * i, 0, 200)).save(tmp_path / f"{i}.png")
+    ds = load_dataset("folder", str(tmp_path))
+    pipe = torchvision_pipeline(16, strong=True, mean=ds.mean, std=ds.std)
+    batches = list(pretrain_batches(ds, 4, 16, 0.2, 0, torch.randperm(8), 0, torch.device("cpu"), TwoViews(pipe, pipe)))
+    assert len(batches) == 2 and batches[0][1].shape == (4, 3, 16, 16) and batches[0][1].dtype == torch.float32

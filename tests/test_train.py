@@ -75,3 +75,15 @@ def test_training_steps_lower_the_loss(tmp_path):
 def test_teacher_strong_switch_gives_teacher_colour_ops(npz_dir, tmp_path):
     assert not tiny_run(npz_dir, tmp_path).weak_aug.strong
     assert tiny_run(npz_dir, tmp_path / "b", teacher_strong=True).weak_aug.strong
+
+
+def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path):
+    """--augment_backend torchvision: the per-image pipeline runs in the loader, the loop takes its views
+    as they are, and training still lowers the loss."""
+    run = tiny_run(npz_dir, tmp_path, augment_backend="torchvision", workers=0, epochs=4, queue_size=32)
+    assert run.loader_views is not None
+    losses = []
+    for _ in range(4):
+        losses.append(train_one_epoch(run))
+    assert all(np.isfinite(losses)) and run.state.step == 16 and run.state.epoch == 4
+    assert losses[-1] < losses[0]
