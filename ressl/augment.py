@@ -23,6 +23,7 @@ distribution is the same as with ``jitter_order="sample"`` (one permutation per 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -45,6 +46,13 @@ def blur_kernel_size(size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- colour kernels
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant (1, len(values), 1, 1), made once per device and dtype: a fresh copy from host
+    memory at every step would make PyTorch wait for the GPU (a blocking copy). Read-only."""
+    return torch.tensor(values, dtype=torch.float64).view(1, -1, 1, 1).to(device, dtype)
+
+
 def grayscale(x: Tensor) -> Tensor:
     """Luma of float RGB images ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
     return x[:, 0:1] * _LUMA[0] + x[:, 1:2] * _LUMA[1] + x[:, 2:3] * _LUMA[2]
@@ -62,7 +70,7 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend ``x`` (B, 3, H, W) with the per-image mean of its grayscale; ``factor`` (B,)."""
-    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+    luma = _constant(_LUMA, x.device, x.dtype).view(3)
     mean_gray = (x.mean(dim=(2, 3)) @ luma).view(-1, 1, 1, 1)  # the mean of the luma is the luma of the means
     return _blend(x, mean_gray, factor)
 
@@ -92,7 +100,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     hue = num.div_(delta.clamp_min(1e-12).mul_(6.0)).add_(shift.to(x.dtype).view(-1, 1, 1, 1) + 1.0)
     # HSV -> RGB: channel n in (r, g, b) = max - chroma * clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 * hue) mod 6 with n = 5, 3, 1; with t = k / 6 this is 2 - 6 |t - 1/3|.
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) / 6.0
+    n = _constant((5 / 6, 3 / 6, 1 / 6), x.device, x.dtype)
     w = (hue + n).frac_().sub_(1.0 / 3.0).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0)
     return torch.addcmul(maxc, delta, w, value=-1.0)
 
@@ -205,9 +213,9 @@ def _grid_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor) -> Tensor:
 
 def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
     """``(x * scale - mean) / std`` per channel for ``x`` (B, 3, H, W), as one multiply and one in-place add."""
-    m = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
-    return (x * (scale / s).to(x.device, x.dtype)).sub_((m / s).to(x.device, x.dtype))
+    gain = _constant(tuple(scale / s for s in std), x.device, x.dtype)
+    shift = _constant(tuple(m / s for m, s in zip(mean, std)), x.device, x.dtype)
+    return (x * gain).sub_(shift)
 
 
 def _check_images(images: Tensor) -> None:

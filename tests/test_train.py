@@ -2,6 +2,7 @@ import copy
 import json
 
 import numpy as np
+import pytest
 
 import torch
 
@@ -87,3 +88,21 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
         losses.append(train_one_epoch(run))
     assert all(np.isfinite(losses)) and run.state.step == 16 and run.state.epoch == 4
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
+    """On CUDA a training step (augmentation included) queues its work without a host-device sync."""
+    from ressl.data import pretrain_batches
+    from ressl.train import train_step
+
+    run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True)
+    batches = pretrain_batches(run.dataset, run.cfg.batch_size, 16, 0.2, 0, epoch_order(run), 0, run.device)
+    train_step(run, *next(batches))  # the first step may set things up
+    run.state.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(run, *next(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
