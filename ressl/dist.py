@@ -116,7 +116,7 @@ def shuffled_forward(teacher: nn.Module, weak: torch.Tensor, generator: torch.Ge
     """
     everything = all_gather_cat(weak)  # (W*B, ...)
     b = weak.shape[0]
-    perm = torch.randperm(everything.shape[0], generator=generator).to(weak.device)
+    perm = torch.randperm(everything.shape[0], generator=generator).to(weak.device, non_blocking=True)
     mine = perm[rank() * b : (rank() + 1) * b]
     shuffled = all_gather_cat(teacher(everything[mine]))  # row i embeds image perm[i]
     out = torch.empty_like(shuffled)
@@ -132,7 +132,7 @@ def grouped_forward(teacher: nn.Module, weak: torch.Tensor, groups: int, generat
     """
     if groups <= 1:
         return teacher(weak)
-    perm = torch.randperm(weak.shape[0], generator=generator).to(weak.device)
+    perm = torch.randperm(weak.shape[0], generator=generator).to(weak.device, non_blocking=True)
     shuffled = torch.cat([teacher(chunk) for chunk in weak[perm].chunk(groups)])
     out = torch.empty_like(shuffled)
     out[perm] = shuffled
