@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1: the CUDA build that also runs on CPU (pip takes it from local disk here)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench bench-gpu lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ test-fast: $(VENV)/.installed  ## skip the end-to-end runs
 
 bench: $(VENV)/.installed  ## speed ratios, measured side by side
 	$(PY) -m benchmarks
+
+bench-gpu: $(VENV)/.installed  ## on a CUDA machine: the tests that need CUDA, then the benchmarks (cifar10 preset, ImageNet-size kNN bank)
+	$(PY) -m pytest -q -k cuda
+	$(PY) -m benchmarks --device cuda
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check ressl tests
