@@ -27,6 +27,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -138,19 +139,21 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
     the aspect ratio clamped into ``ratio``.
     """
     dev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(batch, tries, 4, generator=generator, device=dev, dtype=torch.float64)
+    # the draw comes from the torch generator; the arithmetic on these few numbers runs in numpy,
+    # which costs a microsecond per operation where torch's dispatch costs ten or more
+    u = torch.rand(batch, tries, 4, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
-    w = torch.round(torch.sqrt(area * aspect)).long()
-    h = torch.round(torch.sqrt(area / aspect)).long()
+    aspect = np.exp(lo + (hi - lo) * u[..., 1])
+    w = np.round(np.sqrt(area * aspect)).astype(np.int64)  # (B, tries); rounds half to even, as torch.round
+    h = np.round(np.sqrt(area / aspect)).astype(np.int64)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.long().argmax(dim=1, keepdim=True)  # index of the first valid try (0 if none)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    top = (u[..., 2].gather(1, first).squeeze(1) * (height - h + 1)).long().clamp_(min=0)
-    top = torch.minimum(top, height - h)
-    left = (u[..., 3].gather(1, first).squeeze(1) * (width - w + 1)).long().clamp_(min=0)
-    left = torch.minimum(left, width - w)
+    first = ok.argmax(axis=1)  # index of the first valid try (0 if none)
+    rows = np.arange(batch)
+    w, h = w[rows, first], h[rows, first]
+    top = np.minimum((u[rows, first, 2] * (height - h + 1)).astype(np.int64).clip(min=0), height - h)
+    left = np.minimum((u[rows, first, 3] * (width - w + 1)).astype(np.int64).clip(min=0), width - w)
+    boxes = np.stack([top, left, h, w], axis=1)
     # fallback: centre crop with the aspect ratio clamped into [min(ratio), max(ratio)]
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -159,9 +162,8 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=dev)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback.view(1, 4))
+    boxes[~ok.any(axis=1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.from_numpy(boxes).to(dev)
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
