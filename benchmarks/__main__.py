@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = knn.add_flags(end_to_end.add_flags(common.parser(description, "python -m benchmarks")))
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    results = [module.run(args) for module in (step, augment, end_to_end, knn)]
+    results: list[common.Result] = []
+    code = common.user_errors_in_one_line(lambda: results.extend(module.run(args) for module in (step, augment, end_to_end, knn)),
+                                          "python -m benchmarks")
+    if code:
+        return code
     width = max(len(r.name) for r in results)
     print(f"\n{'benchmark':<{width}}  {'ratio':>7}  {'target':<8}  met")
     for r in results:

@@ -11,6 +11,7 @@ import atexit
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from ressl import allocator, config
-from ressl.config import Config
+from ressl.config import Config, ConfigError
 from ressl.data import Dataset, load_dataset
+from ressl.folder import DataError
 from ressl.model import ReSSL
 from ressl.train import resolve_device
 
@@ -160,5 +162,15 @@ def main(run: Callable[[argparse.Namespace], Result], doc: str, module: str,
          argv: list[str] | None = None) -> int:
     """``python -m benchmarks.<module>``: parse the shared flags (plus ``add_flags``'), run one benchmark."""
     p = parser(doc.splitlines()[0], f"python -m benchmarks.{module}")
-    run((add_flags(p) if add_flags else p).parse_args(argv))
+    args = (add_flags(p) if add_flags else p).parse_args(argv)
+    return user_errors_in_one_line(lambda: run(args), f"python -m benchmarks.{module}")
+
+
+def user_errors_in_one_line(body: Callable[[], Any], prog: str) -> int:
+    """Run ``body``; a user's mistake (no GPU for --device cuda, bad --set, missing data) is one line and exit code 2."""
+    try:
+        body()
+    except (ConfigError, DataError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     return 0

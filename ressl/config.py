@@ -154,7 +154,8 @@ def coerce(name: str, value: Any) -> Any:
             return value
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {kind.__name__}{' or none' if optional else ''}, got {value!r}") from None
+        words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind.__name__, f"a {kind.__name__}")
+        raise ConfigError(f"{name} must be {words}{' or none' if optional else ''}, got {value!r}") from None
 
 
 def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:

@@ -31,3 +31,11 @@ def test_benchmarks_quick_prints_four_ratios(tmp_path):
     table = out[out.index("benchmark "):]
     for words in ("step overhead", "augmentation speed-up", "end to end", "kNN evaluation"):
         assert words in table
+
+
+def test_a_mistake_is_one_line_and_exit_code_2(tmp_path):
+    env = dict(os.environ, RESSL_BENCH_DATA="random", TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "benchmarks.step", "--quick", "--set", "epochs=zero"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "python -m benchmarks.step: error: epochs must be an integer, got 'zero'"], proc.stderr

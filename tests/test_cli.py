@@ -68,7 +68,7 @@ def bad(argv, capsys) -> str:
     (["pretrain", "--preset", "cifar11"], "did you mean 'cifar10'"),
     (["pretrain", "--queue_size", "100"], "not a multiple"),
     (["pretrain", "--image_size", "4"], "too small"),
-    (["pretrain", "--epochs", "many"], "epochs must be a int"),
+    (["pretrain", "--epochs", "many"], "epochs must be an integer"),
     (["knn", "--checkpoint", "nowhere.pt"], "does not exist"),
 ])
 def test_bad_input_exit_2(argv, message, capsys):

@@ -29,8 +29,8 @@ def test_command_line_strings_are_typed():
     [
         ("nope", {}, "unknown preset"),
         ("cifar10", {"epoch": 3}, "did you mean 'epochs'"),
-        ("cifar10", {"epochs": "three"}, "epochs must be a int"),
-        ("cifar10", {"lr": "fast"}, "lr must be a float"),
+        ("cifar10", {"epochs": "three"}, "epochs must be an integer"),
+        ("cifar10", {"lr": "fast"}, "lr must be a number"),
         ("cifar10", {"queue_size": 1000}, "queue_size 1000 is not a multiple"),
         ("cifar10", {"image_size": 4}, "too small"),
         ("imagenet", {"image_size": 16, "small_stem": "false"}, "too small"),
