@@ -322,6 +322,11 @@ def loader_workers(asked: int) -> int:
 PAD_LABEL = -100  # rows added so that every process gets as many evaluation images; dropped after gathering
 
 
+def rows_per_rank(n: int) -> int:
+    """Evaluation rows each process takes of ``n`` images (the last ones padded with ``PAD_LABEL``)."""
+    return -(-n // dist.world_size())
+
+
 def eval_batches(
     split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
     device: torch.device, workers: int = 4,
@@ -332,7 +337,7 @@ def eval_batches(
     ``PAD_LABEL`` rows); ``ressl.evaluate.extract_features`` gathers and drops the padding.
     """
     n, world = len(split), dist.world_size()
-    per_rank = -(-n // world)
+    per_rank = rows_per_rank(n)
     indices = torch.arange(per_rank * world).remainder(n).view(per_rank, world)[:, dist.rank()]
     pad = torch.arange(per_rank * world).view(per_rank, world)[:, dist.rank()] >= n
     if split.images is not None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.data import PAD_LABEL, eval_batches, loader_workers
+from ressl.data import PAD_LABEL, eval_batches, loader_workers, rows_per_rank
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -38,29 +38,40 @@ def auto_store_dtype(rows: int, feature_dim: int, device: torch.device) -> torch
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
-    store_dtype: StoreDtype = None,
+    store_dtype: StoreDtype = None, rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) and labels (N,) of every batch, in order.
 
     ``dtype`` (e.g. ``torch.bfloat16``) runs the backbone under autocast. The features are stored, and
     gathered, in ``store_dtype`` (default float32); a callable is given the feature dim F at the first
-    batch and returns the dtype. Under ``torchrun`` each rank extracts its own batches and the results
-    are gathered.
+    batch and returns the dtype. ``rows``, the number of rows the batches hold, lets the features go
+    straight into one (rows, F) tensor: the bank's memory once, not a list plus its concatenation.
+    Under ``torchrun`` each rank extracts its own batches and the results are gathered.
     """
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
-    store = store_dtype
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    store, bank, filled = store_dtype, None, 0
     for images, y in batches:
         with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             f = backbone(images.contiguous(memory_format=torch.channels_last))
         if callable(store):  # decided at the first batch, once the feature dim is known
             store = store(f.shape[1])
-        feats.append(f.to(store or torch.float32))
+        if bank is None and rows is not None:
+            bank = torch.empty(rows, f.shape[1], dtype=store or torch.float32, device=f.device)
+        if bank is not None:
+            bank[filled : filled + f.shape[0]] = f
+        else:
+            feats.append(f.to(store or torch.float32))
+        filled += f.shape[0]
         labels.append(y)
     backbone.train(was_training)
-    features, labels_all = dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
+    mine = bank[:filled] if bank is not None else torch.cat(feats)
+    features, labels_all = dist.all_gather_cat(mine), dist.all_gather_cat(torch.cat(labels))
     keep = labels_all != PAD_LABEL  # rows that only padded a process's share
+    if bool(keep.all()):  # one process, or no padding: no copy
+        return features, labels_all
     return features[keep], labels_all[keep]
 
 
@@ -82,7 +93,7 @@ def split_features(
     else:
         raise ValueError(f"store_dtype: a torch.dtype or 'auto', not {store_dtype!r}")
     batches = eval_batches(split, image_size, mean, std, batch_size, device, workers)
-    return extract_features(backbone, batches, dtype, chosen)
+    return extract_features(backbone, batches, dtype, chosen, rows=rows_per_rank(len(split)))
 
 
 @torch.no_grad()

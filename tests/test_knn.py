@@ -110,6 +110,15 @@ def test_extract_features_stores_in_the_dtype_asked_for():
     assert decided.dtype == torch.float16 and dims == [6]  # asked once, with the feature dim
 
 
+def test_extract_features_fills_one_preallocated_bank():
+    """Given the row count, the features land in one (rows, F) tensor, returned as is: no list, no copy."""
+    backbone, data = TinyBackbone(), batches()
+    listed, y = extract_features(backbone, data, store_dtype=torch.bfloat16)
+    bank, y2 = extract_features(backbone, data, store_dtype=torch.bfloat16, rows=12)  # room for 12, 10 come
+    assert torch.equal(bank, listed) and torch.equal(y, y2) and bank.shape == (10, 6)
+    assert bank.untyped_storage().nbytes() == 12 * 6 * 2  # a view of the one tensor allocated up front
+
+
 def test_split_features_decides_from_the_whole_split(monkeypatch):
     split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10))
     args = (TinyBackbone(), split, 8, (0.5,) * 3, (0.25,) * 3, 4, torch.device("cpu"), None, 0)
