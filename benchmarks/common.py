@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ressl import allocator, config
-from ressl.config import Config, ConfigError
+from ressl.cli import USER_ERRORS
+from ressl.config import Config
 from ressl.data import Dataset, load_dataset
-from ressl.folder import DataError
 from ressl.model import ReSSL
 from ressl.train import resolve_device
 
@@ -167,10 +167,11 @@ def main(run: Callable[[argparse.Namespace], Result], doc: str, module: str,
 
 
 def user_errors_in_one_line(body: Callable[[], Any], prog: str) -> int:
-    """Run ``body``; a user's mistake (no GPU for --device cuda, bad --set, missing data) is one line and exit code 2."""
+    """Run ``body``; a user's mistake (no GPU for --device cuda, bad --set, missing data), the ``ressl`` command's
+    ``USER_ERRORS``, is one line and exit code 2."""
     try:
         body()
-    except (ConfigError, DataError) as err:
+    except USER_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

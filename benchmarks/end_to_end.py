@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks import common
-from benchmarks.step import make_bare_step
+from benchmarks.step import FullStep, make_bare_step
 from ressl.train import setup, train_one_epoch
 
 
@@ -77,13 +75,7 @@ def run(args: argparse.Namespace) -> common.Result:
               f"log every {cfg.log_every} steps; data: {source}", flush=True)
         images = run_.dataset.train.images
         assert images is not None, "the end-to-end benchmark needs an in-memory dataset (train.npz)"
-        batch = images[: cfg.batch_size].to(device)
-        if run_.loader_views is None:
-            weak, strong = run_.weak_aug(batch, run_.generator), run_.strong_aug(batch, run_.generator)
-        else:  # --set augment_backend=torchvision: the views the loader workers would make
-            pairs = torch.stack([run_.loader_views(image) for image in batch.cpu()]).to(device)  # (B, 2, 3, S, S)
-            weak, strong = pairs[:, 0], pairs[:, 1]
-        run_.model.train()
+        weak, strong = FullStep(run_).views()  # one batch as the loop augments it (batched, or by loader workers)
         bare = make_bare_step(run_.model, weak, strong, device, run_.amp_dtype)
         repeats = args.repeats or (2 if args.quick else 3)  # bare steps timed before each stretch of training
         for _ in range(2):

@@ -28,7 +28,7 @@ import torch
 from benchmarks import common
 from ressl.data import pretrain_batches
 from ressl.model import ReSSL
-from ressl.train import Run, epoch_order, setup, train_step
+from ressl.train import Run, epoch_order, mark_non_finite, setup, train_step
 
 
 def autocast_for(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
@@ -75,7 +75,7 @@ class FullStep:
 
     def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         step = self.run.state.step + 1
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad_step)
+        self.first_bad_step = mark_non_finite(self.first_bad_step, loss, step)
 
     def __call__(self) -> None:
         train_step(self.run, *next(self.batches), self.observe)

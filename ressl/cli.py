@@ -122,8 +122,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
                                  args.batch_size, args.workers, **extra)
-    from ressl import dist
-
     if dist.is_main():
         print(f"{args.command}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
         print(json.dumps(result))

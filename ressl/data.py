@@ -222,23 +222,11 @@ def precropped(dataset: Dataset) -> bool:
     return dataset.train.images is None
 
 
-class _TwoCrops:
-    """Per-sample RandomResizedCrop of a decoded image into two views (weak, strong): uint8 (2, 3, S, S)."""
-
-    def __init__(self, size: int, min_scale: float) -> None:
-        from torchvision.transforms import v2
-
-        self.crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.crop(image), self.crop(image)])
-
-
 class TwoViews:
-    """The per-image (weak, strong) pair of the official code's loader: uint8 (C, H, W) -> float (2, 3, S, S).
+    """A per-image (weak, strong) pair made by loader workers: (C, H, W) -> (2, 3, S, S).
 
-    ``weak`` and ``strong`` are per-sample pipelines (``ressl.augment.torchvision_pipeline``), run by
-    loader workers; the training loop then takes the views as they are (``augment_backend torchvision``).
+    With ``ressl.augment.torchvision_pipeline`` for both (``augment_backend torchvision``, the official
+    code's loader) the views are finished float images; folders otherwise get two uint8 crops here.
     """
 
     def __init__(self, weak: Callable[[torch.Tensor], torch.Tensor], strong: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -246,6 +234,14 @@ class TwoViews:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.weak(image), self.strong(image)])
+
+
+def _two_crops(size: int, min_scale: float) -> TwoViews:
+    """Two independent RandomResizedCrops of a decoded image (weak, strong sources): uint8 (2, 3, S, S)."""
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
+    return TwoViews(crop, crop)
 
 
 class _InMemoryImages(torch.utils.data.Dataset):
@@ -305,7 +301,7 @@ def pretrain_batches(
         ds: torch.utils.data.Dataset = _InMemoryImages(split, views)
     else:
         assert split.folder is not None
-        ds = ImageFolderDataset(split.folder, transform=views or _TwoCrops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
+        ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
     for pair, _ in loader:

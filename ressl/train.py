@@ -241,7 +241,7 @@ class _Meter:
     def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         step = self.run.state.step + 1
         self.loss = loss.detach()
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(self.loss), step, self.first_bad_step)
+        self.first_bad_step = mark_non_finite(self.first_bad_step, self.loss, step)
         self.window_images += teacher.shape[0] * dist.world_size()
         if self._due(step, self.run.state.index + 1):
             cfg = self.run.cfg
@@ -292,6 +292,11 @@ def _stop_agreed(run: Run, log_due: bool) -> bool:
     if not dist.is_distributed():
         return run.stop_requested
     return dist.any_rank(run.stop_requested, run.device) if log_due else False
+
+
+def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """``step`` if ``loss`` is NaN/inf and no earlier step was, else ``first_bad_step`` (-1: none yet); on the device, no sync."""
+    return torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
 
 
 def _check_finite(first_bad_step: torch.Tensor) -> None:
