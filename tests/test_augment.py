@@ -294,7 +294,7 @@ def test_colour_ops_match_torchvision(name: str, lo: float, hi: float, atol: flo
     x[0, :, :4] = 0.5  # some gray pixels (zero saturation) and pure colours
     x[1, :, :4] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
     fac = lo + (hi - lo) * torch.rand(8, generator=gen(3))
-    ours = getattr(A, f"adjust_{name}")(x.clone(), fac)
+    ours = getattr(A, f"adjust_{name}_")(x.clone(), fac)
     ref = torch.stack([getattr(TF, f"adjust_{name}")(x[i], float(fac[i])) for i in range(8)])
     torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
 
