@@ -62,3 +62,38 @@ def test_stable_at_low_temperature_and_bf16():
         loss_bf16 = relational_loss(s.bfloat16(), t.bfloat16(), q, 0.01, 0.01)
     assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
     assert loss_bf16.item() == pytest.approx(loss.item(), rel=0.1)
+
+
+def autograd_reference(student, teacher, queue, ts, tt):
+    """The formula written with autograd-differentiable ops: the closed-form gradient must agree with it."""
+    target = F.softmax(teacher.detach() @ queue.T / tt, dim=1)
+    return -(target * F.log_softmax(student @ queue.T / ts, dim=1)).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("ts,tt", [(0.1, 0.04), (0.2, 0.1)])
+def test_gradient_matches_autograd_through_the_formula(ts, tt):
+    s, t, q = unit(6, 8).double(), unit(6, 8).double(), unit(20, 8).double()
+    ours = s.clone().requires_grad_()
+    ref = s.clone().requires_grad_()
+    (3.0 * relational_loss(ours, t, q, ts, tt)).backward()  # an upstream gradient other than 1
+    (3.0 * autograd_reference(ref, t, q, ts, tt)).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert ours.grad.abs().max() > 1e-3  # a gradient that is there
+
+
+def test_gradcheck_in_float64():
+    s = unit(4, 6).double().requires_grad_()
+    t, q = unit(4, 6).double(), unit(12, 6).double()
+    assert torch.autograd.gradcheck(lambda x: relational_loss(x, t, q, 0.1, 0.04), (s,))
+
+
+def test_gradient_through_normalisation_and_bf16_autocast():
+    """As in training: the student's raw output is normalised (and bf16 under autocast); the gradient reaches it."""
+    raw = torch.randn(4, 8, requires_grad=True)
+    t, q = unit(4, 8), unit(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = relational_loss(F.normalize(raw.bfloat16(), dim=1), t, q)
+    loss.backward()
+    ref = raw.detach().clone().requires_grad_()
+    autograd_reference(F.normalize(ref, dim=1), t, q, 0.1, 0.04).backward()
+    torch.testing.assert_close(raw.grad, ref.grad, rtol=0.1, atol=2e-3)
