@@ -95,13 +95,52 @@ class ReSSL(nn.Module):
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
         self.queue = EmbeddingQueue(queue_size, embed_dim, generator=generator)
+        self._flat: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None  # see flatten_parameters
+
+    @torch.no_grad()
+    def flatten_parameters(self) -> bool:
+        """Make the student's parameters views of one flat buffer, and the teacher's of another laid out alike,
+        so that :meth:`update_teacher` is one ``lerp_`` over the buffers: on a CPU a quarter of the time of the
+        update tensor by tensor (66 tensors for a ResNet-18). Values, layouts and ``Parameter`` objects are
+        unchanged (optimisers and DDP keep working). Call it once the parameters have their final device, dtype
+        and memory format; a later ``.to()`` copies them out of the buffers, which :meth:`update_teacher`
+        notices (it falls back to the update tensor by tensor). Returns whether the parameters were flattened.
+        """
+        student, teacher = list(self.student.parameters()), list(self.teacher.parameters())
+        dense = all(p.numel() == p.untyped_storage().nbytes() // p.element_size() and p.storage_offset() == 0
+                    and (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)) for p in student + teacher)
+        alike = all(s.shape == t.shape and s.stride() == t.stride() and s.dtype == t.dtype and s.device == t.device
+                    for s, t in zip(student, teacher))
+        if not (dense and alike and len({(p.dtype, p.device) for p in student}) == 1):
+            return False
+        flats = []
+        for params in (student, teacher):
+            flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            offset = 0
+            for p in params:  # each parameter becomes a view with its own shape and strides (channels_last included)
+                view = flat.as_strided(p.shape, p.stride(), offset)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+            flats.append(flat)
+        self._flat = (flats[0], flats[1], self._parameter_addresses())
+        return True
+
+    def _parameter_addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in (*self.student.parameters(), *self.teacher.parameters()))
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter, fused.
+        """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter, fused: one ``lerp_``
+        over the flat buffers after :meth:`flatten_parameters`, else one ``_foreach_lerp_`` over the tensors.
 
         Buffers (BatchNorm statistics) are not averaged: the teacher keeps its own, as in MoCo.
         """
+        if self._flat is not None and self._flat[2] == self._parameter_addresses():
+            student_flat, teacher_flat, _ = self._flat
+            teacher_flat.lerp_(student_flat, 1.0 - momentum)
+            return
+        self._flat = None  # the parameters left the buffers (a .to() or a reassignment): tensor by tensor from now on
         teacher = [p for p in self.teacher.parameters()]
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)

@@ -352,6 +352,7 @@ def setup(cfg: Config) -> Run:
         dist.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.flatten_parameters()  # device and layout are final: the EMA becomes one lerp_ over a flat buffer
     optimizer = build_optimizer(model.student, cfg)
     student_forward: nn.Module = model.student
     if dist.is_distributed():

@@ -16,8 +16,23 @@ def perturb_student(model):
             p.add_(torch.randn_like(p))
 
 
-def test_ema_momentum_one_changes_nothing_and_zero_copies():
+def small_model(layout: str = "tensors"):
+    """``tensors``: parameters as built; ``flat``: views of one buffer per network (as training sets them up);
+    ``flat channels_last``: the same after the conversion to channels_last."""
     model = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32)
+    if "channels_last" in layout:
+        model = model.to(memory_format=torch.channels_last)
+    if "flat" in layout:
+        assert model.flatten_parameters()
+    return model
+
+
+LAYOUTS = ["tensors", "flat", "flat channels_last"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ema_momentum_one_changes_nothing_and_zero_copies(layout):
+    model = small_model(layout)
     perturb_student(model)
     before = params(model.teacher)
     model.update_teacher(1.0)
@@ -28,13 +43,64 @@ def test_ema_momentum_one_changes_nothing_and_zero_copies():
         torch.testing.assert_close(s, t, rtol=0, atol=0)
 
 
-def test_ema_formula():
-    model = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ema_formula(layout):
+    model = small_model(layout)
     perturb_student(model)
     teacher, student = params(model.teacher), params(model.student)
     model.update_teacher(0.9)
     for t, s, new in zip(teacher, student, model.teacher.parameters()):
         torch.testing.assert_close(new, 0.9 * t + 0.1 * s)
+
+
+def test_flat_parameters_keep_values_layout_and_objects_and_share_one_buffer():
+    reference = small_model("tensors").to(memory_format=torch.channels_last)
+    model = small_model("tensors").to(memory_format=torch.channels_last)
+    model.load_state_dict(reference.state_dict())
+    objects = [id(p) for p in model.parameters()]
+    assert model.flatten_parameters()
+    assert [id(p) for p in model.parameters()] == objects  # optimisers built before still hold them
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert a.stride() == b.stride()
+    for net in (model.student, model.teacher):
+        assert len({p.untyped_storage().data_ptr() for p in net.parameters()}) == 1
+    student_storage = next(model.student.parameters()).untyped_storage().data_ptr()
+    assert next(model.teacher.parameters()).untyped_storage().data_ptr() != student_storage
+
+
+def test_ema_after_the_parameters_leave_the_buffers_is_still_right():
+    """A ``.to()`` after flattening copies the parameters out: the update must reach the new tensors."""
+    model = small_model("flat")
+    model = model.to(memory_format=torch.channels_last)  # new tensors, the flat buffers are stale
+    perturb_student(model)
+    teacher, student = params(model.teacher), params(model.student)
+    model.update_teacher(0.5)
+    for t, s, new in zip(teacher, student, model.teacher.parameters()):
+        torch.testing.assert_close(new, 0.5 * t + 0.5 * s)
+
+
+def test_flat_parameters_train_and_reload():
+    """SGD on flat parameters moves them like on separate tensors, and a state_dict round trip restores them."""
+    runs = []
+    for layout in ("tensors", "flat"):
+        torch.manual_seed(0)
+        model = small_model(layout)
+        opt = torch.optim.SGD(model.student.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(4, 3, 16, 16)
+        for _ in range(2):
+            opt.zero_grad()
+            relational_loss(model.student(x), model.teacher(x), model.queue.queue).backward()
+            opt.step()
+            model.update_teacher(0.9)
+        runs.append(model)
+    for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()):
+        torch.testing.assert_close(a, b)
+    fresh = small_model("flat")
+    fresh.load_state_dict(runs[1].state_dict())
+    for a, b in zip(fresh.parameters(), runs[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fresh._flat is not None and fresh._flat[2] == fresh._parameter_addresses()  # loading copies into the views
 
 
 def test_no_gradient_reaches_the_teacher():
