@@ -96,6 +96,7 @@ class ReSSL(nn.Module):
         self.teacher.requires_grad_(False)
         self.queue = EmbeddingQueue(queue_size, embed_dim, generator=generator)
         self._flat: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None  # see flatten_parameters
+        self._flat_order: list[nn.Parameter] = []
 
     @torch.no_grad()
     def flatten_parameters(self) -> bool:
@@ -106,7 +107,11 @@ class ReSSL(nn.Module):
         and memory format; a later ``.to()`` copies them out of the buffers, which :meth:`update_teacher`
         notices (it falls back to the update tensor by tensor). Returns whether the parameters were flattened.
         """
-        student, teacher = list(self.student.parameters()), list(self.teacher.parameters())
+        # weights (ndim > 1) first, then the vectors (biases, BatchNorm affine): the optimiser decays only the first
+        # kind, and takes them as two slices of the buffer (ressl.optim.FlatSGD)
+        student_all, teacher_all = list(self.student.parameters()), list(self.teacher.parameters())
+        order = sorted(range(len(student_all)), key=lambda i: student_all[i].ndim <= 1)  # stable: module order within each kind
+        student, teacher = [student_all[i] for i in order], [teacher_all[i] for i in order]
         dense = all(p.numel() == p.untyped_storage().nbytes() // p.element_size() and p.storage_offset() == 0
                     and (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)) for p in student + teacher)
         alike = all(s.shape == t.shape and s.stride() == t.stride() and s.dtype == t.dtype and s.device == t.device
@@ -124,7 +129,15 @@ class ReSSL(nn.Module):
                 offset += p.numel()
             flats.append(flat)
         self._flat = (flats[0], flats[1], self._parameter_addresses())
+        self._flat_order = student
         return True
+
+    def flat_student(self) -> tuple[torch.Tensor, list[nn.Parameter]] | None:
+        """The student's flat buffer and its parameters in buffer order (weights, then vectors), or None when the
+        parameters are not (or no longer) views of it."""
+        if self._flat is None or self._flat[2] != self._parameter_addresses():
+            return None
+        return self._flat[0], list(self._flat_order)
 
     def _parameter_addresses(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in (*self.student.parameters(), *self.teacher.parameters()))

@@ -1,0 +1,116 @@
+"""SGD for the student: with momentum, weight decay on weights only, and over one flat buffer where it can.
+
+``build_optimizer`` gives :class:`FlatSGD` when the student's parameters are views of one flat buffer
+(``ReSSL.flatten_parameters``, which ``ressl.train.setup`` calls), else ``torch.optim.SGD`` over the tensors.
+Both make the same update; the flat one runs two kernels per step instead of one per tensor (66 for a
+ResNet-18), half the time of the optimiser step on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ressl.config import Config
+from ressl.model import ReSSL
+
+
+def build_optimizer(model: ReSSL, cfg: Config) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on BatchNorm weights and biases (1-D parameters).
+
+    The fused implementation (one kernel for all parameters) where PyTorch has one for the
+    parameters' device: CPU and CUDA; same update, about half the time of the per-tensor loop.
+    """
+    flat = model.flat_student()
+    if flat is not None:
+        buffer, params = flat
+        return FlatSGD(params, buffer, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    student = list(model.student.parameters())
+    groups = [{"params": [p for p in student if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in student if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, fused=_fused(student[0]))
+
+
+def _fused(p: torch.Tensor) -> bool | None:
+    return True if p.device.type in ("cpu", "cuda") else None
+
+
+class FlatSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` over the two slices of a flat buffer: weights (decayed), then vectors (not decayed).
+
+    ``params`` are the network's parameters in buffer order, each a view of ``buffer`` (weights, ``ndim > 1``,
+    first). The optimiser itself holds two parameters that share memory with the buffer; :meth:`step`
+    first copies the network's gradients into the matching flat gradient buffer (one ``_foreach_copy_``),
+    and :meth:`zero_grad` clears the network's gradients. ``state_dict`` holds the two flat momentum
+    buffers; :meth:`load_state_dict` also takes the per-tensor state of ``torch.optim.SGD`` over the same
+    two groups (a checkpoint written before the buffers were flat).
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], buffer: torch.Tensor, *, lr: float, momentum: float,
+                 weight_decay: float) -> None:
+        self.network_params = list(params)
+        kinds = [p.ndim > 1 for p in self.network_params]
+        if kinds != sorted(kinds, reverse=True):
+            raise ValueError("FlatSGD needs the weights (ndim > 1) before the vectors in the buffer")
+        decayed = sum(p.numel() for p in self.network_params if p.ndim > 1)
+        grad = torch.zeros_like(buffer)
+        self._grad_views = [grad.as_strided(p.shape, p.stride(), p.storage_offset()) for p in self.network_params]
+        weights, vectors = nn.Parameter(buffer[:decayed]), nn.Parameter(buffer[decayed:])  # memory shared with the network
+        weights.grad, vectors.grad = grad[:decayed], grad[decayed:]
+        groups = [{"params": [weights], "weight_decay": weight_decay}, {"params": [vectors], "weight_decay": 0.0}]
+        super().__init__(groups, lr=lr, momentum=momentum, fused=_fused(buffer))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the network's gradients, always to None (the next backward pass writes fresh ones without a pass of
+        its own); the flat ones are overwritten by :meth:`step`."""
+        for p in self.network_params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        grads = [p.grad for p in self.network_params]
+        present = [(view, g) for view, g in zip(self._grad_views, grads) if g is not None]
+        torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
+        # a tensor the loss did not reach has no gradient, and torch.optim.SGD leaves it (and its momentum) alone:
+        # so do we, by putting back what the flat update changed (never the case in ReSSL, where every tensor is used)
+        untouched = [(p, self._momentum_view(p)) for p, g in zip(self.network_params, grads) if g is None]
+        kept = [(p.detach().clone(), None if m is None else m.clone()) for p, m in untouched]
+        result = super().step(closure)
+        for (p, m), (p0, m0) in zip(untouched, kept):
+            p.detach().copy_(p0)
+            if m is not None and m0 is not None:
+                m.copy_(m0)
+            elif (m := self._momentum_view(p)) is not None:  # the momentum buffers were made by this very step
+                m.zero_()
+        return result
+
+    def _momentum_view(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The slice of the flat momentum buffer that belongs to network parameter ``p`` (None before the first step)."""
+        weights, vectors = (group["params"][0] for group in self.param_groups)
+        flat_param, start = (weights, 0) if p.ndim > 1 else (vectors, weights.numel())
+        buffer = self.state.get(flat_param, {}).get("momentum_buffer")
+        return None if buffer is None else buffer.as_strided(p.shape, p.stride(), p.storage_offset() - start)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if [len(g["params"]) for g in state_dict["param_groups"]] != [1, 1]:
+            state_dict = self._flat_state(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _flat_state(self, per_tensor: dict[str, Any]) -> dict[str, Any]:
+        """The state of ``torch.optim.SGD`` over the network's tensors (weights group, vectors group), in buffer order."""
+        ids = [i for g in per_tensor["param_groups"] for i in g["params"]]
+        if len(ids) != len(self.network_params):
+            raise ValueError(f"optimizer state for {len(ids)} tensors, the network has {len(self.network_params)}")
+        groups = [dict(g, params=[k]) for k, g in enumerate(per_tensor["param_groups"])]
+        buffers = [per_tensor["state"].get(i, {}).get("momentum_buffer") for i in ids]
+        if all(b is None for b in buffers):  # saved before the first step
+            return {"state": {}, "param_groups": groups}
+        flat = self.network_params[0].new_zeros(sum(p.numel() for p in self.network_params))
+        for p, b in zip(self.network_params, buffers):
+            if b is not None:
+                flat.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(b)
+        decayed = sum(p.numel() for p in self.network_params if p.ndim > 1)
+        return {"state": {0: {"momentum_buffer": flat[:decayed]}, 1: {"momentum_buffer": flat[decayed:]}}, "param_groups": groups}
