@@ -30,7 +30,7 @@ bench-gpu: $(VENV)/.installed  ## on a CUDA machine: the tests that need CUDA, t
 	$(PY) -m benchmarks --device cuda
 
 lint: $(VENV)/.installed
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check ressl tests
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check ressl tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

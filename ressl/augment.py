@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["BatchAugment", "weak_augment", "strong_augment", "eval_transform", "torchvision_pipeline", "prepared"]
+__all__ = ["BatchAugment", "eval_transform", "prepared", "strong_augment", "torchvision_pipeline", "weak_augment"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -162,9 +162,9 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
     # fallback: centre crop with the aspect ratio clamped into [min(ratio), max(ratio)]
     in_ratio = width / height
     if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
+        fw, fh = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
+        fw, fh = round(height * max(ratio)), height
     else:
         fw, fh = width, height
     boxes[~ok.any(axis=1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)

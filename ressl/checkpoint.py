@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path

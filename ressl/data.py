@@ -265,7 +265,7 @@ class _EvalResize:
     def __init__(self, size: int) -> None:
         from torchvision.transforms import v2
 
-        resize = size if size <= 64 else int(round(size / 0.875))
+        resize = size if size <= 64 else round(size / 0.875)
         self.t = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:

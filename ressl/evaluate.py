@@ -76,7 +76,7 @@ def extract_features(
 
 
 def split_features(
-    backbone: nn.Module, split: "Split", image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    backbone: nn.Module, split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, workers: int = 4,
     store_dtype: torch.dtype | Literal["auto"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +229,7 @@ def linear_probe(
 
 
 def augmented_batches(
-    backbone: nn.Module, split: "Split", image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    backbone: nn.Module, split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, seed: int = 0, workers: int = 4,
 ) -> Batches:
     """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(0.08-1) and a flip.
@@ -270,7 +270,7 @@ def augmented_batches(
 # --- evaluating a checkpoint ------------------------------------------------------------------
 
 
-def load_backbone(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, "Config"]:
+def load_backbone(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, Config]:
     """The student's (or teacher's) backbone of a checkpoint, in eval mode, and the run's configuration."""
     from ressl import checkpoint, config
     from ressl.model import build_model

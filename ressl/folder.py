@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,7 +176,7 @@ def _open_loaded(path: Path) -> Image.Image:
             return _upright(im)
     except Image.DecompressionBombError:
         raise
-    except Exception:  # noqa: BLE001 - retry permissively below
+    except Exception:  # noqa: BLE001, S110 - retry permissively below
         pass
     with _TRUNCATED_LOCK:
         previous = ImageFile.LOAD_TRUNCATED_IMAGES

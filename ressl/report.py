@@ -75,7 +75,7 @@ def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[np
     return np.asarray(xs), np.asarray(ys)
 
 
-def class_names(ds: "Dataset") -> list[str]:
+def class_names(ds: Dataset) -> list[str]:
     """CIFAR-10/STL-10: the standard names; image folders: their class folder names; else the label numbers."""
     for split in (ds.bank, ds.train, ds.test):
         if split is not None and split.folder is not None and split.folder.classes:
@@ -90,7 +90,7 @@ def class_names(ds: "Dataset") -> list[str]:
 
 
 def split_features(
-    backbone: torch.nn.Module, cfg: "Config", ds: "Dataset", split: "Split", device: torch.device,
+    backbone: torch.nn.Module, cfg: Config, ds: Dataset, split: Split, device: torch.device,
     batch_size: int = 512, workers: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them."""
@@ -103,7 +103,7 @@ def split_features(
                     store_dtype=torch.float32)  # written to .npy and projected with numpy: never bf16
 
 
-def split_rows(split: "Split", name: str) -> list[str]:
+def split_rows(split: Split, name: str) -> list[str]:
     """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory)."""
     if split.folder is not None:
         return [str(p) for p in split.folder.files]
@@ -193,7 +193,7 @@ def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     return np.asarray(tsne.fit_transform(x), dtype=np.float64), "t-SNE"
 
 
-def display_image(split: "Split", i: int) -> np.ndarray:
+def display_image(split: Split, i: int) -> np.ndarray:
     """Image ``i`` of ``split`` as uint8 (H, W, 3) for display (grey for an unreadable file)."""
     if split.images is not None:
         img = split.images[i].cpu()
@@ -224,13 +224,13 @@ def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
 # --- figures (matplotlib's object API: no pyplot, no global backend; PNGs are drawn by Agg) ---
 
 
-def _figure(width: float, height: float) -> "Figure":
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def plot_training(records: list[dict[str, Any]]) -> "Figure | None":
+def plot_training(records: list[dict[str, Any]]) -> Figure | None:
     """Two panels over optimiser steps: the relational loss (nats) and the learning rate (EMA momentum on a right axis)."""
     steps, loss = series(records, "loss")
     if not len(steps):
@@ -258,7 +258,7 @@ def plot_training(records: list[dict[str, Any]]) -> "Figure | None":
     return fig
 
 
-def plot_knn(records: list[dict[str, Any]], final_epochs: float | None = None) -> "Figure | None":
+def plot_knn(records: list[dict[str, Any]], final_epochs: float | None = None) -> Figure | None:
     """Weighted-kNN top-1 and top-5 accuracy (%) of the student's backbone on the test split, over epochs."""
     epochs, top1 = series(records, "knn_top1", x="epoch")
     if not len(epochs):
@@ -280,7 +280,7 @@ def plot_knn(records: list[dict[str, Any]], final_epochs: float | None = None) -
     return fig
 
 
-def plot_health(records: list[dict[str, Any]], queue_size: int | None, out_dim: int | None) -> "Figure | None":
+def plot_health(records: list[dict[str, Any]], queue_size: int | None, out_dim: int | None) -> Figure | None:
     """Relation entropies (nats) with ``log K`` marked, and the embeddings' spread with ``1/sqrt(D)`` marked
     (queue fill on a right axis); only the panels whose keys were logged."""
     data = {key: series(records, key) for key in HEALTH_KEYS}
@@ -327,7 +327,7 @@ def plot_health(records: list[dict[str, Any]], queue_size: int | None, out_dim: 
     return fig
 
 
-def plot_embedding_map(points: np.ndarray, labels: np.ndarray, names: list[str], method: str, what: str) -> "Figure":
+def plot_embedding_map(points: np.ndarray, labels: np.ndarray, names: list[str], method: str, what: str) -> Figure:
     """Scatter of ``points`` (N, 2) coloured by class, one legend entry per class name."""
     fig = _figure(7.5, 6.2)
     ax = fig.subplots()
@@ -353,13 +353,13 @@ def plot_embedding_map(points: np.ndarray, labels: np.ndarray, names: list[str],
 def plot_retrieval(
     queries: list[np.ndarray], query_labels: list[int], neighbours: list[list[np.ndarray]],
     neighbour_labels: list[list[int]], sims: list[list[float]], names: list[str],
-) -> "Figure":
+) -> Figure:
     """One row per query: the query image, then its nearest training images with class and cosine similarity;
     a green frame marks a neighbour of the query's class, red another class."""
     rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
     fig = _figure(1.35 * cols + 0.3, 1.55 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
-    name = lambda c: names[c] if 0 <= c < len(names) else ("?" if c < 0 else str(c))  # noqa: E731
+    name = lambda c: names[c] if 0 <= c < len(names) else ("?" if c < 0 else str(c))
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
@@ -384,7 +384,7 @@ def plot_retrieval(
     return fig
 
 
-def save_png(fig: "Figure", path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, facecolor="white")
     return path
@@ -427,7 +427,7 @@ class _Doc:
                 out.append("\n".join(f"- {item}" for item in value))
             elif kind == "table":
                 header, *rows = value
-                cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+                cell = lambda v: str(v).replace("|", "\\|")
                 out.append("\n".join(["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
                                      + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]))
             elif kind == "img":
@@ -438,10 +438,10 @@ class _Doc:
     def html(self, title: str) -> str:
         e = html.escape
         out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
-               "<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
-               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-               "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}"
-               "figcaption{color:#555;font-size:90%}code{background:#f3f3f3}</style></head><body>"]
+               ("<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+                "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+                "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}"
+                "figcaption{color:#555;font-size:90%}code{background:#f3f3f3}</style></head><body>")]
         for kind, value in self.blocks:
             if kind in ("h1", "h2"):
                 out.append(f"<{kind}>{e(value)}</{kind}>")
@@ -471,8 +471,8 @@ def _fmt(v: Any) -> str:
 def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: list[dict[str, Any]]) -> list[list[str]]:
     rows = [["dataset", f"{cfg.get('dataset')} ({cfg.get('data') or 'built in'})"],
             ["encoder", f"{cfg.get('backbone')} width {cfg.get('width')}, {cfg.get('image_size')} px, embeddings of {cfg.get('out_dim')}"],
-            ["method", f"queue K={cfg.get('queue_size')}, temperatures student {cfg.get('student_temperature')} / "
-                       f"teacher {cfg.get('teacher_temperature')}, EMA {cfg.get('ema_momentum')}"]]
+            ["method", (f"queue K={cfg.get('queue_size')}, temperatures student {cfg.get('student_temperature')} / "
+                        f"teacher {cfg.get('teacher_temperature')}, EMA {cfg.get('ema_momentum')}")]]
     if final:
         rows.append(["epochs done", f"{final.get('epochs')} of {cfg.get('epochs')} ({final.get('steps')} steps)"])
         if final.get("minutes") is not None:
@@ -528,7 +528,7 @@ def make_report(
         report.notes.append("final.json is missing: the run has not finished (or was stopped); the numbers are those logged so far")
     doc.add("table", [["", "value"], *_summary_rows(cfg, final, records)])
 
-    def add_plot(name: str, fig: "Figure | None", caption: str, missing: str) -> None:
+    def add_plot(name: str, fig: Figure | None, caption: str, missing: str) -> None:
         if fig is None:
             report.notes.append(missing)
             return
@@ -603,9 +603,9 @@ def _embedding_plots(
         fig = plot_embedding_map(points, query_y.cpu().numpy()[subset], names, method, what)
         report.images["embedding_map"] = save_png(fig, files / "embedding_map.png")
         plots.add("img", (report.images["embedding_map"],
-                          f"{method} of the backbone features of {len(subset)} {what.replace('embeddings', 'images')}"
-                          f"{f' (a random subset of {n})' if len(subset) < n else ''}, one colour per class. Classes that form separate islands are what the kNN and "
-                          "linear probes can read off."))
+                          (f"{method} of the backbone features of {len(subset)} {what.replace('embeddings', 'images')}"
+                           f"{f' (a random subset of {n})' if len(subset) < n else ''}, one colour per class. Classes that form separate islands are what the kNN and "
+                           "linear probes can read off.")))
     else:
         report.notes.append(f"embedding map left out: only {len(subset)} images")
 
@@ -622,8 +622,8 @@ def _embedding_plots(
         [[int(gy[int(j)]) for j in idx[i]] for i in chosen], [[float(s) for s in sims[i]] for i in chosen], names)
     report.images["retrieval"] = save_png(fig, files / "retrieval.png")
     plots.add("img", (report.images["retrieval"],
-                      f"Each row: a {'test' if query_split is ds.test else 'training'} image, then its {idx.shape[1]} nearest "
-                      "training images by cosine similarity of the student's backbone features."))
+                      (f"Each row: a {'test' if query_split is ds.test else 'training'} image, then its {idx.shape[1]} nearest "
+                       "training images by cosine similarity of the student's backbone features.")))
 
 
 __all__ = ["Report", "class_names", "embed", "make_report", "nearest", "project_2d", "read_metrics", "series", "split_features"]

@@ -14,8 +14,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from ressl import augment as A
-from ressl.augment import (BatchAugment, eval_transform, strong_augment, torchvision_pipeline,
-                           weak_augment)
+from ressl.augment import BatchAugment, eval_transform, strong_augment, torchvision_pipeline, weak_augment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 P_MIN = 1e-3  # KS p-value threshold (seeds are fixed, so the tests are deterministic)

@@ -24,7 +24,7 @@ def test_benchmarks_quick_prints_four_ratios(tmp_path):
     assert "random uint8" in out  # says which data it used
     ratios = {}
     for name in ("step", "augment", "end_to_end", "knn"):
-        match = re.search(rf"^\[{name}\] .*: ratio (\S+) \(target", out, flags=re.M)
+        match = re.search(rf"^\[{name}\] .*: ratio (\S+) \(target", out, flags=re.MULTILINE)
         assert match, f"no ratio line for {name}:\n{out}"
         ratios[name] = float(match.group(1))
     assert all(math.isfinite(r) and r > 0 for r in ratios.values()), ratios

@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from test_cli import TINY
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
-
-from test_cli import TINY
 
 pytestmark = pytest.mark.distributed
 WORLD = 2

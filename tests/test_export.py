@@ -4,12 +4,11 @@ import torch
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import tiny_run
 from torch import nn
 
 from ressl.cli import main
 from ressl.train import save_checkpoint
-
-from test_train import tiny_run
 
 
 def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_dir, tmp_path):

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import TINY
 
 from ressl import checkpoint
 from ressl.checkpoint import CheckpointWriteError
 from ressl.cli import main
-
-from test_cli import TINY
 
 
 def command(npz_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from ressl.schedule import cosine_lr, ema_momentum
@@ -9,7 +11,7 @@ def test_warmup_then_cosine():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5, abs=1e-9)
     assert lrs[100] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_ema_momentum_constant_and_cosine():

@@ -3,14 +3,12 @@ import json
 
 import numpy as np
 import pytest
-
 import torch
+from conftest import make_images
 
 from ressl import config
 from ressl.loss import relational_loss
 from ressl.train import epoch_order, setup, train_one_epoch
-
-from conftest import make_images
 
 
 def tiny_run(npz_dir, tmp_path, **overrides):
