@@ -52,6 +52,13 @@ class Result:
         return f"{self.name}: ratio {self.ratio:.3f} (target {self.target}: {'met' if self.met else 'NOT met'})  |  {self.detail}"
 
 
+def report(module: str, name: str, ratio: float, target: str, detail: str) -> Result:
+    """The benchmark's result, printed as its ``[module]`` line (the line ``benchmarks.__main__`` and the tests read)."""
+    result = Result(name, ratio, target, detail)
+    print(f"[{module}] {result.line()}", flush=True)
+    return result
+
+
 def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: cuda if visible)")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds: a smoke test, not a measurement")

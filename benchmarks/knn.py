@@ -106,10 +106,8 @@ def run(args: argparse.Namespace) -> common.Result:
                        f"({flop / t['matmul'] / 1e12:.2f} TFLOP/s), ratio {t['knn'] / t['matmul']:.2f}" for d, t in times.items())
     detail += f"; median of {repeats}"
     t = times[chosen]
-    result = common.Result(f"kNN evaluation ({str(chosen).removeprefix('torch.')} bank; kNN / matmul time)",
-                           t["knn"] / t["matmul"], "<= 1.5", detail)
-    print(f"[knn] {result.line()}", flush=True)
-    return result
+    return common.report("knn", f"kNN evaluation ({str(chosen).removeprefix('torch.')} bank; kNN / matmul time)",
+                         t["knn"] / t["matmul"], "<= 1.5", detail)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,9 +116,7 @@ def run(args: argparse.Namespace) -> common.Result:
     b = cfg.batch_size
     detail = (f"full step {1e3 * full_s:.1f} ms ({b / full_s:.0f} img/s), bare work {1e3 * bare_s:.1f} ms "
               f"({b / bare_s:.0f} img/s); median of {repeats} x {steps} steps")
-    result = common.Result("step overhead (full / bare time)", full_s / bare_s, "<= 1.10", detail)
-    print(f"[step] {result.line()}", flush=True)
-    return result
+    return common.report("step", "step overhead (full / bare time)", full_s / bare_s, "<= 1.10", detail)
 
 
 def main(argv: list[str] | None = None) -> int:
