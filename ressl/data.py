@@ -53,6 +53,10 @@ class Split:
             return self.folder.labels is not None
         return self.labels is not None and bool((self.labels >= 0).all())
 
+    def labels_or_unlabeled(self) -> torch.Tensor:
+        """(N,) int64 labels of an in-memory split, -1 for every image when it has none."""
+        return self.labels if self.labels is not None else torch.full((len(self),), -1)
+
 
 @dataclass
 class Dataset:
@@ -250,7 +254,7 @@ class _InMemoryImages(torch.utils.data.Dataset):
     def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         assert split.images is not None
         self.images, self.transform = split.images.cpu(), transform
-        self.labels = split.labels.cpu() if split.labels is not None else torch.full((len(split),), -1)
+        self.labels = split.labels_or_unlabeled().cpu()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -337,8 +341,7 @@ def eval_batches(
     indices = torch.arange(per_rank * world).remainder(n).view(per_rank, world)[:, dist.rank()]
     pad = torch.arange(per_rank * world).view(per_rank, world)[:, dist.rank()] >= n
     if split.images is not None:
-        labels = split.labels if split.labels is not None else torch.full((n,), -1)
-        labels = torch.where(pad, PAD_LABEL, labels[indices])
+        labels = torch.where(pad, PAD_LABEL, split.labels_or_unlabeled()[indices])
         for start in range(0, per_rank, batch_size):
             idx = indices[start : start + batch_size]
             x = split.images[idx.to(split.images.device)].to(device, non_blocking=True)
