@@ -95,8 +95,9 @@ class ReSSL(nn.Module):
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
         self.queue = EmbeddingQueue(queue_size, embed_dim, generator=generator)
-        self._flat: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None  # see flatten_parameters
-        self._flat_order: list[nn.Parameter] = []
+        # set by flatten_parameters: (student buffer, teacher buffer, student parameters in buffer order,
+        # the parameters' addresses then: a later .to() that moves them out of the buffers changes these)
+        self._flat: tuple[torch.Tensor, torch.Tensor, list[nn.Parameter], tuple[int, ...]] | None = None
 
     @torch.no_grad()
     def flatten_parameters(self) -> bool:
@@ -128,16 +129,20 @@ class ReSSL(nn.Module):
                 p.data = view
                 offset += p.numel()
             flats.append(flat)
-        self._flat = (flats[0], flats[1], self._parameter_addresses())
-        self._flat_order = student
+        self._flat = (flats[0], flats[1], student, self._parameter_addresses())
         return True
 
     def flat_student(self) -> tuple[torch.Tensor, list[nn.Parameter]] | None:
         """The student's flat buffer and its parameters in buffer order (weights, then vectors), or None when the
         parameters are not (or no longer) views of it."""
-        if self._flat is None or self._flat[2] != self._parameter_addresses():
-            return None
-        return self._flat[0], list(self._flat_order)
+        flat = self._live_flat()
+        return None if flat is None else (flat[0], list(flat[2]))
+
+    def _live_flat(self) -> tuple[torch.Tensor, torch.Tensor, list[nn.Parameter], tuple[int, ...]] | None:
+        """``_flat`` while the parameters still live in its buffers, else None (and forgotten)."""
+        if self._flat is not None and self._flat[3] != self._parameter_addresses():
+            self._flat = None  # the parameters left the buffers (a .to() or a reassignment): tensor by tensor from now on
+        return self._flat
 
     def _parameter_addresses(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in (*self.student.parameters(), *self.teacher.parameters()))
@@ -149,11 +154,11 @@ class ReSSL(nn.Module):
 
         Buffers (BatchNorm statistics) are not averaged: the teacher keeps its own, as in MoCo.
         """
-        if self._flat is not None and self._flat[2] == self._parameter_addresses():
-            student_flat, teacher_flat, _ = self._flat
+        flat = self._live_flat()
+        if flat is not None:
+            student_flat, teacher_flat = flat[0], flat[1]
             teacher_flat.lerp_(student_flat, 1.0 - momentum)
             return
-        self._flat = None  # the parameters left the buffers (a .to() or a reassignment): tensor by tensor from now on
         teacher = [p for p in self.teacher.parameters()]
         student = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)

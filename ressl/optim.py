@@ -55,7 +55,7 @@ class FlatSGD(torch.optim.SGD):
         kinds = [p.ndim > 1 for p in self.network_params]
         if kinds != sorted(kinds, reverse=True):
             raise ValueError("FlatSGD needs the weights (ndim > 1) before the vectors in the buffer")
-        decayed = sum(p.numel() for p in self.network_params if p.ndim > 1)
+        self._decayed = decayed = sum(p.numel() for p in self.network_params if p.ndim > 1)  # weights' share of the buffer
         grad = torch.zeros_like(buffer)
         self._grad_views = [grad.as_strided(p.shape, p.stride(), p.storage_offset()) for p in self.network_params]
         weights, vectors = nn.Parameter(buffer[:decayed]), nn.Parameter(buffer[decayed:])  # memory shared with the network
@@ -90,7 +90,7 @@ class FlatSGD(torch.optim.SGD):
     def _momentum_view(self, p: nn.Parameter) -> torch.Tensor | None:
         """The slice of the flat momentum buffer that belongs to network parameter ``p`` (None before the first step)."""
         weights, vectors = (group["params"][0] for group in self.param_groups)
-        flat_param, start = (weights, 0) if p.ndim > 1 else (vectors, weights.numel())
+        flat_param, start = (weights, 0) if p.ndim > 1 else (vectors, self._decayed)
         buffer = self.state.get(flat_param, {}).get("momentum_buffer")
         return None if buffer is None else buffer.as_strided(p.shape, p.stride(), p.storage_offset() - start)
 
@@ -112,5 +112,5 @@ class FlatSGD(torch.optim.SGD):
         for p, b in zip(self.network_params, buffers):
             if b is not None:
                 flat.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(b)
-        decayed = sum(p.numel() for p in self.network_params if p.ndim > 1)
-        return {"state": {0: {"momentum_buffer": flat[:decayed]}, 1: {"momentum_buffer": flat[decayed:]}}, "param_groups": groups}
+        return {"state": {0: {"momentum_buffer": flat[: self._decayed]}, 1: {"momentum_buffer": flat[self._decayed :]}},
+                "param_groups": groups}
