@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -13,6 +16,8 @@ def relational_loss(
     queue: torch.Tensor,
     student_temperature: float = 0.1,
     teacher_temperature: float = 0.04,
+    *,
+    bf16_matmul: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy between the teacher's and the student's relation to the queue.
 
@@ -22,6 +27,11 @@ def relational_loss(
         queue: (K, D) L2-normalised past teacher embeddings.
         student_temperature: softmax temperature of the student's relation (paper: 0.1).
         teacher_temperature: softmax temperature of the teacher's relation (paper: 0.04, sharper).
+        bf16_matmul: on a CPU, the matmuls against the queue read their inputs rounded to bf16 and
+            accumulate and write float32 (oneDNN's bf16 math mode, AMX where present): 3x faster than
+            float32 there. Meant for bf16-autocast runs, whose embeddings come out of the projector in
+            bf16 anyway: it moves the student's gradient by ~0.3%, against ~6% for the autocast network
+            itself (measured on a CIFAR-10 run). No effect on other devices.
 
     Returns:
         Scalar: mean over the batch of ``-sum_k p_k log q_k`` with
@@ -35,7 +45,24 @@ def relational_loss(
     with torch.autocast(device_type=student.device.type, enabled=False):
         # dividing the (B, D) embeddings, not the (B, K) similarities, by the temperature: same logits, K/D times less work
         return _RelationCrossEntropy.apply(student.to(dtype) / student_temperature,
-                                           teacher.detach().to(dtype) / teacher_temperature, queue.detach().to(dtype))
+                                           teacher.detach().to(dtype) / teacher_temperature, queue.detach().to(dtype),
+                                           bf16_matmul and student.device.type == "cpu")
+
+
+@contextlib.contextmanager
+def _cpu_matmul_precision(bf16: bool) -> Iterator[None]:
+    """float32 matmuls on the CPU in oneDNN's bf16 math mode (bf16 inputs, float32 accumulation and output)
+    inside the block when ``bf16``; the previous setting is restored on the way out."""
+    if not bf16:
+        yield
+        return
+    setting = torch.backends.mkldnn.matmul
+    previous = setting.fp32_precision
+    setting.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = previous
 
 
 class _RelationCrossEntropy(torch.autograd.Function):
@@ -48,9 +75,12 @@ class _RelationCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor,
+                bf16_matmul: bool = False) -> torch.Tensor:
         batch = student.shape[0]
-        logits = torch.cat([student, teacher]) @ queue.T  # (2B, K): student rows, then teacher rows
+        ctx.bf16_matmul = bf16_matmul  # type: ignore[attr-defined]
+        with _cpu_matmul_precision(bf16_matmul):
+            logits = torch.cat([student, teacher]) @ queue.T  # (2B, K): student rows, then teacher rows
         log_q = F.log_softmax(logits[:batch], dim=1)  # (B, K)
         target = F.softmax(logits[batch:], dim=1)  # (B, K), rows sum to 1
         ctx.save_for_backward(log_q, target, queue)
@@ -58,7 +88,9 @@ class _RelationCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         log_q, target, queue = ctx.saved_tensors  # type: ignore[attr-defined]
         q_minus_p = log_q.exp().sub_(target)  # (B, K)
-        return (q_minus_p @ queue).mul_(grad / log_q.shape[0]), None, None
+        with _cpu_matmul_precision(ctx.bf16_matmul):  # type: ignore[attr-defined]
+            student_grad = q_minus_p @ queue  # (B, D)
+        return student_grad.mul_(grad / log_q.shape[0]), None, None, None

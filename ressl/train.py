@@ -160,8 +160,9 @@ def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor,
     model.update_teacher(momentum)
     with torch.no_grad(), autocast:
         teacher, everyone = embed_weak(run, weak)  # (B, D) ours, (world * B, D) all processes
-    # 3. relational loss against the queue as it was before this batch
-    loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+    # 3. relational loss against the queue as it was before this batch (with bf16 autocast, its matmuls in bf16 on a CPU)
+    loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature,
+                           bf16_matmul=run.amp_dtype == torch.bfloat16)
     if observe is not None:
         observe(loss, student, teacher)
     # 4. one backward pass and an optimiser step
