@@ -141,9 +141,9 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def side_by_side(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation (A B A B ...) after ``warmup`` calls of each,
-    so that a drift of the machine's speed touches all of them alike."""
+def alternate(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls of each function, timed in alternation (A B A B ...) after ``warmup``
+    calls of each, so that a drift of the machine's speed touches all of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -151,7 +151,18 @@ def side_by_side(fns: dict[str, Callable[[], Any]], device: torch.device, repeat
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def side_by_side(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation (see :func:`alternate`)."""
+    return {name: statistics.median(t) for name, t in alternate(fns, device, repeats, warmup).items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of the ratios of calls timed next to each other (``alternate``'s lists): a change of the machine's
+    speed between pairs, as when another job starts on a shared host, cancels out within each pair."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def channels_last(model: ReSSL, cfg: Config) -> ReSSL:

@@ -13,10 +13,6 @@ of the time each), so that both are measured over the same minutes.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # the training progress bar would drown the ratios
-
 import argparse
 import json
 import shutil

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -105,18 +106,18 @@ def run(args: argparse.Namespace) -> common.Result:
         shutil.rmtree(out, ignore_errors=True)  # nothing is written after setup
     weak, strong = full.views()
     bare = make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype)
-    steps = 2 if args.quick else 5  # steps per timed call
-    repeats = args.repeats or (3 if args.quick else 9)
+    steps = 2 if args.quick else 3  # steps per timed call
+    repeats = args.repeats or (3 if args.quick else 15)
     print(f"[step] {common.describe(cfg, device, full.run.amp_dtype)}; data: {source}", flush=True)
-    t = common.side_by_side({"full": repeat(full, steps), "bare": repeat(bare, steps)}, device, repeats,
-                            warmup=1 if args.quick else 2)
+    t = common.alternate({"full": repeat(full, steps), "bare": repeat(bare, steps)}, device, repeats,
+                         warmup=1 if args.quick else 2)
     if int(full.first_bad_step) >= 0:
         print(f"[step] warning: the loss became non-finite at step {int(full.first_bad_step)}", flush=True)
-    full_s, bare_s = t["full"] / steps, t["bare"] / steps
+    full_s, bare_s = statistics.median(t["full"]) / steps, statistics.median(t["bare"]) / steps
     b = cfg.batch_size
     detail = (f"full step {1e3 * full_s:.1f} ms ({b / full_s:.0f} img/s), bare work {1e3 * bare_s:.1f} ms "
-              f"({b / bare_s:.0f} img/s); median of {repeats} x {steps} steps")
-    return common.report("step", "step overhead (full / bare time)", full_s / bare_s, "<= 1.10", detail)
+              f"({b / bare_s:.0f} img/s), medians of {repeats} x {steps} steps; ratio: median of the {repeats} pairs' ratios")
+    return common.report("step", "step overhead (full / bare time)", common.paired_ratio(t["full"], t["bare"]), "<= 1.10", detail)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ def test_benchmarks_quick_prints_four_ratios(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
     assert "random uint8" in out  # says which data it used
+    assert "step/s" not in proc.stderr + out  # no training progress bar between the ratios
     ratios = {}
     for name in ("step", "augment", "end_to_end", "knn"):
         match = re.search(rf"^\[{name}\] .*: ratio (\S+) \(target", out, flags=re.MULTILINE)
