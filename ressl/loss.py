@@ -52,11 +52,12 @@ def relational_loss(
 @contextlib.contextmanager
 def _cpu_matmul_precision(bf16: bool) -> Iterator[None]:
     """float32 matmuls on the CPU in oneDNN's bf16 math mode (bf16 inputs, float32 accumulation and output)
-    inside the block when ``bf16``; the previous setting is restored on the way out."""
-    if not bf16:
+    inside the block when ``bf16``; the previous setting is restored on the way out. A no-op before
+    PyTorch 2.9, which has no such setting: the matmuls stay float32."""
+    setting = getattr(torch.backends.mkldnn, "matmul", None)
+    if not bf16 or not hasattr(setting, "fp32_precision"):
         yield
         return
-    setting = torch.backends.mkldnn.matmul
     previous = setting.fp32_precision
     setting.fp32_precision = "bf16"
     try:

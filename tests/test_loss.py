@@ -99,19 +99,25 @@ def test_gradient_through_normalisation_and_bf16_autocast():
     torch.testing.assert_close(raw.grad, ref.grad, rtol=0.1, atol=2e-3)
 
 
-BF16_CPU = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def matmul_precision() -> str | None:
+    """oneDNN's float32 matmul setting (None before PyTorch 2.9, which has none)."""
+    return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+
+
+BF16_CPU = (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and matmul_precision() is not None)
 
 
 def test_bf16_matmul_stays_close_to_float32_and_restores_the_setting():
     s, t, q = unit(16, 32), unit(16, 32), unit(256, 32)
-    before = torch.backends.mkldnn.matmul.fp32_precision
+    before = matmul_precision()
     exact, fast = s.clone().requires_grad_(), s.clone().requires_grad_()
     loss = relational_loss(exact, t, q, 0.1, 0.04)
     loss_fast = relational_loss(fast, t, q, 0.1, 0.04, bf16_matmul=True)
-    assert torch.backends.mkldnn.matmul.fp32_precision == before  # the forward pass put the setting back
+    assert matmul_precision() == before  # the forward pass put the setting back
     loss.backward()
     loss_fast.backward()
-    assert torch.backends.mkldnn.matmul.fp32_precision == before  # and so did the backward pass
+    assert matmul_precision() == before  # and so did the backward pass
     assert loss_fast.dtype == torch.float32
     assert loss_fast.item() == pytest.approx(loss.item(), rel=2e-3)
     torch.testing.assert_close(fast.grad, exact.grad, rtol=0.05, atol=0.05 * exact.grad.abs().max().item())
@@ -121,7 +127,7 @@ def test_bf16_matmul_stays_close_to_float32_and_restores_the_setting():
 
 
 def test_bf16_matmul_restores_the_setting_after_an_error():
-    before = torch.backends.mkldnn.matmul.fp32_precision
+    before = matmul_precision()
     with pytest.raises(RuntimeError):
         relational_loss(unit(4, 8), unit(4, 8), unit(16, 6), bf16_matmul=True)  # D mismatch: the matmul fails
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert matmul_precision() == before
