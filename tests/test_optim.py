@@ -49,7 +49,7 @@ def test_flat_sgd_moves_the_parameters_as_sgd_over_the_tensors(channels_last):
     train(flat, ours, 3)
     assert_same(tensors, flat)
     assert all(not torch.equal(a, p) for a, p in zip(initial, flat.student.parameters()))  # every tensor moved
-    # a step where the projection head gets no gradient: its tensors move by momentum and decay only, in both
+    # a step where the projection head gets no gradient: both leave its tensors and their momentum alone
     train(tensors, reference, 1, skip_head=True)
     train(flat, ours, 1, skip_head=True)
     assert_same(tensors, flat)
@@ -94,3 +94,16 @@ def test_per_tensor_sgd_when_the_parameters_are_not_flat():
     assert model.flatten_parameters()
     model = model.to(memory_format=torch.channels_last)  # copies them out of the buffer
     assert model.flat_student() is None and not isinstance(build_optimizer(model, CFG), FlatSGD)
+
+
+def test_flat_sgd_follows_a_state_loaded_after_it_has_stepped():
+    """load_state_dict replaces the momentum buffers: the views the steps write through must follow them."""
+    tensors, flat = model_pair(False)
+    reference, ours = build_optimizer(tensors, CFG), build_optimizer(flat, CFG)
+    train(tensors, reference, 2)
+    train(flat, ours, 1)  # ours has stepped (its views are made) but is one step behind
+    flat.load_state_dict(tensors.state_dict())
+    ours.load_state_dict(copy.deepcopy(reference.state_dict()))  # the per-tensor state, as a slice of one tensor
+    train(tensors, reference, 2)
+    train(flat, ours, 2)
+    assert_same(tensors, flat)
