@@ -38,8 +38,9 @@ def relational_loss(
         ``p = softmax(teacher @ queue.T / t_teacher)`` and ``q = softmax(student @ queue.T / t_student)``.
         No gradient reaches ``teacher`` or ``queue``.
 
-    The similarities are computed in float32 even under bf16/fp16 autocast, and both softmaxes go
-    through ``log_softmax``/``softmax`` (max-subtracted), so temperatures down to 0.01 stay finite.
+    The similarities are float32 even under bf16/fp16 autocast (accumulated and written in float32 also
+    with ``bf16_matmul``), and both softmaxes go through ``log_softmax``/``softmax`` (max-subtracted),
+    so temperatures down to 0.01 stay finite.
     """
     dtype = torch.promote_types(student.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
     with torch.autocast(device_type=student.device.type, enabled=False):
