@@ -148,9 +148,15 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
     the aspect ratio clamped into ``ratio``.
     """
     dev = generator.device if generator is not None else torch.device("cpu")
-    # the draw comes from the torch generator; the arithmetic on these few numbers runs in numpy,
-    # which costs a microsecond per operation where torch's dispatch costs ten or more
     u = torch.rand(batch, tries, 4, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
+    return torch.from_numpy(_crops_from_uniform(u, height, width, scale, ratio)).to(dev)
+
+
+def _crops_from_uniform(u: np.ndarray, height: int, width: int, scale: tuple[float, float],
+                        ratio: tuple[float, float]) -> np.ndarray:
+    """:func:`sample_crops` from its uniforms ``u`` (B, tries, 4) in [0, 1): (B, 4) int64 boxes. The arithmetic on
+    these few numbers runs in numpy, which costs a microsecond per operation where torch's dispatch costs ten."""
+    batch = u.shape[0]
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = np.exp(lo + (hi - lo) * u[..., 1])
@@ -172,7 +178,7 @@ def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float]
     else:
         fw, fh = width, height
     boxes[~ok.any(axis=1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
-    return torch.from_numpy(boxes).to(dev)
+    return boxes
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
@@ -290,23 +296,32 @@ class BatchAugment:
         """
         height, width = height or self.size, width or self.size
         dev = generator.device if generator is not None else torch.device("cpu")
+        # every uniform of the call in one draw: crop tries, then flip, then for strong views jitter, the four
+        # factors, gray, blur, sigma and the four keys of the order. Worked out in numpy: a dozen small torch
+        # operations cost ~0.5 ms inside the training loop on a CPU, where the network has left the caches cold.
+        tries, per_sample = 10, 13 if self.strong else 1
+        n_crop = 4 * tries if self.crop else 0
+        u = torch.rand(batch, n_crop + per_sample, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
+        v = u[:, n_crop:]
 
-        def rand(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator, device=dev)
+        def out(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
         p: dict[str, Tensor] = {}
         if self.crop:
-            p["crop"] = sample_crops(batch, height, width, self.crop_scale, self.crop_ratio, generator)
-        p["flip"] = rand(batch) < self.flip_p
+            crops = _crops_from_uniform(u[:, :n_crop].reshape(batch, tries, 4), height, width, self.crop_scale, self.crop_ratio)
+            p["crop"] = out(crops)
+        p["flip"] = out(v[:, 0] < self.flip_p)
         if self.strong:
-            p["jitter"] = rand(batch) < self.jitter_p
-            for name, amount in zip(_OPS, self.jitter):
+            p["jitter"] = out(v[:, 1] < self.jitter_p)
+            for k, (name, amount) in enumerate(zip(_OPS, self.jitter)):
                 lo, hi = ((-amount, amount) if name == "hue" else (max(0.0, 1.0 - amount), 1.0 + amount))
-                p[name] = lo + (hi - lo) * rand(batch)
-            p["order"] = (rand(batch, 4) if self.jitter_order == "sample" else rand(1, 4).expand(batch, 4)).argsort(dim=1)
-            p["gray"] = rand(batch) < self.gray_p
-            p["blur"] = (rand(batch) < self.blur_p) & self.blur
-            p["sigma"] = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(batch)
+                p[name] = out((lo + (hi - lo) * v[:, 2 + k]).astype(np.float32))
+            p["gray"] = out(v[:, 6] < self.gray_p)
+            p["blur"] = out((v[:, 7] < self.blur_p) & self.blur)
+            p["sigma"] = out((self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * v[:, 8]).astype(np.float32))
+            keys = v[:, 9:13] if self.jitter_order == "sample" else np.broadcast_to(v[:1, 9:13], (batch, 4))
+            p["order"] = out(np.argsort(keys, axis=1).astype(np.int64))
         return p
 
     def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
