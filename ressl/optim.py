@@ -92,7 +92,10 @@ class FlatSGD(torch.optim.SGD):
         weights, vectors = (group["params"][0] for group in self.param_groups)
         flat_param, start = (weights, 0) if p.ndim > 1 else (vectors, self._decayed)
         buffer = self.state.get(flat_param, {}).get("momentum_buffer")
-        return None if buffer is None else buffer.as_strided(p.shape, p.stride(), p.storage_offset() - start)
+        if buffer is None:
+            return None
+        # as_strided counts from the start of the storage: a loaded buffer may be a slice of a larger tensor
+        return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + p.storage_offset() - start)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if [len(g["params"]) for g in state_dict["param_groups"]] != [1, 1]:

@@ -107,3 +107,18 @@ def test_flat_sgd_follows_a_state_loaded_after_it_has_stepped():
     train(tensors, reference, 2)
     train(flat, ours, 2)
     assert_same(tensors, flat)
+
+
+def test_flat_sgd_leaves_a_tensor_without_gradient_alone_after_loading_per_tensor_state():
+    """The per-tensor state arrives as slices of one tensor: a tensor the loss does not reach keeps its momentum
+    (and the others theirs), as in torch.optim.SGD."""
+    tensors, flat = model_pair(False)
+    reference, ours = build_optimizer(tensors, CFG), build_optimizer(flat, CFG)
+    train(tensors, reference, 2)
+    flat.load_state_dict(tensors.state_dict())
+    ours.load_state_dict(copy.deepcopy(reference.state_dict()))
+    train(tensors, reference, 1, skip_head=True)
+    train(flat, ours, 1, skip_head=True)
+    train(tensors, reference, 1)
+    train(flat, ours, 1)
+    assert_same(tensors, flat)
