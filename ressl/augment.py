@@ -38,6 +38,7 @@ __all__ = ["BatchAugment", "eval_transform", "prepared", "strong_augment", "torc
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
 _LUMA = (0.2989, 0.587, 0.114)
 _OPS = ("brightness", "contrast", "saturation", "hue")
+CROP_TRIES = 10  # candidate boxes per crop before the centre-crop fallback, as torchvision's RandomResizedCrop
 
 
 def blur_kernel_size(size: int) -> int:
@@ -140,7 +141,7 @@ _COLOUR_FNS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
 # ----------------------------------------------------------------------------- crop sampling
 def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float],
                  ratio: tuple[float, float], generator: torch.Generator | None = None,
-                 tries: int = 10) -> Tensor:
+                 tries: int = CROP_TRIES) -> Tensor:
     """Vectorised ``RandomResizedCrop.get_params``: ``(B, 4)`` long boxes ``(top, left, h, w)``.
 
     Per sample, up to ``tries`` candidates with area ``~ U(scale) * H * W`` and log aspect
@@ -299,8 +300,8 @@ class BatchAugment:
         # every uniform of the call in one draw: crop tries, then flip, then for strong views jitter, the four
         # factors, gray, blur, sigma and the four keys of the order. Worked out in numpy: a dozen small torch
         # operations cost ~0.5 ms inside the training loop on a CPU, where the network has left the caches cold.
-        tries, per_sample = 10, 13 if self.strong else 1
-        n_crop = 4 * tries if self.crop else 0
+        per_sample = 13 if self.strong else 1  # flip, then jitter, four factors, gray, blur, sigma, four order keys
+        n_crop = 4 * CROP_TRIES if self.crop else 0
         u = torch.rand(batch, n_crop + per_sample, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
         v = u[:, n_crop:]
 
@@ -309,7 +310,7 @@ class BatchAugment:
 
         p: dict[str, Tensor] = {}
         if self.crop:
-            crops = _crops_from_uniform(u[:, :n_crop].reshape(batch, tries, 4), height, width, self.crop_scale, self.crop_ratio)
+            crops = _crops_from_uniform(u[:, :n_crop].reshape(batch, CROP_TRIES, 4), height, width, self.crop_scale, self.crop_ratio)
             p["crop"] = out(crops)
         p["flip"] = out(v[:, 0] < self.flip_p)
         if self.strong:
