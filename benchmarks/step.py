@@ -85,7 +85,8 @@ class FullStep:
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """An augmented (weak, strong) pair of one batch, for the bare step."""
         weak_source, strong_source = next(self.batches)
-        return self.run.weak_aug(weak_source, self.run.generator), self.run.strong_aug(strong_source, self.run.generator)
+        assert self.run.augment is not None, "the step benchmark measures the batched augmentation"
+        return self.run.augment(weak_source, strong_source, self.run.state.step)
 
 
 def repeat(fn: Callable[[], None], n: int) -> Callable[[], None]:

@@ -182,10 +182,12 @@ def _crops_from_uniform(u: np.ndarray, height: int, width: int, scale: tuple[flo
     return boxes
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None, grid: Tensor | None = None) -> Tensor:
     """Crop ``boxes`` (B, 4) ``(top, left, h, w)`` from float ``x`` (B, C, H, W) and resize every
     crop bilinearly to ``(size, size)`` -> ``(B, C, size, size)``, batched; crops where ``flip``
-    (B,) bool is set come out mirrored left-right (sampled right to left: no extra pass).
+    (B,) bool is set come out mirrored left-right (sampled right to left: no extra pass). ``grid``
+    (B, 2, size), on the CPU: the sampling positions of :func:`_sampling_positions` for these boxes and
+    flips, if they were worked out already (``BatchAugment.sample_steps`` does, many steps at once).
 
     Crops no larger than ``size`` (upsampling) go through one ``grid_sample`` (plain bilinear,
     ``align_corners=False``, like torchvision's resize); larger crops go through one
@@ -193,17 +195,19 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     output pixel, standing in for torchvision's antialiasing. Both sample the image around the
     box, so border pixels may mix in a neighbour just outside the crop (torchvision clamps at it).
     """
-    b, c = x.shape[:2]
+    b, c, height, width = x.shape
     boxes_cpu = boxes.cpu()
     flip_cpu = torch.zeros(b, dtype=torch.bool) if flip is None else flip.cpu()
+    if grid is None:
+        grid = torch.from_numpy(_sampling_positions(boxes_cpu.numpy(), flip_cpu.numpy(), size, height, width))
     up = (boxes_cpu[:, 2:] <= size).all(dim=1)
     if bool(up.all()):
-        return _grid_crop(x, boxes_cpu, size, flip_cpu)
+        return _grid_crop(x, grid)
     out = x.new_empty(b, c, size, size)
     up_idx, down_idx = torch.nonzero(up).squeeze(1), torch.nonzero(~up).squeeze(1)
     if up_idx.numel() > 0:
         idx = up_idx.to(x.device, non_blocking=True)
-        out[idx] = _grid_crop(x[idx], boxes_cpu[up_idx], size, flip_cpu[up_idx])
+        out[idx] = _grid_crop(x[idx], grid[up_idx])
     top, left, h, w = boxes_cpu[down_idx].to(x.dtype).unbind(1)
     rois = torch.stack([down_idx.to(x.dtype), left, top, left + w, top + h], dim=1)  # batch, x1, y1, x2, y2
     down = roi_align(x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
@@ -214,22 +218,27 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     return out
 
 
-def _grid_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor) -> Tensor:
-    """Bilinear crop+resize of ``x`` (B, C, H, W) with ``boxes`` (B, 4) via ``grid_sample``;
-    rows of ``flip`` (B,) bool sample their crop right to left. ``boxes`` and ``flip`` on the CPU."""
-    b, _, height, width = x.shape
-    # the sampling positions are separable: (B, size) across and (B, size) down, worked out in numpy (a few
-    # microseconds where torch's dispatch costs ten per operation); only they cross to the device, and the
-    # (B, size, size, 2) grid is spread out there
-    top, left, h, w = boxes.numpy().astype(np.float32).T[:, :, None]  # each (B, 1)
+def _sampling_positions(boxes: np.ndarray, flip: np.ndarray, size: int, height: int, width: int) -> np.ndarray:
+    """Bilinear sampling positions of crops ``boxes`` (..., B, 4) int ``(top, left, h, w)`` resized to ``size``
+    from ``height x width`` images: (..., B, 2, size) float32 in [-1, 1], across then down (``grid_sample``'s
+    x and y; separable, so the (B, size, size, 2) grid is spread out on the device). Crops where ``flip``
+    (..., B) bool is set read right to left. Worked out in numpy: a few microseconds where torch's dispatch costs
+    ten per operation."""
+    top, left, h, w = np.moveaxis(boxes.astype(np.float32), -1, 0)[..., None]  # each (..., B, 1)
     t = (np.arange(size, dtype=np.float32) + 0.5) / size  # output pixel centres in [0, 1]
-    t_x = np.where(flip.numpy()[:, None], t[::-1], t)  # (B, size): mirrored crops read right to left
-    gx = (left + t_x * w) * (2.0 / width) - 1.0  # (B, size) in [-1, 1]
+    t_x = np.where(flip[..., None], t[::-1], t)  # (..., B, size): mirrored crops read right to left
+    gx = (left + t_x * w) * (2.0 / width) - 1.0
     gy = (top + t * h) * (2.0 / height) - 1.0
-    gx_gy = torch.from_numpy(np.stack([gx, gy])).to(device=x.device, dtype=x.dtype, non_blocking=True)
-    grid = torch.stack([gx_gy[0].view(b, 1, size).expand(b, size, size),
-                        gx_gy[1].view(b, size, 1).expand(b, size, size)], dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return np.stack([gx, gy], axis=-2)
+
+
+def _grid_crop(x: Tensor, grid: Tensor) -> Tensor:
+    """Bilinear crop+resize of ``x`` (B, C, H, W) at the separable sampling positions ``grid`` (B, 2, size)
+    (:func:`_sampling_positions`, on the CPU) via ``grid_sample`` -> (B, C, size, size)."""
+    b, _, size = grid.shape
+    gx_gy = grid.to(device=x.device, dtype=x.dtype, non_blocking=True)  # only these (B, 2, size) rows cross
+    full = torch.stack([gx_gy[:, 0:1].expand(b, size, size), gx_gy[:, 1:2].transpose(1, 2).expand(b, size, size)], dim=-1)
+    return F.grid_sample(x, full, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _normalise_(x: Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> Tensor:
@@ -293,36 +302,49 @@ class BatchAugment:
         ``crop`` (B, 4) long ``(top, left, h, w)`` [only if ``crop``], ``flip`` (B,) bool, and
         for strong views ``jitter`` (B,) bool, ``brightness``/``contrast``/``saturation``/``hue``
         (B,) float, ``order`` (B, 4) long (a permutation of 0..3 = the four ops above),
-        ``gray`` (B,) bool, ``blur`` (B,) bool, ``sigma`` (B,) float.
+        ``gray`` (B,) bool, ``blur`` (B,) bool, ``sigma`` (B,) float. With ``crop`` also ``grid``
+        (B, 2, size) float: the crop's bilinear sampling positions across and down, in [-1, 1]
+        (worked out from ``crop`` and ``flip``: change those and drop it).
+        """
+        return {k: v[0] for k, v in self.sample_steps(1, batch, height, width, generator).items()}
+
+    def sample_steps(self, steps: int, batch: int, height: int | None = None, width: int | None = None,
+                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The parameters of ``steps`` batches in one draw: each value of :meth:`sample_params` with a leading
+        ``steps`` dimension, ``(steps, B, ...)``; batch ``s`` takes ``{k: v[s]}``. Many steps in one call run the
+        numpy work once: inside the training loop, where the network has left the caches cold, each call costs
+        about a millisecond on a CPU whatever its size. ``sample_params`` is this with ``steps=1``.
         """
         height, width = height or self.size, width or self.size
         dev = generator.device if generator is not None else torch.device("cpu")
-        # every uniform of the call in one draw: crop tries, then flip, then for strong views jitter, the four
-        # factors, gray, blur, sigma and the four keys of the order. Worked out in numpy: a dozen small torch
-        # operations cost ~0.5 ms inside the training loop on a CPU, where the network has left the caches cold.
+        # every uniform of the call in one draw: per image, crop tries, then flip, then for strong views jitter, the
+        # four factors, gray, blur, sigma and the four keys of the order
         per_sample = 13 if self.strong else 1  # flip, then jitter, four factors, gray, blur, sigma, four order keys
         n_crop = 4 * CROP_TRIES if self.crop else 0
-        u = torch.rand(batch, n_crop + per_sample, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
-        v = u[:, n_crop:]
+        u = torch.rand(steps, batch, n_crop + per_sample, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
+        v = u[..., n_crop:]
 
         def out(a: np.ndarray) -> Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
         p: dict[str, Tensor] = {}
+        flip = v[..., 0] < self.flip_p
         if self.crop:
-            crops = _crops_from_uniform(u[:, :n_crop].reshape(batch, CROP_TRIES, 4), height, width, self.crop_scale, self.crop_ratio)
+            crops = _crops_from_uniform(u[..., :n_crop].reshape(steps * batch, CROP_TRIES, 4), height, width,
+                                        self.crop_scale, self.crop_ratio).reshape(steps, batch, 4)
             p["crop"] = out(crops)
-        p["flip"] = out(v[:, 0] < self.flip_p)
+            p["grid"] = out(_sampling_positions(crops, flip, self.size, height, width))
+        p["flip"] = out(flip)
         if self.strong:
-            p["jitter"] = out(v[:, 1] < self.jitter_p)
+            p["jitter"] = out(v[..., 1] < self.jitter_p)
             for k, (name, amount) in enumerate(zip(_OPS, self.jitter)):
                 lo, hi = ((-amount, amount) if name == "hue" else (max(0.0, 1.0 - amount), 1.0 + amount))
-                p[name] = out((lo + (hi - lo) * v[:, 2 + k]).astype(np.float32))
-            p["gray"] = out(v[:, 6] < self.gray_p)
-            p["blur"] = out((v[:, 7] < self.blur_p) & self.blur)
-            p["sigma"] = out((self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * v[:, 8]).astype(np.float32))
-            keys = v[:, 9:13] if self.jitter_order == "sample" else np.broadcast_to(v[:1, 9:13], (batch, 4))
-            p["order"] = out(np.argsort(keys, axis=1).astype(np.int64))
+                p[name] = out((lo + (hi - lo) * v[..., 2 + k]).astype(np.float32))
+            p["gray"] = out(v[..., 6] < self.gray_p)
+            p["blur"] = out((v[..., 7] < self.blur_p) & self.blur)
+            p["sigma"] = out((self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * v[..., 8]).astype(np.float32))
+            keys = v[..., 9:13] if self.jitter_order == "sample" else np.broadcast_to(v[:, :1, 9:13], (steps, batch, 4))
+            p["order"] = out(np.argsort(keys, axis=-1).astype(np.int64))
         return p
 
     def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -332,7 +354,7 @@ class BatchAugment:
         dev = images.device
         x = images.float()  # (uint8 x float multiplies take 3-4 times as long as this conversion)
         if self.crop:
-            x = resized_crop(x, params["crop"], self.size, params["flip"])  # the flip rides along
+            x = resized_crop(x, params["crop"], self.size, params["flip"], params.get("grid"))  # the flip rides along
         else:
             if x.shape[-2:] != (self.size, self.size):
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ressl import checkpoint, config, dist
-from ressl.augment import prepared, strong_augment, torchvision_pipeline, weak_augment
+from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import knn_accuracy, split_features
@@ -28,6 +28,7 @@ from ressl.model import ReSSL, build_model
 from ressl.monitor import health, queue_fill
 from ressl.optim import build_optimizer
 from ressl.schedule import cosine_lr, ema_momentum
+from ressl.views import ViewAugment
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,10 +110,8 @@ class Run:
     dataset: Dataset
     model: ReSSL
     optimizer: torch.optim.SGD
-    weak_aug: Augment  # uint8 (B, C, H, W) -> float (B, 3, S, S), batched on the device ...
-    strong_aug: Augment
+    augment: ViewAugment | None  # uint8 (B, C, H, W) sources -> both float (B, 3, S, S) views, batched on the device ...
     loader_views: TwoViews | None  # ... or None of that: loader workers make the views (augment_backend torchvision)
-    generator: torch.Generator  # augmentation parameters; seeded per process
     shuffle_generator: torch.Generator  # teacher batch shuffles; the same on every process
     student_forward: nn.Module  # the student, wrapped in DistributedDataParallel when distributed (compiled with --compile)
     teacher_forward: nn.Module  # the teacher (compiled with --compile)
@@ -133,14 +132,14 @@ def epoch_order(run: Run) -> torch.Tensor:
     return torch.randperm(len(run.dataset.train), generator=generator)
 
 
-Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (loss, student (B, D), teacher (B, D))
 
 
 def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor, observe: Observer | None = None) -> tuple[float, float]:
     """One ReSSL step, number ``run.state.step``, in the official order; returns its (lr, EMA momentum).
 
-    ``weak_source``/``strong_source``: (B, C, H, W) uint8 images (the same tensor for in-memory sets).
+    ``weak_source``/``strong_source``: (B, C, H, W) uint8 images (the same tensor for in-memory sets), or the
+    finished float views when loader workers made them (``augment_backend torchvision``).
     ``observe(loss, student, teacher)`` sees the step before the queue changes (logging, NaN watch).
     The caller advances ``run.state``.
     """
@@ -150,8 +149,9 @@ def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor,
     for group in optimizer.param_groups:
         group["lr"] = lr
     momentum = ema_momentum(run.state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
-    weak = run.weak_aug(weak_source, run.generator)  # (B, 3, S, S) crop + flip
-    strong = run.strong_aug(strong_source, run.generator)  # (B, 3, S, S) MoCo-v2 recipe
+    weak, strong = weak_source, strong_source
+    if run.augment is not None:  # (B, 3, S, S) each: crop + flip; the MoCo-v2 recipe
+        weak, strong = run.augment(weak_source, strong_source, run.state.step)
 
     # 1. student on the strong view
     with autocast:
@@ -354,17 +354,17 @@ def setup(cfg: Config) -> Run:
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
     weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
                 else weak_augment(size, mean, std, **common))
+    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()))
     loader_views = None
     if cfg.augment_backend == "torchvision":  # the official design, for comparison: per image, in loader workers
         views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)
         loader_views = TwoViews(torchvision_pipeline(size, strong=cfg.teacher_strong, **views), torchvision_pipeline(size, strong=True, **views))
-        weak_aug = strong_aug = prepared
+        augment = None
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     state = TrainState()
-    generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * dist.rank())
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
-    run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, weak_aug, strong_aug, loader_views,
-              generator, shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
+    run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, augment, loader_views,
+              shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
               len(dataset.train) // cfg.batch_size)
     if cfg.resume or (out / "checkpoint.pt").exists():
         resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
@@ -382,7 +382,7 @@ RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queu
 def resume(run: Run, path: Path) -> None:
     """Continue from ``path``; refuse when the configuration differs in what the weights depend on."""
     saved = checkpoint.load(path, map_location=run.device)
-    missing = {"optimizer", "state", "generators", "shuffle_generator", "rng"} - set(saved)
+    missing = {"optimizer", "state", "shuffle_generator", "rng"} - set(saved)
     if missing:
         raise checkpoint.CheckpointError(f"{path} lacks {', '.join(sorted(missing))} (written by another version?): "
                                          "use another --out for a new run")
@@ -398,11 +398,10 @@ def resume(run: Run, path: Path) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.state = TrainState(**saved["state"])
-    generators = saved["generators"]
-    if len(generators) != dist.world_size():
-        raise config.ConfigError(f"{path} was written by {len(generators)} processes, this run has {dist.world_size()}: "
+    world = saved.get("world_size", len(saved.get("generators", ())) or None)  # older checkpoints: a generator per process
+    if world is not None and world != dist.world_size():
+        raise config.ConfigError(f"{path} was written by {world} processes, this run has {dist.world_size()}: "
                                  "resume with the same number of processes")
-    run.generator.set_state(generators[dist.rank()].clone())  # a view into a shared storage crashes set_state
     run.shuffle_generator.set_state(saved["shuffle_generator"])
     checkpoint.set_rng_states(saved["rng"])
     if dist.is_main():
@@ -410,22 +409,18 @@ def resume(run: Run, path: Path) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights.
-
-    Every process must call it (the augmentation generators of all processes are gathered first).
-    """
+    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights."""
     norms = torch._foreach_norm([p.detach() for p in run.model.student.parameters()])
     if not bool(torch.isfinite(torch.stack(norms)).all()):  # the same weights, so the same answer, on every rank
         raise NonFiniteLoss(f"the student's weights became NaN or infinite by step {run.state.step}: lower --lr "
                             "or try --precision fp32; the last good checkpoint is kept")
-    generators = [g.clone() for g in dist.all_gather_cat(run.generator.get_state()[None].to(run.device)).cpu()]
     if not dist.is_main():
         return
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "state": dataclasses.asdict(run.state),
-        "generators": generators,
+        "world_size": dist.world_size(),  # the augmentation's parameters depend on the rank (ressl.views)
         "shuffle_generator": run.shuffle_generator.get_state(),
         "rng": checkpoint.rng_states(),
         "config": run.cfg.to_dict(),

@@ -91,6 +91,18 @@ def test_reproducible_with_generator(strong: bool) -> None:
     assert not torch.equal(aug(x, gen(3)), aug(x, gen(4)))
 
 
+@pytest.mark.parametrize("hw", [(24, 24), (48, 40)])  # crops all enlarged; some shrunk (roi_align) as well
+def test_sampling_positions_drawn_with_the_parameters_equal_those_worked_out_from_the_boxes(hw: tuple[int, int]) -> None:
+    aug = weak_augment(32, MEAN, STD)
+    x = rand_images(16, 3, *hw)
+    p = aug.sample_params(16, *hw, generator=gen(4))
+    assert p["grid"].shape == (16, 2, 32)
+    without = {k: v for k, v in p.items() if k != "grid"}
+    assert torch.equal(aug.apply(x, p), aug.apply(x, without))
+    p["grid"] = p["grid"].flip(0)  # and they are what apply uses
+    assert not torch.equal(aug.apply(x, p), aug.apply(x, without))
+
+
 @pytest.mark.parametrize("strong", [False, True])
 def test_channels_last_input(strong: bool) -> None:
     aug = BatchAugment(32, strong=strong, mean=MEAN, std=STD, blur=True)

@@ -1,0 +1,74 @@
+"""Tests for ressl.views: both views' parameters drawn many steps at a time, the same for a step however it is reached."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from ressl.augment import strong_augment, weak_augment
+from ressl.views import ViewAugment, draw_seed
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def views(seed: tuple[int, ...] = (0, 0), images_per_draw: int = 12) -> ViewAugment:
+    return ViewAugment(weak_augment(16, MEAN, STD), strong_augment(16, MEAN, STD), seed, images_per_draw)
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_gets_the_same_parameters_straight_or_resumed() -> None:
+    """Batch 4, 12 images per draw: 3 steps per draw. Walking 0..8 crosses two draw boundaries; a fresh object
+    (a resumed run) asked for any step directly gets the same parameters."""
+    walked = views()
+    assert walked.steps_per_draw(4) == 3
+    path = [walked.params(step, 4, 20, 24) for step in range(9)]
+    for step in (0, 2, 3, 5, 7, 8):
+        fresh = views().params(step, 4, 20, 24)
+        assert same(fresh[0], path[step][0]) and same(fresh[1], path[step][1]), step
+    for a, b in itertools.pairwise(path):  # every step its own draws, within a draw and across
+        assert not torch.equal(a[1]["crop"], b[1]["crop"])
+        assert not torch.equal(a[1]["brightness"], b[1]["brightness"])
+
+
+def test_the_seed_and_the_rank_change_the_parameters() -> None:
+    base = views((0, 0)).params(0, 4, 20, 24)[1]["crop"]
+    assert not torch.equal(base, views((1, 0)).params(0, 4, 20, 24)[1]["crop"])
+    assert not torch.equal(base, views((0, 1)).params(0, 4, 20, 24)[1]["crop"])
+    assert len({draw_seed((0, 0), d) for d in range(1000)} | {draw_seed((0, 1), d) for d in range(1000)}) == 2000
+
+
+def test_another_batch_shape_gets_its_own_draw() -> None:
+    v = views()
+    small, big = v.params(1, 4, 20, 24), v.params(1, 2, 40, 40)
+    assert small[1]["crop"].shape == (4, 4) and big[1]["crop"].shape == (2, 4)
+    assert int(big[0]["crop"][:, 2].max()) <= 40 and int(big[0]["crop"][:, 3].max()) <= 40
+    assert same(v.params(1, 4, 20, 24)[1], small[1])  # and back
+
+
+def test_views_have_the_sizes_and_the_weak_one_keeps_colours() -> None:
+    images = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gray = images[:, :1].expand(-1, 3, -1, -1).contiguous()  # a gray image stays gray in the weak view only
+    weak, strong = views()(gray, gray, step=4)
+    assert weak.shape == strong.shape == (4, 3, 16, 16)
+    assert torch.allclose(weak[:, 0], weak[:, 1]) and torch.allclose(weak[:, 1], weak[:, 2])
+    with pytest.raises(ValueError, match="differ in shape"):
+        views()(images, images[:, :, :16], step=0)
+
+
+def test_many_steps_in_one_draw_are_distributed_as_one_step_draws() -> None:
+    """Crop areas and brightness factors over 50 steps x 40 images in one draw, against 2,000 one-step draws."""
+    aug = strong_augment(32, MEAN, STD)
+    many = aug.sample_steps(50, 40, 48, 40, torch.Generator().manual_seed(1))
+    ones = aug.sample_params(2000, 48, 40, torch.Generator().manual_seed(2))
+    area = lambda crop: (crop[..., 2] * crop[..., 3]).flatten().double()
+    assert ks_2samp(area(many["crop"]).numpy(), area(ones["crop"]).numpy()).pvalue > 1e-3
+    assert ks_2samp(many["brightness"].flatten().numpy(), ones["brightness"].numpy()).pvalue > 1e-3
+    orders = many["order"]  # jitter_order "batch": one permutation per step, its own for each step
+    assert torch.equal(orders, orders[:, :1].expand_as(orders))
+    assert len({tuple(o.tolist()) for o in orders[:, 0]}) > 10
