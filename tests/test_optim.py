@@ -122,3 +122,23 @@ def test_flat_sgd_leaves_a_tensor_without_gradient_alone_after_loading_per_tenso
     train(tensors, reference, 1)
     train(flat, ours, 1)
     assert_same(tensors, flat)
+
+
+def test_flat_sgd_step_with_a_closure_returns_its_loss_and_steps_as_sgd():
+    tensors, flat = model_pair(False)
+    reference, ours = build_optimizer(tensors, CFG), build_optimizer(flat, CFG)
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def closure_for(model, optimizer):
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            loss = relational_loss(model.student(x), model.teacher(x), model.queue.queue)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(2):
+        expected = reference.step(closure_for(tensors, reference))
+        got = ours.step(closure_for(flat, ours))
+        torch.testing.assert_close(got, expected)
+    assert_same(tensors, flat)
