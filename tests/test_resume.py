@@ -133,6 +133,24 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     assert "different width" in capsys.readouterr().err
 
 
+def test_checkpoints_of_the_older_format_resume_and_another_process_count_is_refused(npz_dir, tmp_path, capsys):
+    """Checkpoints written before the augmentation's parameters came from (seed, rank, step) carried one generator
+    state per process instead of the world size: they still resume, with the same number of processes only."""
+    out = tmp_path / "run"
+    base = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY]
+    assert main(base + ["--epochs", "1"]) == 0
+    path = out / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved.pop("world_size") == 1
+    checkpoint.save_atomic(dict(saved, generators=[torch.Generator().get_state()] * 2), path)
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2"]) == 2
+    assert "written by 2 processes, this run has 1" in capsys.readouterr().err
+    checkpoint.save_atomic(dict(saved, generators=[torch.Generator().get_state()]), path)
+    assert main(base + ["--epochs", "2"]) == 0
+    assert torch.load(path, weights_only=True)["state"]["epoch"] == 2
+
+
 def test_resume_accepts_the_same_data_by_another_path(npz_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["pretrain", "--dataset", "npz", "--out", str(out), *TINY]
