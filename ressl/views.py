@@ -50,6 +50,7 @@ class ViewAugment:
         return f"ViewAugment(weak={self.weak}, strong={self.strong}, seed={self.seed})"
 
     def steps_per_draw(self, batch: int) -> int:
+        """How many steps of ``batch`` images one draw covers (128 at batch 128)."""
         return max(1, self.images_per_draw // batch)
 
     def params(self, step: int, batch: int, height: int, width: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
