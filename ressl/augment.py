@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["BatchAugment", "eval_transform", "prepared", "strong_augment", "torchvision_pipeline", "weak_augment"]
+__all__ = ["BatchAugment", "eval_transform", "strong_augment", "torchvision_pipeline", "weak_augment"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -396,11 +396,6 @@ class BatchAugment:
         _check_images(images)
         params = self.sample_params(images.shape[0], images.shape[2], images.shape[3], generator)
         return self.apply(images, params)
-
-
-def prepared(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """The views arrived augmented (loader workers ran ``torchvision_pipeline``): pass them through."""
-    return images
 
 
 def weak_augment(size: int, mean: Sequence[float], std: Sequence[float], **kw) -> BatchAugment:
