@@ -148,10 +148,11 @@ class ReSSL(nn.Module):
         return tuple(p.data_ptr() for p in (*self.student.parameters(), *self.teacher.parameters()))
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float | torch.Tensor) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter, fused: one ``lerp_``
         over the flat buffers after :meth:`flatten_parameters`, else one ``_foreach_lerp_`` over the tensors.
 
+        ``momentum``: a number, or a 0-dim tensor on the parameters' device (read by a kernel, as a CUDA graph needs).
         Buffers (BatchNorm statistics) are not averaged: the teacher keeps its own, as in MoCo.
         """
         flat = self._live_flat()
@@ -161,6 +162,10 @@ class ReSSL(nn.Module):
             return
         teacher = [p for p in self.teacher.parameters()]
         student = [p.detach() for p in self.student.parameters()]
+        if isinstance(momentum, torch.Tensor):
+            for t, s in zip(teacher, student):
+                t.lerp_(s, 1.0 - momentum)
+            return
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
 

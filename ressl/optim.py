@@ -100,8 +100,11 @@ class FlatSGD(torch.optim.SGD):
 
     @property
     def _direct(self) -> bool:
-        """Whether :meth:`step` can call the fused kernel itself: fused groups with momentum, plain float learning rates."""
-        return all(g["fused"] and g["momentum"] != 0 and not g["differentiable"] and isinstance(g["lr"], float)
+        """Whether :meth:`step` can call the fused kernel itself: fused groups with momentum, learning rates that are
+        numbers or 0-dim tensors on the parameters' device (``ressl.graph``: a CUDA graph reads each step's value)."""
+        device = self.network_params[0].device
+        return all(g["fused"] and g["momentum"] != 0 and not g["differentiable"]
+                   and (isinstance(g["lr"], float) or (isinstance(g["lr"], torch.Tensor) and g["lr"].device == device))
                    for g in self.param_groups)
 
     def _step_with_torch_optim(self, grads: list[torch.Tensor | None]) -> None:
