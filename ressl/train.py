@@ -23,6 +23,7 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import knn_accuracy, split_features
+from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
 from ressl.monitor import health, queue_fill
@@ -120,6 +121,7 @@ class Run:
     log: MetricsLog
     steps_per_epoch: int
     stop_requested: bool = False  # set by the SIGTERM/SIGINT handler, honoured at the next step boundary
+    graph: CapturedStep | None = None  # network_step replayed as a CUDA graph (--cuda_graph), else None: eager
 
     @property
     def total_steps(self) -> int:
@@ -143,16 +145,37 @@ def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor,
     ``observe(loss, student, teacher)`` sees the step before the queue changes (logging, NaN watch).
     The caller advances ``run.state``.
     """
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
+    cfg, model = run.cfg, run.model
     lr = cosine_lr(run.state.step, run.total_steps, cfg.lr, round(cfg.warmup_epochs * run.steps_per_epoch))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     momentum = ema_momentum(run.state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
     weak, strong = weak_source, strong_source
     if run.augment is not None:  # (B, 3, S, S) each: crop + flip; the MoCo-v2 recipe
         weak, strong = run.augment(weak_source, strong_source, run.state.step)
+    # 1.-4. student, EMA, teacher, loss, backward, SGD step: one CUDA graph replay, or eager
+    if run.graph is not None:
+        loss, student, teacher, everyone = run.graph(weak, strong, lr=lr, momentum=momentum)
+    else:
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, student, teacher, everyone = network_step(run, weak, strong, momentum)
+    if observe is not None:
+        observe(loss, student, teacher)
+    # 5. the teacher's batch (from every process) enters the queue
+    model.queue.push(everyone, gather=False)
+    return lr, momentum
 
+
+def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: float | torch.Tensor,
+                 autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of a ReSSL step on the finished (B, 3, S, S) views, at the learning rate the optimiser holds.
+
+    Returns the loss, the student's (B, D) and teacher's (B, D) embeddings and the teacher's embeddings of every
+    process (world * B, D), all computed against the queue as it was before this step. ``momentum`` and the
+    optimiser's learning rate may be 0-dim device tensors, and ``autocast_cache`` off, as a CUDA graph needs.
+    """
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None,
+                              cache_enabled=autocast_cache)
     # 1. student on the strong view
     with autocast:
         student = run.student_forward(strong)  # (B, D), unit norm
@@ -163,15 +186,30 @@ def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor,
     # 3. relational loss against the queue as it was before this batch (with bf16 autocast, its matmuls in bf16 on a CPU)
     loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature,
                            bf16_matmul=run.amp_dtype == torch.bfloat16)
-    if observe is not None:
-        observe(loss, student, teacher)
     # 4. one backward pass and an optimiser step
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    # 5. the teacher's batch (from every process) enters the queue
-    model.queue.push(everyone, gather=False)
-    return lr, momentum
+    return loss.detach(), student.detach(), teacher, everyone
+
+
+def use_cuda_graph(cfg: Config, device: torch.device) -> bool:
+    """``--cuda_graph``: None means wherever it can run; true where it cannot is a configuration error."""
+    why_not = ("it needs a CUDA device" if device.type != "cuda" else "it runs in one process only" if dist.is_distributed()
+               else "it needs --bn_groups 1" if cfg.bn_groups != 1 else "it does not combine with --compile" if cfg.compile else None)
+    if cfg.cuda_graph and why_not:
+        raise config.ConfigError(f"--cuda_graph true: {why_not}")
+    return why_not is None and cfg.cuda_graph is not False
+
+
+def capture_network_step(run: Run) -> CapturedStep:
+    """:func:`network_step` as a :class:`ressl.graph.CapturedStep`: the learning rate and EMA momentum become 0-dim
+    device tensors that each call sets (the optimiser's groups hold the learning rate's)."""
+    lr, momentum = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return CapturedStep(lambda weak, strong: network_step(run, weak, strong, momentum, autocast_cache=False),
+                        dict(lr=lr, momentum=momentum))
 
 
 def checkpoint_due(cfg: Config, step: int) -> bool:
@@ -330,6 +368,7 @@ def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists."""
     device = resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
+    graphed = use_cuda_graph(cfg, device)
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
@@ -368,6 +407,8 @@ def setup(cfg: Config) -> Run:
               len(dataset.train) // cfg.batch_size)
     if cfg.resume or (out / "checkpoint.pt").exists():
         resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
+    if graphed:  # after resume: the graph reads the optimiser's memory as loaded
+        run.graph = capture_network_step(run)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(out / "checkpoint.pt")

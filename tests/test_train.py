@@ -1,4 +1,5 @@
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -8,22 +9,38 @@ from conftest import make_images
 
 from ressl import config
 from ressl.loss import relational_loss
-from ressl.train import epoch_order, setup, train_one_epoch
+from ressl.train import capture_network_step, epoch_order, setup, train_one_epoch
 from ressl.views import ViewAugment
 
 
 def tiny_run(npz_dir, tmp_path, **overrides):
     values = dict(dataset="npz", data=str(npz_dir), out=str(tmp_path / "run"), image_size=16, width=8, hidden_dim=32,
                   out_dim=16, batch_size=32, queue_size=64, lr=0.05, epochs=5, precision="fp32", channels_last=False,
-                  log_every=1, knn_k=10)
+                  log_every=1, knn_k=10, device="cpu")
     values.update(overrides)
     return setup(config.resolve(None, values))
 
 
-def test_one_step_follows_the_official_order(npz_dir, tmp_path):
+def graph_body_eagerly(run):
+    """What a CUDA graph of the step computes, run eagerly on any device: ``capture_network_step``'s body, with the
+    learning rate and EMA momentum read from 0-dim tensors (the capture itself needs CUDA)."""
+    captured = capture_network_step(run)
+
+    def step(weak, strong, lr, momentum):
+        captured.scalars["lr"].fill_(lr)
+        captured.scalars["momentum"].fill_(momentum)
+        return captured.body(weak, strong)
+    return step
+
+
+@pytest.mark.parametrize("graph_body", [False, True], ids=["eager", "graph-body"])
+def test_one_step_follows_the_official_order(npz_dir, tmp_path, graph_body):
     """One training step equals a naive re-implementation of: student(strong); EMA; teacher(weak);
-    loss against the queue *before* this batch; SGD step; push the teacher's batch."""
+    loss against the queue *before* this batch; SGD step; push the teacher's batch. So does the body of
+    the step's CUDA graph, with its learning rate and momentum in tensors."""
     run = tiny_run(npz_dir, tmp_path, batch_size=128, queue_size=256, ema_momentum=0.9, weight_decay=1e-3)
+    if graph_body:
+        run.graph = graph_body_eagerly(run)
     cfg = run.cfg
     student, teacher = copy.deepcopy(run.model.student), copy.deepcopy(run.model.teacher)
     queue_before = run.model.queue.queue.clone()
@@ -52,6 +69,58 @@ def test_one_step_follows_the_official_order(npz_dir, tmp_path):
     torch.testing.assert_close(run.model.queue.queue[:128], z_teacher, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(run.model.queue.queue[128:], queue_before[128:])
     assert run.state.step == 1
+
+
+def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path):
+    """Over steps whose learning rate and EMA momentum change (cosine schedules), the graph's body, reading
+    them from tensors, trains exactly as the eager step."""
+    runs = [tiny_run(npz_dir, tmp_path / name, epochs=2, ema_cosine=True) for name in ("eager", "graph")]
+    runs[1].graph = graph_body_eagerly(runs[1])
+    for run in runs:
+        train_one_epoch(run)
+    assert runs[0].state.step == 4
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0].optimizer.state_dict()["state"], runs[1].optimizer.state_dict()["state"])
+
+
+def test_cuda_graph_on_a_cpu_is_a_configuration_error(npz_dir, tmp_path):
+    assert tiny_run(npz_dir, tmp_path).graph is None  # auto: off where it cannot run
+    with pytest.raises(config.ConfigError, match="needs a CUDA device"):
+        tiny_run(npz_dir, tmp_path, cuda_graph=True, device="cpu")
+
+
+@pytest.fixture
+def deterministic_cuda():
+    """Deterministic cuDNN kernels and full float32 (no TF32): two runs of the same steps then agree to rounding,
+    instead of drifting apart through atomics and TF32 as a few training steps amplify them."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda):
+    """On CUDA the step's graph (a warm-up call, the capture, replays) gives the eager step's losses, weights, queue
+    and optimiser state, across schedule changes."""
+    runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g)
+            for g in (False, True)]
+    runs[1].graph.warmup = 1  # capture at the second step: six of the eight steps are replays
+    for run in runs:
+        for _ in range(2):
+            train_one_epoch(run)
+    assert runs[0].graph is None and runs[1].graph.captured and runs[1].state.step == 8
+    losses = [[r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r] for run in runs]
+    assert len(losses[0]) == 8 and len(set(losses[0])) == 8
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[0].optimizer.state_dict()["state"], runs[1].optimizer.state_dict()["state"],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_training_steps_lower_the_loss(tmp_path):
@@ -94,9 +163,12 @@ def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
     from ressl.train import train_step
 
     run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True)
-    batches = pretrain_batches(run.dataset, run.cfg.batch_size, 16, 0.2, 0, epoch_order(run), 0, run.device)
-    train_step(run, *next(batches))  # the first step may set things up
-    run.state.step += 1
+    assert run.graph is not None  # on by default on CUDA
+    batches = itertools.chain.from_iterable(  # two epochs' batches: the capture takes the first one's four
+        pretrain_batches(run.dataset, run.cfg.batch_size, 16, 0.2, 0, epoch_order(run), 0, run.device) for _ in range(2))
+    while not run.graph.captured:  # the first steps set things up: warm-up calls, the capture
+        train_step(run, *next(batches))
+        run.state.step += 1
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
