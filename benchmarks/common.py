@@ -169,10 +169,10 @@ def channels_last(model: ReSSL, cfg: Config) -> ReSSL:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model  # type: ignore[call-overload]
 
 
-def describe(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+def describe(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, graph: bool = False) -> str:
     return (f"{cfg.backbone} width {cfg.width}, {cfg.image_size}px, batch {cfg.batch_size}, queue {cfg.queue_size}, "
             f"device {device.type}, {'bf16 autocast' if amp_dtype is not None else 'fp32'}"
-            f"{', channels_last' if cfg.channels_last else ''}, {torch.get_num_threads()} threads")
+            f"{', channels_last' if cfg.channels_last else ''}{', CUDA graphs' if graph else ''}, {torch.get_num_threads()} threads")
 
 
 def main(run: Callable[[argparse.Namespace], Result], doc: str, module: str,

@@ -67,14 +67,16 @@ def run(args: argparse.Namespace) -> common.Result:
     try:
         cfg = common.build_config(args, root, **extra)
         run_ = setup(cfg)
-        print(f"[end_to_end] {common.describe(cfg, device, run_.amp_dtype)}, {seconds:.0f} s of training, "
+        print(f"[end_to_end] {common.describe(cfg, device, run_.amp_dtype, run_.graph is not None)}, {seconds:.0f} s of training, "
               f"log every {cfg.log_every} steps; data: {source}", flush=True)
         images = run_.dataset.train.images
         assert images is not None, "the end-to-end benchmark needs an in-memory dataset (train.npz)"
-        weak, strong = FullStep(run_).views()  # one batch as the loop augments it (batched, or by loader workers)
-        bare = make_bare_step(run_.model, weak, strong, device, run_.amp_dtype)
+        first = FullStep(run_)
+        weak, strong = first.views()  # one batch as the loop augments it (batched, or by loader workers)
+        first.batches.close()  # its loader workers end here, not inside the training loop's forked ones
+        bare = make_bare_step(run_.model, weak, strong, device, run_.amp_dtype, graph=run_.graph is not None)
         repeats = args.repeats or (2 if args.quick else 3)  # bare steps timed before each stretch of training
-        for _ in range(2):
+        for _ in range(5):  # with CUDA graphs: 3 warm-up calls, the capture, a replay
             bare()
         bare_times: list[float] = []
 

@@ -28,33 +28,41 @@ import torch
 
 from benchmarks import common
 from ressl.data import pretrain_batches
+from ressl.graph import CapturedStep
 from ressl.model import ReSSL
 from ressl.train import Run, epoch_order, mark_non_finite, setup, train_step
 
 
-def autocast_for(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
-    """The same context ``train_one_epoch`` uses."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = True) -> torch.autocast:
+    """The same context ``ressl.train.network_step`` uses (its cache off inside a CUDA graph)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=cache)
 
 
 def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> Callable[[], None]:
-    """Student forward + backward on ``strong`` and teacher forward on ``weak`` (both already augmented)."""
-    autocast = autocast_for(device, amp_dtype)
+                   amp_dtype: torch.dtype | None, graph: bool = False) -> Callable[[], None]:
+    """Student forward + backward on ``strong`` and teacher forward on ``weak`` (both already augmented);
+    with ``graph``, replayed as a CUDA graph as the training step's network part is (``ressl.graph``)."""
+    autocast = autocast_for(device, amp_dtype, cache=not graph)
     grad: torch.Tensor | None = None
 
-    def bare_step() -> None:
+    def bare_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor]:
         nonlocal grad
         with autocast:
             student = model.student(strong)
         with torch.no_grad(), autocast:
             model.teacher(weak)
-        if grad is None:  # a fixed upstream gradient stands in for the loss
+        if grad is None:  # a fixed upstream gradient stands in for the loss (made in a warm-up call, not in a capture)
             grad = torch.randn(student.shape, device=student.device, dtype=student.dtype, generator=None) / student.shape[0]
         model.student.zero_grad(set_to_none=True)  # as the full step: fresh gradients, no accumulation
         student.backward(grad)
+        return (student.detach(),)
 
-    return bare_step
+    body = CapturedStep(bare_step) if graph else bare_step
+
+    def call() -> None:
+        body(weak, strong)
+
+    return call
 
 
 class FullStep:
@@ -83,9 +91,10 @@ class FullStep:
         self.run.state.step += 1
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """An augmented (weak, strong) pair of one batch, for the bare step."""
+        """An augmented (weak, strong) pair of one batch, for the bare step: batched, or by loader workers."""
         weak_source, strong_source = next(self.batches)
-        assert self.run.augment is not None, "the step benchmark measures the batched augmentation"
+        if self.run.augment is None:  # augment_backend torchvision: loader workers made the views
+            return weak_source, strong_source
         return self.run.augment(weak_source, strong_source, self.run.state.step)
 
 
@@ -106,18 +115,26 @@ def run(args: argparse.Namespace) -> common.Result:
     finally:
         shutil.rmtree(out, ignore_errors=True)  # nothing is written after setup
     weak, strong = full.views()
-    bare = make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype)
-    steps = 2 if args.quick else 3  # steps per timed call
+    graphed = full.run.graph is not None  # then the bare work is a CUDA graph too, and eager beside it for the record
+    fns = {"full": full, "bare": make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype, graph=graphed)}
+    if graphed:
+        fns["bare eager"] = make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype)
+    # steps per timed call; on CUDA the host runs ahead of the GPU, and each timed call starts with the queue empty:
+    # the first step's augmentation is launched before any GPU work, a fill that training pays once, not per step
+    steps = 2 if args.quick else 12 if device.type == "cuda" else 3
     repeats = args.repeats or (3 if args.quick else 15)
-    print(f"[step] {common.describe(cfg, device, full.run.amp_dtype)}; data: {source}", flush=True)
-    t = common.alternate({"full": repeat(full, steps), "bare": repeat(bare, steps)}, device, repeats,
-                         warmup=1 if args.quick else 2)
+    print(f"[step] {common.describe(cfg, device, full.run.amp_dtype, graphed)}; data: {source}", flush=True)
+    # graphs: 3 eager warm-up calls and the capture happen before the timed ones
+    t = common.alternate({name: repeat(fn, steps) for name, fn in fns.items()}, device, repeats,
+                         warmup=2 if graphed or not args.quick else 1)
     if int(full.first_bad_step) >= 0:
         print(f"[step] warning: the loss became non-finite at step {int(full.first_bad_step)}", flush=True)
-    full_s, bare_s = statistics.median(t["full"]) / steps, statistics.median(t["bare"]) / steps
+    ms = {name: 1e3 * statistics.median(times) / steps for name, times in t.items()}
     b = cfg.batch_size
-    detail = (f"full step {1e3 * full_s:.1f} ms ({b / full_s:.0f} img/s), bare work {1e3 * bare_s:.1f} ms "
-              f"({b / bare_s:.0f} img/s), medians of {repeats} x {steps} steps; ratio: median of the {repeats} pairs' ratios")
+    eager = f" as a CUDA graph (eager: {ms['bare eager']:.1f} ms)" if graphed else ""
+    detail = (f"full step {ms['full']:.1f} ms ({1e3 * b / ms['full']:.0f} img/s), bare work {ms['bare']:.1f} ms "
+              f"({1e3 * b / ms['bare']:.0f} img/s){eager}, medians of {repeats} x {steps} steps; "
+              f"ratio: median of the {repeats} pairs' ratios")
     return common.report("step", "step overhead (full / bare time)", common.paired_ratio(t["full"], t["bare"]), "<= 1.10", detail)
 
 
