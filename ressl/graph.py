@@ -13,6 +13,7 @@ static tensors that each replay overwrites. Read them before the next call.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,8 @@ class CapturedStep:
     ``scalars``: named 0-dim device tensors that ``body`` reads; each call sets them from its keyword
     arguments first. The first ``warmup`` calls run ``body`` eagerly on a side stream, as PyTorch asks
     before a capture (they are real calls: their effects count); the next call captures ``body`` and
-    replays it, and every later call only copies the inputs in and replays.
+    replays it, and every later call only copies the inputs in and replays. Inputs off CUDA, or a capture
+    that fails (with a warning), leave every call eager: the same body on the same static inputs.
     """
 
     def __init__(self, body: Callable[..., tuple[Tensor, ...]], scalars: dict[str, Tensor] | None = None,
@@ -37,6 +39,7 @@ class CapturedStep:
         self.warmup = warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_only = False  # set when the inputs are not on CUDA or a capture failed
         self._inputs: tuple[Tensor, ...] = ()
         self._outputs: tuple[Tensor, ...] = ()
 
@@ -51,20 +54,29 @@ class CapturedStep:
             self.scalars[name].fill_(value)  # a kernel with the number as its argument: no copy, no sync
         if not self._inputs:
             self._inputs = tuple(x.detach().clone() for x in inputs)
+            self.eager_only = not all(x.is_cuda for x in self._inputs)
         if len(inputs) != len(self._inputs) or any(x.shape != s.shape or x.dtype != s.dtype for x, s in zip(inputs, self._inputs)):
             raise ValueError("a captured step's inputs keep their shapes and dtypes from call to call")
         for static, x in zip(self._inputs, inputs):
             static.copy_(x)
         self.calls += 1
+        if self.graph is None and self.eager_only:
+            return tuple(self.body(*self._inputs))
         if self.graph is None and self.calls <= self.warmup:
-            return self._eager()
+            return self._warm_up()
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as err:  # an operation CUDA graphs cannot hold: run as before rather than stop
+                warnings.warn(f"capturing the step as a CUDA graph failed ({err}); it runs eagerly from here "
+                              "(--cuda_graph false skips the attempt)", RuntimeWarning, stacklevel=2)
+                self.graph, self.eager_only = None, True
+                return tuple(self.body(*self._inputs))
         assert self.graph is not None
         self.graph.replay()
         return self._outputs
 
-    def _eager(self) -> tuple[Tensor, ...]:
+    def _warm_up(self) -> tuple[Tensor, ...]:
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(main)

@@ -20,26 +20,15 @@ def tiny_run(npz_dir, tmp_path, **overrides):
     return setup(config.resolve(None, values))
 
 
-def graph_body_eagerly(run):
-    """What a CUDA graph of the step computes, run eagerly on any device: ``capture_network_step``'s body, with the
-    learning rate and EMA momentum read from 0-dim tensors (the capture itself needs CUDA)."""
-    captured = capture_network_step(run)
-
-    def step(weak, strong, lr, momentum):
-        captured.scalars["lr"].fill_(lr)
-        captured.scalars["momentum"].fill_(momentum)
-        return captured.body(weak, strong)
-    return step
-
-
 @pytest.mark.parametrize("graph_body", [False, True], ids=["eager", "graph-body"])
 def test_one_step_follows_the_official_order(npz_dir, tmp_path, graph_body):
     """One training step equals a naive re-implementation of: student(strong); EMA; teacher(weak);
-    loss against the queue *before* this batch; SGD step; push the teacher's batch. So does the body of
-    the step's CUDA graph, with its learning rate and momentum in tensors."""
+    loss against the queue *before* this batch; SGD step; push the teacher's batch. So does the step's
+    CUDA graph body (``capture_network_step``, on a CPU run eagerly: static inputs, learning rate and momentum
+    in tensors)."""
     run = tiny_run(npz_dir, tmp_path, batch_size=128, queue_size=256, ema_momentum=0.9, weight_decay=1e-3)
     if graph_body:
-        run.graph = graph_body_eagerly(run)
+        run.graph = capture_network_step(run)
     cfg = run.cfg
     student, teacher = copy.deepcopy(run.model.student), copy.deepcopy(run.model.teacher)
     queue_before = run.model.queue.queue.clone()
@@ -74,7 +63,7 @@ def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path):
     """Over steps whose learning rate and EMA momentum change (cosine schedules), the graph's body, reading
     them from tensors, trains exactly as the eager step."""
     runs = [tiny_run(npz_dir, tmp_path / name, epochs=2, ema_cosine=True) for name in ("eager", "graph")]
-    runs[1].graph = graph_body_eagerly(runs[1])
+    runs[1].graph = capture_network_step(runs[1])  # on a CPU: its body, run eagerly
     for run in runs:
         train_one_epoch(run)
     assert runs[0].state.step == 4

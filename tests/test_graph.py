@@ -1,0 +1,54 @@
+"""ressl.graph.CapturedStep's bookkeeping, on a CPU where it runs its body eagerly (the capture is tested on CUDA
+in test_train.py)."""
+
+import pytest
+import torch
+
+from ressl.graph import CapturedStep
+
+
+def scaled_sum(scale: torch.Tensor):
+    def body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * scale + y,)
+    return body
+
+
+def test_off_cuda_each_call_runs_the_body_on_its_own_inputs_and_numbers():
+    scale = torch.zeros(())
+    step = CapturedStep(scaled_sum(scale), dict(scale=scale), warmup=1)
+    for i in range(4):
+        x, y = torch.randn(3, 2), torch.randn(3, 2)
+        (out,) = step(x, y, scale=float(i))
+        torch.testing.assert_close(out, x * i + y)
+    assert step.eager_only and not step.captured and step.calls == 4
+
+
+def test_inputs_keep_their_shapes_and_the_numbers_their_names():
+    scale = torch.zeros(())
+    step = CapturedStep(scaled_sum(scale), dict(scale=scale))
+    step(torch.zeros(3, 2), torch.zeros(3, 2), scale=1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        step(torch.zeros(4, 2), torch.zeros(4, 2), scale=1.0)
+    with pytest.raises(TypeError, match="scale"):
+        step(torch.zeros(3, 2), torch.zeros(3, 2), factor=1.0)
+
+
+def test_a_failed_capture_warns_and_leaves_the_step_eager(monkeypatch):
+    """Where CUDA cannot capture the body, training goes on eagerly instead of stopping (here the capture is made
+    to fail, and warm-up calls run the body directly, as no GPU is needed for that)."""
+    scale = torch.zeros(())
+    step = CapturedStep(scaled_sum(scale), dict(scale=scale), warmup=2)
+    step(torch.ones(2), torch.ones(2), scale=1.0)
+    step.eager_only = False  # as if the inputs were on a GPU
+    monkeypatch.setattr(step, "_warm_up", lambda: tuple(step.body(*step._inputs)))
+
+    def fail() -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(step, "_capture", fail)
+    step(torch.ones(2), torch.ones(2), scale=2.0)  # the second warm-up call
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        (out,) = step(torch.ones(2), torch.full((2,), 5.0), scale=3.0)
+    torch.testing.assert_close(out, torch.full((2,), 8.0))
+    assert step.eager_only and not step.captured
+    (out,) = step(torch.ones(2), torch.zeros(2), scale=4.0)  # and stays eager, without another attempt
+    torch.testing.assert_close(out, torch.full((2,), 4.0))
