@@ -195,8 +195,9 @@ def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: f
 
 def use_cuda_graph(cfg: Config, device: torch.device) -> bool:
     """``--cuda_graph``: None means wherever it can run; true where it cannot is a configuration error."""
-    why_not = ("it needs a CUDA device" if device.type != "cuda" else "it runs in one process only" if dist.is_distributed()
-               else "it needs --bn_groups 1" if cfg.bn_groups != 1 else "it does not combine with --compile" if cfg.compile else None)
+    blockers = {"it needs a CUDA device": device.type != "cuda", "it runs in one process only": dist.is_distributed(),
+                "it needs --bn_groups 1": cfg.bn_groups != 1, "it does not combine with --compile": cfg.compile}
+    why_not = next((why for why, blocked in blockers.items() if blocked), None)
     if cfg.cuda_graph and why_not:
         raise config.ConfigError(f"--cuda_graph true: {why_not}")
     return why_not is None and cfg.cuda_graph is not False
@@ -506,7 +507,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     say = print if dist.is_main() else (lambda *a, **k: None)
     say(f"ressl: {cfg.dataset} ({len(run.dataset.train)} images) -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {run.device}, "
-        f"precision {'bf16' if run.amp_dtype else 'fp32'}", flush=True)
+        f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
     started = time.time()
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
     final: dict[str, Any] = {}
