@@ -247,11 +247,19 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     return meter.last_loss
 
 
+def _defer_logs(device: torch.device) -> bool:
+    """Whether a logged step's numbers are read back one logging window later: on a GPU, reading them at once
+    would make the host wait for the GPU and leave it idle while the host prepares the next step."""
+    return device.type == "cuda"
+
+
 class _Meter:
     """What the loop reports: metrics every ``log_every`` steps, the progress bar, and a NaN watch.
 
     Losses stay on the device between logging steps; ``first_bad_step`` records the first
     non-finite loss without a host sync, and is checked before anything is logged or saved.
+    On a GPU a logged step's numbers travel to the host without a wait and are written at the next
+    logged step; before a checkpoint, a stop or the epoch's end they are written at once.
     """
 
     def __init__(self, run: Run, first_bad_step: torch.Tensor) -> None:
@@ -260,6 +268,8 @@ class _Meter:
         self.last_loss: float | None = None
         self.signals: dict[str, torch.Tensor] = {}
         self.window_start, self.window_images = time.perf_counter(), 0
+        self.defer = _defer_logs(run.device)
+        self.pending: tuple[dict[str, Any], list[str], torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _due(self, step: int, index: int) -> bool:
         """Whether step number ``step``, the ``index``-th of its epoch (both counted from 1), is logged."""
@@ -281,23 +291,51 @@ class _Meter:
         due = self._due(state.step, state.index)
         stop = _stop_agreed(run, due)
         if due or stop:
-            _check_finite(self.first_bad_step)  # before anything is saved: a bad step never reaches a checkpoint
-            self.last_loss = self.loss.item()
             rate = self.window_images / (time.perf_counter() - self.window_start)
-            fill = queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size)
-            signals = {k: v.item() for k, v in self.signals.items()}
-            run.log.write(step=state.step, epoch=state.epoch, loss=self.last_loss, lr=lr, ema_momentum=momentum,
-                          images_per_s=rate, queue_fill=fill, **signals)
-            if self.progress is not None:
-                self.progress.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
+            record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
+                          queue_fill=queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size))
+            self._flush()  # the previous logged step's, if it waits
+            self._stage(record)
+            if not self.defer or stop or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
+                self._flush()  # before anything is saved: a bad step never reaches a checkpoint
             self.window_start, self.window_images = time.perf_counter(), 0
         if self.progress is not None:
             self.progress.update(1)
         return stop
 
-    def close(self) -> None:
+    def _stage(self, record: dict[str, Any]) -> None:
+        """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host."""
+        names = ["loss", *self.signals]
+        values = torch.stack([v.detach().double() for v in (self.loss, *self.signals.values(), self.first_bad_step)])
+        event = None
+        if values.is_cuda:  # a copy into pinned memory, waited for only when read
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (record, names, values, event)
+
+    def _flush(self) -> None:
+        """Check and write the staged step's numbers (a no-op when none wait)."""
+        if self.pending is None:
+            return
+        record, names, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        *numbers, first_bad = values.tolist()
+        _check_finite(int(first_bad))
+        logged = dict(zip(names, numbers))
+        self.last_loss = logged["loss"]
+        self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
         if self.progress is not None:
-            self.progress.close()
+            self.progress.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
 
 
 def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,8 +365,8 @@ def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int)
     return torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
 
 
-def _check_finite(first_bad_step: torch.Tensor) -> None:
-    bad = int(first_bad_step)
+def _check_finite(bad: int) -> None:
+    """Raise if ``bad``, the first non-finite step (-1: none), is one."""
     if bad >= 0:
         raise NonFiniteLoss(
             f"the loss became NaN or infinite at step {bad}: lower --lr, raise --teacher_temperature/--student_temperature, "
