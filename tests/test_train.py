@@ -7,8 +7,9 @@ import torch
 from conftest import make_images
 
 from ressl import config
+from ressl.data import pretrain_batches
 from ressl.loss import relational_loss
-from ressl.train import capture_network_step, epoch_order, setup, train_one_epoch
+from ressl.train import capture_network_step, epoch_order, setup, train_one_epoch, train_step
 from ressl.views import ViewAugment
 
 
@@ -93,22 +94,30 @@ def deterministic_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda):
-    """On CUDA the step's graph (a warm-up call, the capture, replays) gives the eager step's losses, weights, queue
-    and optimiser state, across schedule changes."""
+    """On CUDA the step's graph (a warm-up call, the capture, replays) trains as the eager step.
+
+    Step 1 is eager in both runs. Step 2, the first replay, starts from the same state, so it may differ by one
+    step's rounding only (the capture may pick other cuDNN kernels). Over all eight steps, whose learning rate and EMA
+    momentum change, differences grow through training, so there the bound is looser. It still catches a number the
+    graph would have frozen at its capture (checked on a CPU: 2e-3 to 3e-2)."""
     runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g)
             for g in (False, True)]
-    runs[1].graph.warmup = 1  # capture at the second step: six of the eight steps are replays
-    for run in runs:
-        for _ in range(2):
-            train_one_epoch(run)
-    assert runs[0].graph is None and runs[1].graph.captured and runs[1].state.step == 8
-    losses = [[r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r] for run in runs]
-    assert len(losses[0]) == 8 and len(set(losses[0])) == 8
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    runs[1].graph.warmup = 1
+    orders = [list(pretrain_batches(r.dataset, r.cfg.batch_size, 16, 0.2, 0, epoch_order(r), 0, r.device)) for r in runs]
+    losses: list[list[float]] = [[], []]
+    for step in range(8):
+        for i, run in enumerate(runs):
+            train_step(run, *orders[i][step % 4], lambda loss, s, t, i=i: losses[i].append(loss.item()))
+            run.state.step += 1
+        eager, graphed = (r.model.flat_student()[0] for r in runs)
+        if step == 1:
+            assert runs[1].graph.captured
+            torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(runs[0].optimizer.state_dict()["state"], runs[1].optimizer.state_dict()["state"],
-                               rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(runs[1].optimizer.state_dict()["state"], runs[0].optimizer.state_dict()["state"],
+                               rtol=1e-3, atol=1e-4)
 
 
 def test_training_steps_lower_the_loss(tmp_path):
@@ -147,9 +156,6 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
     """On CUDA a training step (augmentation included) queues its work without a host-device sync."""
-    from ressl.data import pretrain_batches
-    from ressl.train import train_step
-
     run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True, batch_size=16)
     assert run.graph is not None  # on by default on CUDA
     # 8 batches in the epoch: the warm-up calls and the capture take 4, and the step watched below is inside the
