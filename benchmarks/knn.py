@@ -18,8 +18,10 @@ Target <= 1.5: the inverse norms, the fp32 conversion, the top-k and its merges 
 half the matmul's time. Measured on the 2-core CPU with AMX, ``--threads 1``, default sizes: fp32
 (the CPU's dtype) kNN 4.2 s vs matmul 3.7 s, ratio 1.12-1.16 over runs; bf16 kNN 2.2 s vs matmul
 1.0 s, ratio 2.3-2.4 (AMX makes the matmul 4-5x faster while the bf16 -> fp32 conversions and the
-fp32 top-k do not speed up: one reason CPU banks stay fp32). Not yet measured on CUDA, where the
-top-k of each (1024, 65536) block weighs against a ~0.4 ms tensor-core matmul.
+fp32 top-k do not speed up: one reason CPU banks stay fp32). On one H200 (sixth session), bf16: kNN 0.34 s vs
+matmul 0.084 s, ratio 4.0-4.1: there the top-k of each (1024, 65536) block weighs against a ~0.4 ms tensor-core
+matmul. So the kNN is also timed with its top-k through group maxima (``ressl.evaluate.grouped_topk``, groups of
+16 columns, same values) and printed beside, as a candidate; the ratio reported is the default's.
 
     python -m benchmarks.knn [--device cpu|cuda] [--quick] [--bank N] [--queries M] [--dim F]
 """
@@ -37,6 +39,7 @@ from benchmarks import common
 from ressl.evaluate import auto_store_dtype, knn_scores
 
 K, CLASSES = 200, 10
+GROUPS = 16  # grouped_topk's columns per group, the candidate timed beside the default
 QUERY_CHUNK, BANK_CHUNK = 1024, 65536  # knn_scores' defaults
 QUICK = {"bank": 8192, "queries": 256, "dim": 128, "query_chunk": 100, "bank_chunk": 3000}  # chunks that do not divide: merges
 
@@ -70,8 +73,10 @@ def bare_matmul(bank: torch.Tensor, queries: torch.Tensor, query_chunk: int, ban
     return run
 
 
-def knn(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, query_chunk: int, bank_chunk: int) -> Callable[[], None]:
-    return lambda: knn_scores(bank, labels, queries, CLASSES, k=K, chunk_size=query_chunk, bank_chunk_size=bank_chunk)
+def knn(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, query_chunk: int, bank_chunk: int,
+        topk_groups: int = 1) -> Callable[[], None]:
+    return lambda: knn_scores(bank, labels, queries, CLASSES, k=K, chunk_size=query_chunk, bank_chunk_size=bank_chunk,
+                              topk_groups=topk_groups)
 
 
 def run(args: argparse.Namespace) -> common.Result:
@@ -98,12 +103,15 @@ def run(args: argparse.Namespace) -> common.Result:
     for dtype in dtypes:
         bank = make_bank(rows, dim, dtype, device)
         print(f"[knn] {str(dtype).removeprefix('torch.')} bank: {bank.numel() * bank.element_size() / 1e9:.2f} GB", flush=True)
-        times[dtype] = common.side_by_side({"knn": knn(bank, labels, queries, *chunks), "matmul": bare_matmul(bank, queries, *chunks)},
+        times[dtype] = common.side_by_side({"knn": knn(bank, labels, queries, *chunks), "matmul": bare_matmul(bank, queries, *chunks),
+                                            "grouped": knn(bank, labels, queries, *chunks, topk_groups=GROUPS)},
                                            device, repeats, warmup=1)
         del bank
     flop = 2 * rows * dim * sizes["queries"]
     detail = "; ".join(f"{str(d).removeprefix('torch.')}: kNN {t['knn']:.3f} s, matmul {t['matmul']:.3f} s "
-                       f"({flop / t['matmul'] / 1e12:.2f} TFLOP/s), ratio {t['knn'] / t['matmul']:.2f}" for d, t in times.items())
+                       f"({flop / t['matmul'] / 1e12:.2f} TFLOP/s), ratio {t['knn'] / t['matmul']:.2f} "
+                       f"(top-k through groups of {GROUPS}: {t['grouped']:.3f} s, ratio {t['grouped'] / t['matmul']:.2f})"
+                       for d, t in times.items())
     detail += f"; median of {repeats}"
     t = times[chosen]
     return common.report("knn", f"kNN evaluation ({str(chosen).removeprefix('torch.')} bank; kNN / matmul time)",

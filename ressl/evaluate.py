@@ -115,7 +115,7 @@ def inverse_norms(bank: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
 
 
 def nearest_cosine(
-    q: torch.Tensor, bank: torch.Tensor, inv_norms: torch.Tensor, k: int, chunk_size: int = 65536,
+    q: torch.Tensor, bank: torch.Tensor, inv_norms: torch.Tensor, k: int, chunk_size: int = 65536, topk_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities (m, k) float32 and bank indices (m, k) of the ``k`` rows of ``bank`` (N, F) nearest
     to the unit-norm queries ``q`` (m, F), most similar first; ``inv_norms`` (N,) from :func:`inverse_norms`.
@@ -123,13 +123,14 @@ def nearest_cosine(
     The bank goes through in chunks of ``chunk_size`` rows, keeping a running top-k, so memory is
     O(m * chunk_size) whatever N. Each block is a matmul in the bank's dtype (bf16/fp16 on the tensor
     cores); the product then goes to float32 and is scaled by the rows' inverse norms in one op.
+    ``topk_groups`` > 1 picks each block's top-k through :func:`grouped_topk` (same values).
     """
     best_sim = torch.empty(q.shape[0], 0, device=q.device)
     best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
     for start in range(0, bank.shape[0], chunk_size):
         block = q @ bank[start : start + chunk_size].T  # (m, n) in the bank's dtype
         sim = block * inv_norms[start : start + chunk_size]  # cosines, float32 (promoted by the fp32 norms)
-        sim, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        sim, idx = grouped_topk(sim, k, topk_groups)
         # merge with the best so far: at most 2k candidates, global indices
         sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx + start], dim=1)
         best_sim, pos = sim.topk(min(k, sim.shape[1]), dim=1)
@@ -137,10 +138,29 @@ def nearest_cosine(
     return best_sim, best_idx
 
 
+def grouped_topk(x: torch.Tensor, k: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row of ``x`` (m, n) and their columns, largest first, as ``x.topk(k)``.
+
+    With ``groups`` > 1 (and n a multiple of it, at least ``k * groups``) the top-k goes through the maxima of
+    groups of ``groups`` adjacent columns. If a group holds one of a row's k largest values v, at most k - 1
+    values exceed v, so at most k - 1 groups have a larger maximum: the group is among the k with the largest
+    maxima (ties there keep enough values equal to v). Only the members of those k groups compete: one pass to
+    take the maxima, then top-k's over n / groups and k * groups columns instead of one over n. The values are
+    those of ``x.topk``; among equal values the columns chosen may differ.
+    """
+    m, n = x.shape
+    if groups <= 1 or n % groups or n < k * groups:
+        return x.topk(min(k, n), dim=1)
+    best = x.view(m, n // groups, groups).amax(dim=2).topk(k, dim=1).indices  # (m, k) groups
+    members = (best.unsqueeze(2) * groups + torch.arange(groups, device=x.device)).view(m, k * groups)
+    values, pos = x.gather(1, members).topk(k, dim=1)
+    return values, members.gather(1, pos)
+
+
 @torch.no_grad()
 def knn_scores(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-    k: int = 200, temperature: float = 0.1, chunk_size: int = 1024, bank_chunk_size: int = 65536,
+    k: int = 200, temperature: float = 0.1, chunk_size: int = 1024, bank_chunk_size: int = 65536, topk_groups: int = 1,
 ) -> torch.Tensor:
     """Weighted kNN class scores (M, C) float32 of ``queries`` (M, F) against ``bank`` (N, F) with labels (N,).
 
@@ -149,14 +169,15 @@ def knn_scores(
     Queries go through in chunks of ``chunk_size`` and the bank in chunks of ``bank_chunk_size`` rows,
     so memory is O(chunk_size * bank_chunk_size) beyond the bank itself, whatever N and M. The bank
     is neither normalised nor copied: it may be kept in bf16/fp16 (half the memory, tensor-core
-    matmuls); the similarities are compared and weighted in float32.
+    matmuls); the similarities are compared and weighted in float32. ``topk_groups``: see :func:`nearest_cosine`
+    (a candidate for GPUs, where one top-k over a wide block is slow; 1, plain ``topk``, until measured there).
     """
     inv_norms = inverse_norms(bank)  # (N,) float32
     k = min(k, bank.shape[0])
     scores = []
     for start in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[start : start + chunk_size].float(), dim=1).to(bank.dtype)
-        top_sim, top_idx = nearest_cosine(q, bank, inv_norms, k, bank_chunk_size)  # (m, k)
+        top_sim, top_idx = nearest_cosine(q, bank, inv_norms, k, bank_chunk_size, topk_groups)  # (m, k)
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         votes.scatter_add_(1, bank_labels[top_idx], weights)

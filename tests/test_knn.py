@@ -30,18 +30,45 @@ def clusters(centres: torch.Tensor, n: int, noise: float, g: torch.Generator) ->
     return (centres[labels] + noise * torch.randn(n, centres.shape[1], generator=g)).relu(), labels
 
 
-@pytest.mark.parametrize("chunk_size, bank_chunk_size", [(1024, 65536), (7, 5), (16, 13), (50, 64), (3, 199)])
-def test_chunked_knn_equals_the_formula(chunk_size, bank_chunk_size):
-    # N = 199 and M = 23 are divided by none of the chunk sizes; k = 20 exceeds bank chunks of 5 and 13
+@pytest.mark.parametrize("topk_groups", [1, 4])
+@pytest.mark.parametrize("chunk_size, bank_chunk_size", [(1024, 65536), (7, 5), (16, 13), (50, 64), (3, 199), (5, 80)])
+def test_chunked_knn_equals_the_formula(chunk_size, bank_chunk_size, topk_groups):
+    # N = 199 and M = 23 are divided by none of the chunk sizes; k = 20 exceeds bank chunks of 5 and 13; with
+    # 4 groups, bank chunks of 80 go through grouped_topk (80 = 4 x 20) and the ragged last one (39) through topk
     bank, queries = torch.randn(199, 12), torch.randn(23, 12)
     labels = torch.randint(0, 5, (199,))
     expected, expected_idx = reference_knn(bank, labels, queries, 5, k=20, temperature=0.1)
-    scores = knn_scores(bank, labels, queries, 5, k=20, temperature=0.1, chunk_size=chunk_size, bank_chunk_size=bank_chunk_size)
+    scores = knn_scores(bank, labels, queries, 5, k=20, temperature=0.1, chunk_size=chunk_size, bank_chunk_size=bank_chunk_size,
+                        topk_groups=topk_groups)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
     inv = evaluate.inverse_norms(bank, chunk_size=bank_chunk_size)
-    _, idx = evaluate.nearest_cosine(F.normalize(queries, dim=1), bank, inv, 20, bank_chunk_size)
+    _, idx = evaluate.nearest_cosine(F.normalize(queries, dim=1), bank, inv, 20, bank_chunk_size, topk_groups)
     assert torch.equal(idx.sort(dim=1).values, expected_idx.sort(dim=1).values)  # the same neighbours
+
+
+@pytest.mark.parametrize("groups", [2, 8, 16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_grouped_topk_gives_the_values_of_topk(groups, ties):
+    """The top-k through group maxima has the values of ``topk``, also with many equal values (integers 0-4, where
+    groups tie at the boundary), and its columns hold those values."""
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randint(0, 5, (64, 512), generator=g).float() if ties else torch.randn(64, 512, generator=g)
+    for k in (1, 7, 32):
+        values, columns = evaluate.grouped_topk(x, k, groups)
+        assert torch.equal(values, x.topk(k, dim=1).values)
+        assert torch.equal(x.gather(1, columns), values)
+        assert (columns.sort(dim=1).values.diff(dim=1) > 0).all()  # no column twice
+
+
+def test_grouped_topk_misses_nothing_hidden_in_one_group():
+    """All of a row's largest values inside a single group, the case a top-k per group would cut short."""
+    x = torch.zeros(2, 64)
+    x[0, 8:16] = torch.arange(1.0, 9.0)  # group 1 (of 8 columns) holds the 8 largest
+    x[1, 3] = 5.0
+    values, columns = evaluate.grouped_topk(x, 8, 8)
+    assert torch.equal(values[0], torch.arange(8.0, 0.0, -1.0)) and set(columns[0].tolist()) == set(range(8, 16))
+    assert values[1, 0] == 5.0 and columns[1, 0] == 3
 
 
 def test_k_larger_than_the_bank_takes_every_row():
