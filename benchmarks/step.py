@@ -27,22 +27,18 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from ressl import precision
 from ressl.data import pretrain_batches
 from ressl.graph import CapturedStep
 from ressl.model import ReSSL
 from ressl.train import Run, epoch_order, mark_non_finite, setup, train_step
 
 
-def autocast_for(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = True) -> torch.autocast:
-    """The same context ``ressl.train.network_step`` uses (its cache off inside a CUDA graph)."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=cache)
-
-
 def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, device: torch.device,
                    amp_dtype: torch.dtype | None, graph: bool = False) -> Callable[[], None]:
     """Student forward + backward on ``strong`` and teacher forward on ``weak`` (both already augmented);
     with ``graph``, replayed as a CUDA graph as the training step's network part is (``ressl.graph``)."""
-    autocast = autocast_for(device, amp_dtype, cache=not graph)
+    autocast = precision.autocast(device, amp_dtype, cache=not graph)  # as ressl.train.network_step
     grad: torch.Tensor | None = None
 
     def bare_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor]:

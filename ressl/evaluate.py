@@ -12,6 +12,7 @@ from torch import nn
 
 from ressl import dist
 from ressl.data import PAD_LABEL, eval_batches, loader_workers, rows_per_rank
+from ressl.precision import autocast, autocast_dtype
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def extract_features(
     labels: list[torch.Tensor] = []
     store, bank, filled = store_dtype, None, 0
     for images, y in batches:
-        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(images.device, dtype):
             f = backbone(images.contiguous(memory_format=torch.channels_last))
         if callable(store):  # decided at the first batch, once the feature dim is known
             store = store(f.shape[1])
@@ -267,7 +268,7 @@ def augmented_batches(
 
     @torch.no_grad()
     def embed(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             return backbone(images.contiguous(memory_format=torch.channels_last)).float()
 
     def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -313,7 +314,7 @@ def evaluate_checkpoint(
     the dataset defaults to the one in the checkpoint's configuration."""
     from ressl.data import load_dataset, to_device
     from ressl.folder import DataError
-    from ressl.train import autocast_dtype, resolve_device
+    from ressl.train import resolve_device
 
     dev = resolve_device(device)
     backbone, cfg = load_backbone(path, teacher, dev)

@@ -95,7 +95,7 @@ def split_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them."""
     from ressl.evaluate import split_features as features
-    from ressl.train import autocast_dtype
+    from ressl.precision import autocast_dtype
 
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ressl import checkpoint, config, dist
+from ressl import checkpoint, config, dist, precision
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
@@ -28,6 +28,7 @@ from ressl.loss import relational_loss
 from ressl.model import ReSSL, build_model
 from ressl.monitor import health, queue_fill
 from ressl.optim import build_optimizer
+from ressl.precision import autocast_dtype
 from ressl.schedule import cosine_lr, ema_momentum
 from ressl.views import ViewAugment
 
@@ -41,18 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if dist.init_from_env(device.type) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware runs it fast (CUDA; CPUs with AMX or AVX512-BF16), else full fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    fast_cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if device.type == "cpu" and fast_cpu else None
 
 
 class MetricsLog:
@@ -174,8 +163,7 @@ def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: f
     optimiser's learning rate may be 0-dim device tensors, and ``autocast_cache`` off, as a CUDA graph needs.
     """
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    autocast = torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None,
-                              cache_enabled=autocast_cache)
+    autocast = precision.autocast(run.device, run.amp_dtype, autocast_cache)
     # 1. student on the strong view
     with autocast:
         student = run.student_forward(strong)  # (B, D), unit norm
