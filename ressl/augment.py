@@ -319,7 +319,7 @@ class BatchAugment:
         dev = generator.device if generator is not None else torch.device("cpu")
         # every uniform of the call in one draw: per image, crop tries, then flip, then for strong views jitter, the
         # four factors, gray, blur, sigma and the four keys of the order
-        per_sample = 13 if self.strong else 1  # flip, then jitter, four factors, gray, blur, sigma, four order keys
+        per_sample = 13 if self.strong else 1
         n_crop = 4 * CROP_TRIES if self.crop else 0
         u = torch.rand(steps, batch, n_crop + per_sample, generator=generator, device=dev, dtype=torch.float64).cpu().numpy()
         v = u[..., n_crop:]
