@@ -1,5 +1,5 @@
 #!/bin/bash
-# One short GPU check, about 3 minutes on an H200: the CUDA tests, the four benchmarks, and end to end with the
+# One short GPU check (the same parts plus a profile took 152 s on an H200): the CUDA tests, the four benchmarks, and end to end with the
 # eager step and with the official per-image pipeline beside them. Runs with whatever python3 holds PyTorch
 # (no virtual environment needed), from the repository's root:
 #
