@@ -165,6 +165,15 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+def ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of the same paired ratios: how far the pairs scatter around their median."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
+
+
 def channels_last(model: ReSSL, cfg: Config) -> ReSSL:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model  # type: ignore[call-overload]
 

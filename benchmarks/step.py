@@ -128,9 +128,10 @@ def run(args: argparse.Namespace) -> common.Result:
     ms = {name: 1e3 * statistics.median(times) / steps for name, times in t.items()}
     b = cfg.batch_size
     eager = f" as a CUDA graph (eager: {ms['bare eager']:.1f} ms)" if graphed else ""
+    q1, q3 = common.ratio_quartiles(t["full"], t["bare"])
     detail = (f"full step {ms['full']:.1f} ms ({1e3 * b / ms['full']:.0f} img/s), bare work {ms['bare']:.1f} ms "
               f"({1e3 * b / ms['bare']:.0f} img/s){eager}, medians of {repeats} x {steps} steps; "
-              f"ratio: median of the {repeats} pairs' ratios")
+              f"ratio: median of the {repeats} pairs' ratios (quartiles {q1:.3f}-{q3:.3f})")
     return common.report("step", "step overhead (full / bare time)", common.paired_ratio(t["full"], t["bare"]), "<= 1.10", detail)
 
 

@@ -40,3 +40,13 @@ def test_a_mistake_is_one_line_and_exit_code_2(tmp_path):
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "python -m benchmarks.step: error: epochs must be an integer, got 'zero'"], proc.stderr
+
+
+def test_paired_ratios_median_and_quartiles():
+    """Each pair's ratio counts, not the ratio of the medians: a slow pair (host busy for both) moves neither."""
+    from benchmarks.common import paired_ratio, ratio_quartiles
+
+    full, bare = [11.0, 22.0, 13.0, 14.0, 100.0], [10.0, 20.0, 10.0, 10.0, 100.0]  # ratios 1.1 1.1 1.3 1.4 1.0
+    assert paired_ratio(full, bare) == pytest.approx(1.1)
+    assert ratio_quartiles(full, bare) == pytest.approx((1.1, 1.3))
+    assert ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
