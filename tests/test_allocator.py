@@ -10,8 +10,11 @@ import sys
 import pytest
 
 # A real workload (the strong augmentation of a CIFAR-size batch, the cifar10 recipe) in a fresh
-# process; prints the minor page faults per call in steady state. With glibc's defaults (Debian
-# glibc 2.36) it made ~2,400 per call, tuned 0.
+# process; prints the minor page faults per call in steady state. Both processes start from glibc's documented
+# thresholds (128 KiB), pinned so that glibc cannot raise them itself as it goes (its dynamic mmap threshold): left
+# free, the default process made 31-322 faults per call from run to run, pinned 3,091 every time. Tuned, 0 in most
+# windows, but the heap may still grow once inside one (384 pages, one batch), hence 100 calls after 40 of warm-up
+# (at most 2.6 per call measured).
 PROGRAM = """
 import json, resource, sys, torch
 from ressl import allocator
@@ -21,19 +24,22 @@ torch.set_num_threads(1)
 augment = strong_augment(32, (0.5,) * 3, (0.25,) * 3)
 images = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8)
 generator = torch.Generator().manual_seed(0)
-for _ in range(10):
-    augment(images, generator)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(40):
     augment(images, generator)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    augment(images, generator)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100
 print(json.dumps({"tuned": tuned, "faults": faults}))
 """
 
 
+GLIBC_DEFAULTS = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072"
+
+
 def run(**env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}, timeout=120)
+    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_DEFAULTS, **env}
+    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True, env=env, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -44,7 +50,8 @@ def test_tuned_process_reuses_memory_across_steps() -> None:
         pytest.skip("not glibc: keep_freed_memory is a no-op here")
     if default["faults"] < 100:
         pytest.skip(f"this malloc already reuses the memory ({default['faults']} faults per call)")
-    assert tuned["faults"] < 0.05 * default["faults"], (tuned, default)
+    # a call allocates over 2,000 pages of buffers: a tuned process faults a small fraction of one batch (384 pages)
+    assert tuned["faults"] < min(10.0, 0.1 * default["faults"]), (tuned, default)
 
 
 def test_opt_out_leaves_malloc_alone() -> None:
