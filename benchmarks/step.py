@@ -1,10 +1,11 @@
 """Step overhead: one full ReSSL training step divided by the bare network work it cannot avoid.
 
-Full step: ``ressl.train.train_step``, the body of ``train_one_epoch``'s loop, on the batches that
-loop draws, on a run built by ``ressl.train.setup`` as ``ressl pretrain`` builds it: learning rate
-and EMA momentum from the schedules, weak and strong batched augmentation, student forward on the
-strong view, EMA update, teacher forward on the weak view (no gradient), relational loss against
-the queue, backward, SGD step, queue push, and the loop's on-device finiteness flag.
+Full step: the body of ``train_one_epoch``'s loop, on a run built by ``ressl.train.setup`` as ``ressl
+pretrain`` builds it: the next views from ``ressl.train.epoch_views`` (the batch cut from the data, weak and
+strong batched augmentation, a few steps per call; each timed call covers a multiple of them), then
+``ressl.train.train_step``: learning rate and EMA momentum from the schedules, student forward on the
+strong view, EMA update, teacher forward on the weak view (no gradient), relational loss against the
+queue, backward, SGD step, queue push, and the loop's on-device finiteness flag.
 Left out: logging, checkpoints, signals (``benchmarks.end_to_end`` measures the whole loop).
 
 Bare work: student forward + backward on an already augmented strong batch and teacher forward on
@@ -27,11 +28,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from ressl import precision
-from ressl.data import pretrain_batches
+from ressl import dist, precision
 from ressl.graph import CapturedStep
 from ressl.model import ReSSL
-from ressl.train import Run, epoch_order, mark_non_finite, setup, train_step
+from ressl.train import Run, epoch_views, mark_non_finite, setup, train_step
 
 
 def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, device: torch.device,
@@ -62,7 +62,7 @@ def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, devic
 
 
 class FullStep:
-    """``ressl.train.train_step`` on the batches ``train_one_epoch`` draws: the loop's body minus logging,
+    """``ressl.train.train_step`` on the views ``train_one_epoch`` makes: the loop's body minus logging,
     checkpoints and signals, on a ``Run`` built by ``ressl.train.setup`` as ``ressl pretrain`` builds it."""
 
     def __init__(self, run: Run) -> None:
@@ -72,11 +72,9 @@ class FullStep:
         run.model.train()
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        run, cfg = self.run, self.run.cfg
         while True:
-            yield from pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
-                                        epoch_order(run), 0, run.device, run.loader_views)
-            run.state.epoch += 1
+            yield from epoch_views(self.run, 0)
+            self.run.state.epoch += 1
 
     def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         step = self.run.state.step + 1
@@ -88,10 +86,12 @@ class FullStep:
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """An augmented (weak, strong) pair of one batch, for the bare step: batched, or by loader workers."""
-        weak_source, strong_source = next(self.batches)
-        if self.run.augment is None:  # augment_backend torchvision: loader workers made the views
-            return weak_source, strong_source
-        return self.run.augment(weak_source, strong_source, self.run.state.step)
+        return next(self.batches)
+
+    def steps_per_call(self) -> int:
+        """Steps whose views one augmentation call makes (``ViewAugment.call_steps``; 1 for loader workers)."""
+        augment = self.run.augment
+        return 1 if augment is None else augment.call_steps(self.run.cfg.batch_size // dist.world_size())
 
 
 def repeat(fn: Callable[[], None], n: int) -> Callable[[], None]:
@@ -116,8 +116,11 @@ def run(args: argparse.Namespace) -> common.Result:
     if graphed:
         fns["bare eager"] = make_bare_step(full.run.model, weak, strong, device, full.run.amp_dtype)
     # steps per timed call; on CUDA the host runs ahead of the GPU, and each timed call starts with the queue empty:
-    # the first step's augmentation is launched before any GPU work, a fill that training pays once, not per step
-    steps = 2 if args.quick else 12 if device.type == "cuda" else 3
+    # the first step's augmentation is launched before any GPU work, a fill that training pays once, not per step.
+    # A multiple of the steps one augmentation call covers: every timed call starts as many calls (steps whose views
+    # are made at once) as every other, away from an epoch's end.
+    per_call = full.steps_per_call()
+    steps = per_call * -(-(2 if args.quick else 12 if device.type == "cuda" else 3) // per_call)
     repeats = args.repeats or (3 if args.quick else 15)
     print(f"[step] {common.describe(cfg, device, full.run.amp_dtype, graphed)}; data: {source}", flush=True)
     # graphs: 3 eager warm-up calls and the capture happen before the timed ones

@@ -18,7 +18,8 @@ Jitter order: like torchvision's ``ColorJitter``, the four colour operations are
 uniformly random order. ``jitter_order="batch"`` (the default, as torchvision's ``ColorJitter``
 draws one order per call) uses one permutation for the whole batch: four whole-batch kernels
 instead of sixteen gathered subsets, about twice as fast on a CPU; each image's marginal
-distribution is the same as with ``jitter_order="sample"`` (one permutation per image).
+distribution is the same as with ``jitter_order="sample"`` (one permutation per image). In training,
+the batches of the few steps augmented in one call share it (``ressl.views.ViewAugment``).
 """
 
 from __future__ import annotations
@@ -309,11 +310,14 @@ class BatchAugment:
         return {k: v[0] for k, v in self.sample_steps(1, batch, height, width, generator).items()}
 
     def sample_steps(self, steps: int, batch: int, height: int | None = None, width: int | None = None,
-                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                     generator: torch.Generator | None = None, order_steps: int = 1) -> dict[str, Tensor]:
         """The parameters of ``steps`` batches in one draw: each value of :meth:`sample_params` with a leading
         ``steps`` dimension, ``(steps, B, ...)``; batch ``s`` takes ``{k: v[s]}``. Many steps in one call run the
         numpy work once: inside the training loop, where the network has left the caches cold, each call costs
         about a millisecond on a CPU whatever its size. ``sample_params`` is this with ``steps=1``.
+
+        With ``jitter_order="batch"``, batches ``0..order_steps-1``, ``order_steps..2*order_steps-1``, ... share
+        their first batch's colour order, so that their images can be augmented in one call with whole-batch kernels.
         """
         height, width = height or self.size, width or self.size
         dev = generator.device if generator is not None else torch.device("cpu")
@@ -343,7 +347,8 @@ class BatchAugment:
             p["gray"] = out(v[..., 6] < self.gray_p)
             p["blur"] = out((v[..., 7] < self.blur_p) & self.blur)
             p["sigma"] = out((self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * v[..., 8]).astype(np.float32))
-            keys = v[..., 9:13] if self.jitter_order == "sample" else np.broadcast_to(v[:, :1, 9:13], (steps, batch, 4))
+            first = np.arange(steps) // order_steps * order_steps  # the batch whose order each batch takes
+            keys = v[..., 9:13] if self.jitter_order == "sample" else np.broadcast_to(v[first, :1, 9:13], (steps, batch, 4))
             p["order"] = out(np.argsort(keys, axis=-1).astype(np.int64))
         return p
 

@@ -52,6 +52,8 @@ class Config:
     jitter_order: str = "batch"  # colour-jitter order: one random permutation per batch (fast) or per sample
     augment_backend: str = "batched"  # batched (per-sample parameters, whole-batch ops on the device) or torchvision
     #   (per-image transforms.v2 in loader workers, the official code's design: for comparison, much slower)
+    augment_steps: int = 8  # batched: the views of up to this many steps made in one call (within 64 MB; 1 = each step
+    #   apart). Fewer kernel launches per step; those steps share the jitter order with jitter_order batch
     flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
@@ -216,6 +218,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
     if cfg.jitter_order not in {"batch", "sample"}:
         raise ConfigError(f"jitter_order must be batch or sample, got {cfg.jitter_order!r}")
+    if cfg.augment_steps < 1:
+        raise ConfigError(f"augment_steps must be at least 1, got {cfg.augment_steps}")
     if cfg.augment_backend not in {"batched", "torchvision"}:
         raise ConfigError(f"augment_backend must be batched or torchvision, got {cfg.augment_backend!r}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:

@@ -126,20 +126,29 @@ def epoch_order(run: Run) -> torch.Tensor:
 Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (loss, student (B, D), teacher (B, D))
 
 
-def train_step(run: Run, weak_source: torch.Tensor, strong_source: torch.Tensor, observe: Observer | None = None) -> tuple[float, float]:
-    """One ReSSL step, number ``run.state.step``, in the official order; returns its (lr, EMA momentum).
+def epoch_views(run: Run, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The current epoch's (weak, strong) views from its batch ``start`` on, float (B, 3, S, S) each, for
+    :func:`train_step`: the weak view crop + flip, the strong one the MoCo-v2 recipe. Batched on the device, a few
+    steps per call (``ViewAugment.stream``), or made image by image by loader workers (``augment_backend torchvision``).
+    """
+    cfg = run.cfg
+    batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
+                               epoch_order(run), start, run.device, run.loader_views)
+    if run.augment is None:
+        return batches
+    return run.augment.stream(batches, run.state.epoch * run.steps_per_epoch + start)
 
-    ``weak_source``/``strong_source``: (B, C, H, W) uint8 images (the same tensor for in-memory sets), or the
-    finished float views when loader workers made them (``augment_backend torchvision``).
+
+def train_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, observe: Observer | None = None) -> tuple[float, float]:
+    """One ReSSL step, number ``run.state.step``, in the official order, on its finished (B, 3, S, S) views
+    (:func:`epoch_views`); returns its learning rate and EMA momentum.
+
     ``observe(loss, student, teacher)`` sees the step before the queue changes (logging, NaN watch).
     The caller advances ``run.state``.
     """
     cfg, model = run.cfg, run.model
     lr = cosine_lr(run.state.step, run.total_steps, cfg.lr, round(cfg.warmup_epochs * run.steps_per_epoch))
     momentum = ema_momentum(run.state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
-    weak, strong = weak_source, strong_source
-    if run.augment is not None:  # (B, 3, S, S) each: crop + flip; the MoCo-v2 recipe
-        weak, strong = run.augment(weak_source, strong_source, run.state.step)
     # 1.-4. student, EMA, teacher, loss, backward, SGD step: one CUDA graph replay, or eager
     if run.graph is not None:
         loss, student, teacher, everyone = run.graph(weak, strong, lr=lr, momentum=momentum)
@@ -209,13 +218,12 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
 def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     """The rest of the current epoch, step after step; returns the last logged loss."""
     cfg, state = run.cfg, run.state
-    batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
-                               epoch_order(run), state.index, run.device, run.loader_views)
+    views = epoch_views(run, state.index)
     meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     run.model.train()
     try:
-        for weak_source, strong_source in batches:
-            lr, momentum = train_step(run, weak_source, strong_source, meter.observe)  # health signals on log steps
+        for weak, strong in views:
+            lr, momentum = train_step(run, weak, strong, meter.observe)  # health signals on log steps
             state.step += 1
             state.index += 1
             stop = meter.end_step(lr, momentum)
@@ -420,7 +428,7 @@ def setup(cfg: Config) -> Run:
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
     weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
                 else weak_augment(size, mean, std, **common))
-    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()))
+    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()), steps_per_call=cfg.augment_steps)
     loader_views = None
     if cfg.augment_backend == "torchvision":  # the official design, for comparison: per image, in loader workers
         views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)

@@ -36,6 +36,7 @@ def test_command_line_strings_are_typed():
         ("imagenet", {"image_size": 16, "small_stem": "false"}, "too small"),
         ("cifar10", {"teacher_temperature": 0}, "must be positive"),
         ("cifar10", {"augment_backend": "pil"}, "augment_backend must be batched or torchvision"),
+        ("cifar10", {"augment_steps": 0}, "augment_steps must be at least 1"),
     ],
 )
 def test_bad_values_are_one_line_errors(preset, values, match):

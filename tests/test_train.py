@@ -7,9 +7,8 @@ import torch
 from conftest import make_images
 
 from ressl import config
-from ressl.data import pretrain_batches
 from ressl.loss import relational_loss
-from ressl.train import capture_network_step, epoch_order, setup, train_one_epoch, train_step
+from ressl.train import capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
 from ressl.views import ViewAugment
 
 
@@ -103,7 +102,7 @@ def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cu
     runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g)
             for g in (False, True)]
     runs[1].graph.warmup = 1
-    orders = [list(pretrain_batches(r.dataset, r.cfg.batch_size, 16, 0.2, 0, epoch_order(r), 0, r.device)) for r in runs]
+    orders = [list(epoch_views(r, 0)) for r in runs]  # the same 4 steps' views in both
     losses: list[list[float]] = [[], []]
     for step in range(8):
         for i, run in enumerate(runs):
@@ -155,19 +154,23 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
-    """On CUDA a training step (augmentation included) queues its work without a host-device sync."""
-    run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True, batch_size=16)
+    """On CUDA training steps (their views' augmentation included) queue their work without a host-device sync."""
+    run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True, batch_size=16, augment_steps=2)
     assert run.graph is not None  # on by default on CUDA
-    # 8 batches in the epoch: the warm-up calls and the capture take 4, and the step watched below is inside the
-    # same epoch (an epoch's start copies its order to the device once, a sync allowed there)
-    batches = pretrain_batches(run.dataset, run.cfg.batch_size, 16, 0.2, 0, epoch_order(run), 0, run.device)
+    # 8 batches in the epoch: the warm-up calls and the capture take 4, and the two steps watched below, one
+    # augmentation call, are inside the same epoch (an epoch's start copies its order to the device once, a sync
+    # allowed there)
+    views = epoch_views(run, 0)
     while not run.graph.captured:  # the first steps set things up: warm-up calls, the capture
-        train_step(run, *next(batches))
+        train_step(run, *next(views))
         run.state.step += 1
+    assert run.state.step % 2 == 0  # the next step's views start an augmentation call
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_step(run, *next(batches))
+        for _ in range(2):
+            train_step(run, *next(views))
+            run.state.step += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

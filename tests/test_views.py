@@ -72,3 +72,53 @@ def test_many_steps_in_one_draw_are_distributed_as_one_step_draws() -> None:
     orders = many["order"]  # jitter_order "batch": one permutation per step, its own for each step
     assert torch.equal(orders, orders[:, :1].expand_as(orders))
     assert len({tuple(o.tolist()) for o in orders[:, 0]}) > 10
+
+
+def grouped(steps_per_call: int = 4, images_per_draw: int = 48) -> ViewAugment:
+    return ViewAugment(weak_augment(16, MEAN, STD), strong_augment(16, MEAN, STD), (0, 0), images_per_draw, steps_per_call)
+
+
+def test_a_steps_views_do_not_depend_on_how_the_steps_are_grouped() -> None:
+    """Batch 4, 12 steps per draw, 4 steps per call. Streamed from step 0 (3 calls), resumed at step 5 (calls for
+    5-7 and 8-11) and made one step per call, every step's views are the same bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8, generator=g) for _ in range(12)]
+    calls = []
+
+    def counted(v: ViewAugment) -> ViewAugment:
+        apply = v.strong.apply
+        v.strong.apply = lambda x, p: calls.append(x.shape[0]) or apply(x, p)  # type: ignore[method-assign]
+        return v
+
+    straight = list(counted(grouped()).stream(((s, s) for s in sources), 0))
+    assert calls == [16, 16, 16]
+    calls.clear()
+    resumed = list(counted(grouped()).stream(((s, s) for s in sources[5:]), 5))
+    assert calls == [12, 16]
+    one_by_one = grouped()
+    for step, (weak, strong) in enumerate(straight):
+        assert weak.shape == strong.shape == (4, 3, 16, 16)
+        alone = one_by_one(sources[step], sources[step], step)
+        assert torch.equal(weak, alone[0]) and torch.equal(strong, alone[1]), step
+        if step >= 5:
+            assert torch.equal(weak, resumed[step - 5][0]) and torch.equal(strong, resumed[step - 5][1]), step
+
+
+def test_the_steps_of_one_call_share_their_jitter_order() -> None:
+    """jitter_order batch: steps 0-3, 4-7, ... take their first step's permutation; the groups draw their own."""
+    v = grouped(images_per_draw=4 * 48)  # batch 4: 48 steps per draw, 12 groups
+    orders = [v.params(step, 4, 20, 24)[1]["order"] for step in range(48)]
+    for step, order in enumerate(orders):
+        assert torch.equal(order, orders[step // 4 * 4].expand_as(order)), step
+        assert torch.equal(order, order[:1].expand_as(order))
+    assert len({tuple(o[0].tolist()) for o in orders}) > 4
+
+
+def test_steps_per_call_stay_within_a_draw_and_the_memory_budget() -> None:
+    assert grouped(8, 16_384).call_steps(128) == 8  # 128 steps per draw
+    assert grouped(8, 16_384).call_steps(96) == 2  # 170 steps per draw: a call never spans two
+    big = ViewAugment(weak_augment(224, MEAN, STD), strong_augment(224, MEAN, STD), (0, 0), 16_384, 8)
+    assert big.call_steps(256) == 1  # 308 MB of views per step
+    assert grouped(1).call_steps(4) == 1
+    with pytest.raises(ValueError, match="span two draws"):
+        grouped().params(10, 4, 20, 24, steps=4)
