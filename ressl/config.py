@@ -52,8 +52,8 @@ class Config:
     jitter_order: str = "batch"  # colour-jitter order: one random permutation per batch (fast) or per sample
     augment_backend: str = "batched"  # batched (per-sample parameters, whole-batch ops on the device) or torchvision
     #   (per-image transforms.v2 in loader workers, the official code's design: for comparison, much slower)
-    augment_steps: int = 8  # batched: the views of up to this many steps made in one call (within 64 MB; 1 = each step
-    #   apart). Fewer kernel launches per step; those steps share the jitter order with jitter_order batch
+    augment_steps: int = 8  # batched, sets in memory: the views of up to this many steps made in one call (within 64 MB;
+    #   1 = each step apart). Fewer kernel launches per step; those steps share the jitter order (jitter_order batch)
     flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local

@@ -428,7 +428,9 @@ def setup(cfg: Config) -> Run:
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
     weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
                 else weak_augment(size, mean, std, **common))
-    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()), steps_per_call=cfg.augment_steps)
+    # several steps per call for sets in memory; from a folder, loader workers would have to decode them all first
+    steps_per_call = cfg.augment_steps if dataset.train.images is not None else 1
+    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()), steps_per_call=steps_per_call)
     loader_views = None
     if cfg.augment_backend == "torchvision":  # the official design, for comparison: per image, in loader workers
         views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)

@@ -199,3 +199,19 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
     train_one_epoch(later)
     assert records(later) == records(now) and len(records(now)) == 4  # steps 2, 4, 6, 8
     assert written == [0, 0, 0, 0, 1, 1, 2, 2]  # step 2's record is written after step 4, step 4's after step 6 (at once: 0, 0, 1, 1, 2, ...)
+
+
+def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_path):
+    """In memory, a call makes the views of up to --augment_steps steps; from a folder, where loader workers would
+    have to decode them all before the first could train, one step's."""
+    from PIL import Image
+
+    assert tiny_run(npz_dir, tmp_path / "npz").augment.steps_per_call == 8
+    assert tiny_run(npz_dir, tmp_path / "npz2", augment_steps=3).augment.steps_per_call == 3
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (tmp_path / "photos" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "photos" / str(i % 2) / f"{i}.png")
+    run = tiny_run(npz_dir, tmp_path / "folder", dataset="folder", data=str(tmp_path / "photos"), batch_size=4, workers=0)
+    assert run.augment.steps_per_call == 1
+    assert np.isfinite(train_one_epoch(run)) and run.state.step == 4
