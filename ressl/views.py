@@ -105,9 +105,13 @@ class ViewAugment:
         while first := next(sources, None):
             k = self.call_steps(first[0].shape[0])
             group = [first, *itertools.islice(sources, k - 1 - step % k)]
-            weak = torch.cat([w for w, _ in group]) if len(group) > 1 else first[0]
-            same = all(w is s for w, s in group)  # in-memory sets: one tensor is both sources
-            strong = weak if same else torch.cat([s for _, s in group]) if len(group) > 1 else first[1]
+            weak = _joined(group, 0)
+            strong = weak if all(w is s for w, s in group) else _joined(group, 1)  # in memory, one tensor is both sources
             views = self(weak, strong, step, len(group))
             yield from zip(*(v.chunk(len(group)) for v in views))
             step += len(group)
+
+
+def _joined(group: list[tuple[Tensor, Tensor]], i: int) -> Tensor:
+    """The weak (``i`` 0) or strong (1) sources of a group of steps as one batch (no copy for a single step)."""
+    return group[0][i] if len(group) == 1 else torch.cat([pair[i] for pair in group])
