@@ -50,3 +50,21 @@ def test_paired_ratios_median_and_quartiles():
     assert paired_ratio(full, bare) == pytest.approx(1.1)
     assert ratio_quartiles(full, bare) == pytest.approx((1.1, 1.3))
     assert ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
+
+
+@pytest.mark.parametrize("query_chunk, bank_chunk, groups", [(7, 64, 4), (50, 80, 4), (23, 199, 1), (5, 13, 4)])
+def test_knn_candidate_with_unit_bank_chunks_scores_as_the_formula(query_chunk, bank_chunk, groups):
+    """The GPU candidate timed beside ``knn_scores`` computes the same weighted kNN: fp32 bank, chunks that do not
+    divide N = 199 or M = 23, blocks through group maxima (64 and 80 columns) and through plain top-k (13 < k x 4)."""
+    import torch
+
+    from benchmarks.knn import knn_unit_chunks
+    from tests.test_knn import reference_knn
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries, labels = torch.randn(199, 12, generator=g), torch.randn(23, 12, generator=g), torch.randint(0, 5, (199,), generator=g)
+    expected, _ = reference_knn(bank, labels, queries, 5, k=20, temperature=0.1)
+    scores = knn_unit_chunks(bank, labels, queries, 5, k=20, temperature=0.1, query_chunk=query_chunk, bank_chunk=bank_chunk,
+                             groups=groups)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bank, torch.randn(199, 12, generator=torch.Generator().manual_seed(0)))  # the bank is not changed
