@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shlex
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +82,8 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     epoch: int = 0  # epochs completed
     index: int = 0  # batches done inside the current epoch (a mid-epoch checkpoint resumes here)
+    loss: float | None = None  # the last logged loss (final.json's, also when a run stops before a logging step)
+    knn_random_init: dict[str, float] | None = None  # kNN before training, kept for final.json across resumes
 
 
 class Interrupted(Exception):
@@ -111,6 +115,11 @@ class Run:
     steps_per_epoch: int
     stop_requested: bool = False  # set by the SIGTERM/SIGINT handler, honoured at the next step boundary
     graph: CapturedStep | None = None  # network_step replayed as a CUDA graph (--cuda_graph), else None: eager
+    clock: float = 0.0  # time.time() at which the run would have started had it never stopped (--max_minutes)
+
+    def minutes(self) -> float:
+        """Minutes of this run so far, over every invocation that trained it."""
+        return (time.time() - self.clock) / 60
 
     @property
     def total_steps(self) -> int:
@@ -216,7 +225,7 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
 
 
 def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
-    """The rest of the current epoch, step after step; returns the last logged loss."""
+    """The rest of the current epoch, step after step; returns the run's last logged loss."""
     cfg, state = run.cfg, run.state
     views = epoch_views(run, state.index)
     meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
@@ -232,15 +241,15 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
             if stop or checkpoint_due(cfg, state.step):
                 save_checkpoint(run)
             if stop:
-                raise Interrupted(f"stopped at step {state.step}; checkpoint saved: resume with the same command "
-                                  f"(ressl pretrain --out {run.out})")
+                raise Interrupted(f"stopped at step {state.step}; checkpoint saved. To resume, run the same command "
+                                  f"again{' (with the same launcher)' if dist.is_distributed() else ''}: {resume_command(run.out)}")
             if deadline is not None and time.time() > deadline:
                 break
     finally:
         meter.close()
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0
-    return meter.last_loss
+    return state.loss
 
 
 def _defer_logs(device: torch.device) -> bool:
@@ -261,7 +270,6 @@ class _Meter:
     def __init__(self, run: Run, first_bad_step: torch.Tensor) -> None:
         self.run, self.first_bad_step = run, first_bad_step
         self.progress = _progress(run)
-        self.last_loss: float | None = None
         self.signals: dict[str, torch.Tensor] = {}
         self.window_start, self.window_images = time.perf_counter(), 0
         self.defer = _defer_logs(run.device)
@@ -321,10 +329,10 @@ class _Meter:
         *numbers, first_bad = values.tolist()
         _check_finite(int(first_bad))
         logged = dict(zip(names, numbers))
-        self.last_loss = logged["loss"]
+        self.run.state.loss = logged_loss = logged["loss"]
         self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
 
     def close(self) -> None:
         try:
@@ -400,7 +408,8 @@ def default_out(cfg: Config) -> Path:
 
 
 def setup(cfg: Config) -> Run:
-    """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists."""
+    """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists, else from
+    ``cfg.resume`` if given. :func:`pretrain` writes ``config.yaml`` once it knows the run has training left."""
     device = resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
     graphed = use_cuda_graph(cfg, device)
@@ -442,14 +451,19 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, augment, loader_views,
               shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
               len(dataset.train) // cfg.batch_size)
-    if cfg.resume or (out / "checkpoint.pt").exists():
-        resume(run, Path(cfg.resume) if cfg.resume else out / "checkpoint.pt")
+    run.clock = time.time()
+    own = out / "checkpoint.pt"
+    if own.exists():  # the run's own progress comes first: re-running a --resume command after a stop continues it
+        if cfg.resume and dist.is_main():
+            print(f"{out} has its own checkpoint: continuing from it, not from --resume {cfg.resume}", flush=True)
+        resume(run, own)
+    elif cfg.resume:
+        resume(run, Path(cfg.resume))
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
-        config.save(cfg, out / "config.yaml")
     return run
 
 
@@ -476,6 +490,7 @@ def resume(run: Run, path: Path) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.state = TrainState(**saved["state"])
+    run.clock = time.time() - 60 * float(saved.get("minutes", 0.0))  # older checkpoints: the clock starts now
     world = saved.get("world_size", len(saved.get("generators", ())) or None)  # older checkpoints: a generator per process
     if world is not None and world != dist.world_size():
         raise config.ConfigError(f"{path} was written by {world} processes, this run has {dist.world_size()}: "
@@ -498,6 +513,7 @@ def save_checkpoint(run: Run) -> None:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "state": dataclasses.asdict(run.state),
+        "minutes": run.minutes(),  # --max_minutes counts the run's time over every invocation
         "world_size": dist.world_size(),  # the augmentation's parameters depend on the rank (ressl.views)
         "shuffle_generator": run.shuffle_generator.get_state(),
         "rng": checkpoint.rng_states(),
@@ -506,9 +522,9 @@ def save_checkpoint(run: Run) -> None:
     checkpoint.save_atomic(state, run.out / "checkpoint.pt")
 
 
-def _end_of_epoch(run: Run, loss: float | None, started: float, say: Any) -> None:
-    cfg = run.cfg
-    summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {(time.time() - started) / 60:.1f} min"
+def _end_of_epoch(run: Run, say: Any) -> None:
+    cfg, loss = run.cfg, run.state.loss
+    summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {run.minutes():.1f} min"
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
         acc = evaluate_knn(run, cfg.knn_subset)
         if acc is not None:
@@ -537,35 +553,56 @@ def _stop_on_signals(run: Run) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def resume_command(out: Path) -> str:
+    """The command that continues a run stopped in ``out``: this process's own ``ressl`` command line, with ``--out``
+    added where it had none (the default run directory is new at every start)."""
+    program = Path(sys.argv[0])
+    if program.name != "ressl" and program.parent.name != "ressl":  # not the command line (python -m ressl): the API
+        return f"ressl.train.pretrain with the same configuration and out={str(out)!r}"
+    args = sys.argv[1:]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args = [*args, "--out", str(out)]
+    return shlex.join(["ressl", *args])
+
+
 def pretrain(cfg: Config) -> dict[str, Any]:
-    """Pretrain by ReSSL as ``cfg`` says; returns (and saves in ``out/final.json``) the final metrics."""
+    """Pretrain by ReSSL as ``cfg`` says; returns (and saves in ``out/final.json``) the final metrics.
+
+    A run that is already complete (all its epochs, or its ``max_minutes``, done and ``final.json`` written) is
+    left as it is: its ``final.json`` is returned and nothing is written.
+    """
     run = setup(cfg)
     say = print if dist.is_main() else (lambda *a, **k: None)
+    deadline = run.clock + 60 * cfg.max_minutes if cfg.max_minutes else None  # over every invocation of the run
+    done = _done(run, deadline)
+    if done and (run.out / "final.json").exists():
+        say(f"{run.out} is already complete ({done}); its results are in {run.out / 'final.json'}. Nothing was changed: "
+            "raise --epochs or --max_minutes to train it further, or pass another --out for a new run", flush=True)
+        return json.loads((run.out / "final.json").read_text())
+    if dist.is_main():
+        config.save(cfg, run.out / "config.yaml")
     say(f"ressl: {cfg.dataset} ({len(run.dataset.train)} images) -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
-    started = time.time()
-    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
-    final: dict[str, Any] = {}
     if run.state.step == 0:
-        initial = evaluate_knn(run)
-        if initial is not None:
-            final["knn_random_init"] = initial
+        run.state.knn_random_init = evaluate_knn(run)
+        if run.state.knn_random_init is not None:
+            initial = run.state.knn_random_init
             run.log.write(step=0, epoch=0, knn_top1=initial["top1"], knn_top5=initial["top5"])
             say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
-    loss = None
     with _stop_on_signals(run):
-        while run.state.epoch < cfg.epochs:
-            loss = train_one_epoch(run, deadline)
+        while not done:
+            train_one_epoch(run, deadline)
             save_checkpoint(run)
             if run.state.index:  # stopped inside an epoch (--max_minutes)
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes) at step {run.state.step}", flush=True)
                 break
-            _end_of_epoch(run, loss, started, say)
-            if deadline is not None and time.time() > deadline:
+            _end_of_epoch(run, say)
+            done = _done(run, deadline)
+            if done and run.state.epoch < cfg.epochs:
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
-                break
-    final.update(epochs=run.state.epoch, steps=run.state.step, loss=loss, minutes=(time.time() - started) / 60)
+    final: dict[str, Any] = {} if run.state.knn_random_init is None else {"knn_random_init": run.state.knn_random_init}
+    final.update(epochs=run.state.epoch, steps=run.state.step, loss=run.state.loss, minutes=run.minutes())
     acc = evaluate_knn(run)
     if acc is not None:
         final["knn"] = acc
@@ -576,3 +613,12 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         (run.out / "final.json").write_text(json.dumps(final, indent=2))
         say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
+
+
+def _done(run: Run, deadline: float | None) -> str:
+    """Why the run has no training left ("" while it has): all its epochs, or its time."""
+    if run.state.epoch >= run.cfg.epochs:
+        return f"{run.state.epoch}/{run.cfg.epochs} epochs, step {run.state.step}"
+    if deadline is not None and time.time() > deadline:
+        return f"its --max_minutes {run.cfg.max_minutes} are spent, step {run.state.step}"
+    return ""

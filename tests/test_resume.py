@@ -3,6 +3,7 @@
 import errno
 import json
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_sigterm_saves_and_says_how_to_resume(npz_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
-    assert "resume" in err and str(out) in err and "Traceback" not in err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"To resume, run the same command again: ressl {shlex.join(command(npz_dir, out, '--checkpoint_every', '0')[3:])}")
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] >= 3 and max(losses(out)) == state["step"]
 
@@ -164,3 +166,74 @@ def test_resume_accepts_the_same_data_by_another_path(npz_dir, tmp_path, capsys,
         (other / name).write_bytes((npz_dir / name).read_bytes())
     assert main(base + ["--data", str(other), "--epochs", "3"]) == 2
     assert "different data" in capsys.readouterr().err
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_rerunning_a_complete_run_changes_nothing(npz_dir, tmp_path, capsys):
+    """The same command again on a finished run: it says so and leaves final.json, the metrics, the config and
+    the checkpoint as they were (no second final kNN row, no final.json without its random-init kNN)."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]
+    assert main(argv) == 0
+    before = _files(out)
+    assert "knn_random_init" in json.loads(before["final.json"])
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.5"]) == 0
+    assert "already complete (1/1 epochs" in capsys.readouterr().out
+    assert _files(out) == before
+
+
+def test_a_continued_run_keeps_its_random_init_knn_and_its_time(npz_dir, tmp_path):
+    """A run continued with more epochs reports the kNN measured before its training began, and its minutes over
+    both invocations."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0
+    first = json.loads((out / "final.json").read_text())
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(saved, minutes=7.0), out / "checkpoint.pt")  # as if the first invocation had trained 7 minutes
+    assert main(argv + ["--epochs", "2"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["knn_random_init"] == first["knn_random_init"] and final["epochs"] == 2
+    assert final["minutes"] > 7.0 and final["loss"] is not None
+
+
+def test_max_minutes_count_over_every_invocation(npz_dir, tmp_path, capsys):
+    """--max_minutes is the run's budget, not each invocation's: a run that has spent it trains no further."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--max_minutes", "5", *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(saved, minutes=6.0), out / "checkpoint.pt")
+    before = _files(out)
+    capsys.readouterr()
+    assert main(argv + ["--epochs", "3"]) == 0
+    assert "its --max_minutes 5.0 are spent" in capsys.readouterr().out
+    assert _files(out) == before
+
+
+def test_resume_flag_yields_to_the_runs_own_newer_checkpoint(npz_dir, tmp_path, capsys):
+    """``--out B --resume A/checkpoint.pt`` run again after B has progress of its own continues B, not A."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), *TINY]
+    assert main(base + ["--out", str(a), "--epochs", "1"]) == 0
+    command_b = base + ["--out", str(b), "--resume", str(a / "checkpoint.pt")]
+    assert main(command_b + ["--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert main(command_b + ["--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "has its own checkpoint" in out and f"resuming from {b / 'checkpoint.pt'}: epoch 2" in out
+    steps = [r["step"] for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps))  # no step trained twice
+
+
+def test_the_printed_resume_command_is_the_command_that_ran(monkeypatch, tmp_path):
+    from ressl.train import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/ressl", "pretrain", "--epochs", "20", "--data", "my photos"])
+    assert resume_command(tmp_path) == f"ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
+    monkeypatch.setattr(sys, "argv", ["/src/ressl/__main__.py", "pretrain", "--out=runs/x"])
+    assert resume_command(tmp_path) == "ressl pretrain --out=runs/x"
