@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ressl import dist
 from ressl.augment import eval_transform
-from ressl.folder import DataError, FolderIndex, ImageFolderDataset, load_rgb, scan_folder
+from ressl.folder import DataError, FolderIndex, ImageFolderDataset, listed, load_rgb, scan_folder
 
 # Per-channel mean and std on the 0..1 scale, from each set's training images.
 STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -58,6 +58,9 @@ class Split:
         return self.labels if self.labels is not None else torch.full((len(self),), -1)
 
 
+EVAL_LAYOUT = "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (or DIR/test/<class>/*.jpg)"
+
+
 @dataclass
 class Dataset:
     name: str
@@ -67,6 +70,31 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    layout: str = ""  # image folders: how the folder was read, one line (see describe)
+
+    def describe(self) -> str:
+        """One line saying what was loaded and whether kNN can run, e.g.
+        ``folder photos: 1,234 images in 5 classes, no held-out split (...)``."""
+        if self.layout:
+            return self.layout
+        text = f"{self.name}: {len(self.train):,} training images"
+        if self.bank is not None and self.bank is not self.train:
+            text += f" ({len(self.bank):,} labelled)"
+        if self.test is not None and self.bank is not None:
+            return text + f", {len(self.test):,} held-out, {self.num_classes} classes"
+        return text + (", unlabelled" if self.bank is None else f", {self.num_classes} classes") + ", no held-out split (no kNN)"
+
+    def evaluation_splits(self) -> tuple[Split, Split]:
+        """(bank, test): labelled training and held-out images, or :class:`DataError` naming the layout needed."""
+        if self.bank is not None and self.test is not None:
+            return self.bank, self.test
+        if self.train.folder is not None:
+            need = f"labelled {EVAL_LAYOUT}, passed as --data DIR"
+        elif self.train.images is not None and self.name not in TORCHVISION_SETS and self.name != "digits":
+            need = "--data DIR holding train.npz and test.npz, each with images x and labels y"
+        else:
+            need = "--data with labelled training and test images"
+        raise DataError(f"nothing to evaluate on: {self.describe()}; kNN and the linear probe need {need}")
 
 
 def _to_nchw(x: np.ndarray, where: str) -> torch.Tensor:
@@ -170,28 +198,69 @@ def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
     return Split(folder=FolderIndex(files=files, labels=labels, classes=classes))
 
 
+def _held_out(part_dir: Path, train: FolderIndex, max_bad_fraction: float) -> Split:
+    """``part_dir`` (val/ or test/) scanned, its labels taken from ``train``'s class names (not its own order)."""
+    index = scan_folder(part_dir, max_bad_fraction=max_bad_fraction)
+    if index.labels is None or index.classes is None or not train.classes:
+        return Split(folder=index, max_bad_fraction=max_bad_fraction)  # unlabelled on either side: no kNN
+    lookup = {name: i for i, name in enumerate(train.classes)}
+    unknown = [name for name in index.classes if name not in lookup]
+    if unknown:
+        raise DataError(
+            f"{part_dir} has class folder{'s' if len(unknown) > 1 else ''} {listed(unknown)} that "
+            f"{part_dir.parent / 'train'} lacks; kNN and the linear probe can only predict classes with training "
+            f"images: add them to train/ or remove them from {part_dir.name}/"
+        )
+    labels = [lookup[index.classes[y]] for y in index.labels]
+    return Split(folder=FolderIndex(files=index.files, labels=labels, classes=list(train.classes)), max_bad_fraction=max_bad_fraction)
+
+
+def _classes_text(index: FolderIndex) -> str:
+    """``"1,234 images in 5 classes"`` or ``"1,234 unlabelled images"``."""
+    if index.classes is None:
+        return f"{len(index.files):,} unlabelled images"
+    return f"{len(index.files):,} images in {len(index.classes)} class{'es' if len(index.classes) != 1 else ''}"
+
+
 def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Dataset:
     """An image folder: ``root/train`` + ``root/val`` (or ``test``) with class sub-folders, or one folder
-    (class sub-folders, or a flat folder of unlabeled images for pretraining only)."""
+    (class sub-folders, or a flat folder of unlabeled images for pretraining only).
+
+    The held-out split's labels come from ``train``'s class names; a held-out class that ``train`` lacks is a
+    :class:`DataError`. :meth:`Dataset.describe` says how the folder was read."""
     train_dir = root / "train"
+    enable = "(train/<class>/ and val/<class>/ sub-folders enable kNN)"
     if train_dir.is_dir():
         train = Split(folder=scan_folder(train_dir, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction)
+        assert train.folder is not None
         test: Split | None = None
+        part = ""
         for part in ("val", "test"):
             part_dir = root / part
-            if (part_dir / "val_annotations.txt").exists() and train.folder and train.folder.classes:
+            if (part_dir / "val_annotations.txt").exists() and train.folder.classes:
                 test = _tiny_imagenet_val(part_dir, train.folder.classes)
             elif part_dir.is_dir():
-                test = Split(folder=scan_folder(part_dir, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction)
+                test = _held_out(part_dir, train.folder, max_bad_fraction)
             if test is not None:
                 break
+        layout = f"folder {root}: {_classes_text(train.folder)} in train/"
+        if test is None:
+            layout += f", no val/ or test/ split {enable}"
+        elif train.folder.labels is None:
+            layout += f", so the {len(test):,} images in {part}/ are not evaluated {enable}"
+        elif not test.labelled:
+            layout += f", {len(test):,} images in {part}/ without class folders: no kNN {enable}"
+        else:
+            layout += f", {len(test):,} held-out in {part}/ for kNN"
     else:
         train, test = Split(folder=scan_folder(root, max_bad_fraction=max_bad_fraction), max_bad_fraction=max_bad_fraction), None
-    assert train.folder is not None
+        assert train.folder is not None
+        layout = f"folder {root}: {_classes_text(train.folder)}, no held-out split {enable}"
     bank = train if train.folder.labels is not None else None
     classes = train.folder.classes or []
     mean, std = STATS.get(name, STATS["imagenet"])
-    return Dataset(name, train, bank, test if test is not None and test.labelled else None, len(classes), mean, std)
+    return Dataset(name, train, bank, test if test is not None and test.labelled else None,
+                   len(classes), mean, std, layout)
 
 
 def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01) -> Dataset:

@@ -313,23 +313,21 @@ def evaluate_checkpoint(
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration."""
     from ressl.data import load_dataset, to_device
-    from ressl.folder import DataError
     from ressl.train import resolve_device
 
     dev = resolve_device(device)
     backbone, cfg = load_backbone(path, teacher, dev)
     ds = load_dataset(dataset or cfg.dataset, data if data is not None else cfg.data, cfg.download)
-    if ds.bank is None or ds.test is None:
-        raise DataError(f"{ds.name} at {data or cfg.data} has no labelled train and test splits to evaluate on: pass --data with both")
+    bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     to_device(ds, dev)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dtype = autocast_dtype(cfg.precision, dev)
     store: torch.dtype | Literal["auto"] = "auto" if protocol == "knn" else torch.float32  # the probe trains on fp32 features
-    bank, bank_y = split_features(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
-    test, test_y = split_features(backbone, ds.test, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
+    bank, bank_y = split_features(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
+    test, test_y = split_features(backbone, test_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
     if protocol == "knn":
         return knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature)
-    train_batches = augmented_batches(backbone, ds.bank, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None
+    train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None
     return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
                         train_batches=train_batches)

@@ -3,13 +3,15 @@
 Layout rule used by :func:`scan_folder` (hidden files/folders, i.e. any path
 part starting with ``.``, are always ignored):
 
-* If ``root`` holds image files *directly*, the folder is **flat / unlabeled**:
-  every image under ``root`` (recursively, sub-folders included) is a sample and
-  ``labels`` / ``classes`` are ``None``.
-* Otherwise every first-level sub-folder that contains at least one image
-  (at any depth) is a **class**; class names are the sorted sub-folder names and
-  an image's label is the index of its first-level folder. Sub-folders without
-  images are ignored.
+* Every first-level sub-folder that contains at least one image (at any depth)
+  is a **class**; class names are the sorted sub-folder names and an image's
+  label is the index of its first-level folder. Sub-folders without images are
+  ignored.
+* Images directly in ``root`` beside two or more class folders that hold most of
+  the images are strays: they are skipped with one :class:`DataWarning` naming them.
+* Otherwise, if ``root`` holds image files *directly*, the folder is **flat /
+  unlabeled**: every image under ``root`` (recursively, sub-folders included) is
+  a sample and ``labels`` / ``classes`` are ``None``.
 
 Files are sorted by their path relative to ``root`` (POSIX form), so the order
 is the same on every machine and run.
@@ -39,7 +41,21 @@ class DataError(Exception):
 
 
 class DataWarning(UserWarning):
-    """Warning about skipped or replaced image files (filterable category)."""
+    """Warning about skipped or replaced image files (filterable category); shown as one line, without source."""
+
+
+_plain_formatwarning = warnings.formatwarning
+
+
+def _format_data_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         line: str | None = None) -> str:
+    """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning`; other warnings are formatted as before."""
+    if issubclass(category, DataWarning):
+        return f"ressl: warning: {message}\n"
+    return _plain_formatwarning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_data_warning  # the terminal shows no line of this file's source under the message
 
 
 @dataclass
@@ -68,12 +84,17 @@ def _images_under(folder: Path, root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def listed(items: list[str]) -> str:
+    """``"a, b, c ... and 3 more"`` on one line (the first few items)."""
+    text = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        text += f" ... and {len(items) - _MAX_LISTED} more"
+    return text
+
+
 def _summarise(bad: list[tuple[Path, str]], root: Path | None = None) -> str:
     """``"a.jpg (empty file), b.png (not an image), ... and 3 more"`` on one line."""
-    text = ", ".join(f"{p.relative_to(root) if root else p} ({why})" for p, why in bad[:_MAX_LISTED])
-    if len(bad) > _MAX_LISTED:
-        text += f" ... and {len(bad) - _MAX_LISTED} more"
-    return text
+    return listed([f"{p.relative_to(root) if root else p} ({why})" for p, why in bad])
 
 
 def _check_file(path: Path) -> str | None:
@@ -109,18 +130,30 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
         raise DataError(f"data path {root} is not a directory: pass --data PATH pointing at an image folder")
 
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    if any(e.is_file() and _is_image_name(e.name) for e in entries):
-        files, labels, classes = _images_under(root, root), None, None
+    loose = [Path(e.path) for e in entries if e.is_file() and _is_image_name(e.name)]
+    groups = [(e.name, _images_under(Path(e.path), root)) for e in entries if not e.name.startswith(".") and e.is_dir()]
+    groups = [(name, found) for name, found in groups if found]
+    in_classes = sum(len(found) for _, found in groups)
+    files: list[Path]
+    labels: list[int] | None
+    classes: list[str] | None
+    if loose and (len(groups) < 2 or len(loose) >= in_classes):  # a flat folder: every image, unlabeled
+        files = sorted(loose + [p for _, found in groups for p in found], key=lambda p: p.relative_to(root).as_posix())
+        labels, classes = None, None
     else:
         files, labels, classes = [], [], []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            found = _images_under(Path(entry.path), root)
-            if found:
-                files += found
-                labels += [len(classes)] * len(found)
-                classes.append(entry.name)
+        for label, (name, found) in enumerate(groups):
+            files += found
+            labels += [label] * len(found)
+            classes.append(name)
+        if loose:
+            warnings.warn(
+                f"skipped {len(loose)} image file{'s' if len(loose) > 1 else ''} directly in {root}, beside its "
+                f"{len(classes)} class folders (labels come from the class folders): "
+                f"{listed([p.name for p in loose])}; move {'them' if len(loose) > 1 else 'it'} into a class folder",
+                DataWarning,
+                stacklevel=2,
+            )
     if not files:
         raise DataError(
             f"no images found in {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case, "

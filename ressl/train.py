@@ -581,7 +581,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         return json.loads((run.out / "final.json").read_text())
     if dist.is_main():
         config.save(cfg, run.out / "config.yaml")
-    say(f"ressl: {cfg.dataset} ({len(run.dataset.train)} images) -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
+    say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
     if run.state.step == 0:

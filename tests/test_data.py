@@ -136,3 +136,72 @@ def test_torchvision_backend_on_a_folder(tmp_path):
     pipe = torchvision_pipeline(16, strong=True, mean=ds.mean, std=ds.std)
     batches = list(pretrain_batches(ds, 4, 16, 0.2, 0, torch.randperm(8), 0, torch.device("cpu"), TwoViews(pipe, pipe)))
     assert len(batches) == 2 and batches[0][1].shape == (4, 3, 16, 16) and batches[0][1].dtype == torch.float32
+
+
+def _classes(root, split_classes, n=3, size=(12, 12)):
+    """``root/<split>/<class>/<i>.png``: each class a solid colour of its own (from the class name's last digit)."""
+    for split, names in split_classes.items():
+        for name in names:
+            d = root / split / name if split else root / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", size, (60 * int(name[-1]) + i, 200 - 60 * int(name[-1]), 90)).save(d / f"{i}.png")
+
+
+def test_held_out_labels_follow_train_class_names(tmp_path):
+    """val/ lacking train/'s first class: val's class1 is label 1 (train's), not 0, so kNN gets it right."""
+    from ressl.evaluate import knn_accuracy
+
+    _classes(tmp_path, {"train": ["class0", "class1", "class2"], "val": ["class1", "class2"]})
+    ds = load_dataset("folder", str(tmp_path))
+    bank, test = ds.bank, ds.test
+    assert ds.num_classes == 3 and test.folder.classes == ["class0", "class1", "class2"]
+    assert test.folder.labels == [1, 1, 1, 2, 2, 2]
+    (xb, yb), (xt, yt) = (next(eval_batches(s, 8, ds.mean, ds.std, 64, torch.device("cpu"), workers=0)) for s in (bank, test))
+    assert yt.tolist() == [1, 1, 1, 2, 2, 2]
+    assert knn_accuracy(xb.flatten(1), yb, xt.flatten(1), yt, ds.num_classes, k=3)["top1"] == 100.0
+
+
+def test_held_out_class_that_train_lacks_is_named(tmp_path):
+    _classes(tmp_path, {"train": ["class0", "class1"], "test": ["class1", "class2"]})
+    with pytest.raises(DataError, match="class folder class2 that .*train lacks") as err:
+        load_dataset("folder", str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout,says,evaluable", [
+    ({"train": ["c0", "c1"], "val": ["c0", "c1"]}, "6 images in 2 classes in train/, 6 held-out in val/ for kNN", True),
+    ({"": ["c0", "c1", "c2"]}, "9 images in 3 classes, no held-out split (train/<class>/ and val/<class>/", False),
+    ({"train": ["c0", "c1"]}, "6 images in 2 classes in train/, no val/ or test/ split", False),
+])
+def test_describe_says_how_a_folder_was_read(tmp_path, layout, says, evaluable):
+    _classes(tmp_path, layout)
+    ds = load_dataset("folder", str(tmp_path))
+    assert ds.describe().startswith(f"folder {tmp_path}: {says}")
+    assert "\n" not in ds.describe()
+    if evaluable:
+        ds.evaluation_splits()
+    else:
+        with pytest.raises(DataError, match=r"DIR/train/<class>/\*\.jpg and DIR/val/<class>/\*\.jpg \(or DIR/test/"):
+            ds.evaluation_splits()
+
+
+def test_describe_flat_folder_and_in_memory_sets(tmp_path, npz_dir):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(flat / f"{i}.png")
+    assert load_dataset("folder", str(flat)).describe().startswith(f"folder {flat}: 3 unlabelled images, no held-out split")
+    assert load_dataset("npz", str(npz_dir)).describe() == "npz: 128 training images, 64 held-out, 4 classes"
+    assert load_dataset("digits", None).describe() == "digits: 1,347 training images, 450 held-out, 10 classes"
+
+
+def test_a_stray_image_in_train_is_skipped_not_unlabelling_the_set(tmp_path):
+    from ressl.folder import DataWarning
+
+    _classes(tmp_path, {"train": ["class0", "class1", "class2"], "val": ["class0", "class1"]})
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "stray.png")
+    with pytest.warns(DataWarning, match=r"skipped 1 image file directly in .*train.*: stray\.png"):
+        ds = load_dataset("folder", str(tmp_path))
+    assert ds.bank is ds.train and ds.num_classes == 3 and len(ds.train) == 9 and ds.test is not None
+    assert all(p.name != "stray.png" for p in ds.train.folder.files)

@@ -75,6 +75,30 @@ def test_flat_layout_is_unlabeled_and_recursive(tmp_path: Path) -> None:
     assert [p.relative_to(tmp_path).as_posix() for p in idx.files] == ["a.jpeg", "b.png", "sub/c.webp"]
 
 
+def test_loose_images_beside_class_folders_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            _solid(tmp_path / cls / f"{i}.png")
+    _solid(tmp_path / "stray.png")
+    _solid(tmp_path / "IMG_1.JPG")
+    with pytest.warns(DataWarning) as record:
+        idx = scan_folder(tmp_path)
+    assert idx.classes == ["cat", "dog"] and idx.labels == [0, 0, 0, 1, 1, 1]
+    assert all(p.parent != tmp_path for p in idx.files)
+    (message,) = [str(w.message) for w in record]
+    assert "skipped 2 image files directly in" in message and "IMG_1.JPG, stray.png" in message
+    assert "\n" not in message
+
+
+def test_mostly_loose_images_stay_one_unlabeled_folder(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png", "cat/1.png", "dog/1.png"):  # as many loose images as in sub-folders
+        _solid(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = scan_folder(tmp_path)
+    assert idx.labels is None and len(idx.files) == 4
+
+
 def test_scan_order_is_deterministic(tmp_path: Path) -> None:
     for name in ["k", "c", "x", "a"]:
         _solid(tmp_path / "cls" / f"{name}.png")
@@ -303,3 +327,29 @@ def test_dataset_too_many_failures_raise(tmp_path: Path) -> None:
         for i in range(len(ds)):
             ds[i]
     assert "max_bad_fraction" in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- how warnings print
+
+
+def test_data_warning_prints_one_clean_line(tmp_path: Path) -> None:
+    """On a terminal a DataWarning is one line (no file:line prefix, no source line under it)."""
+    import subprocess
+    import sys
+
+    _solid(tmp_path / "a" / "1.png")
+    _solid(tmp_path / "b" / "1.png")
+    _solid(tmp_path / "b" / "2.png")
+    _solid(tmp_path / "loose.png")
+    code = "import sys; from ressl.folder import scan_folder; scan_folder(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    expected = (f"ressl: warning: skipped 1 image file directly in {tmp_path}, beside its 2 class folders "
+                "(labels come from the class folders): loose.png; move it into a class folder")
+    assert done.stderr.splitlines() == [expected]
+
+
+def test_other_warnings_keep_their_format() -> None:
+    text = warnings.formatwarning("careful", UserWarning, "/x/y.py", 7)
+    assert text.startswith("/x/y.py:7: UserWarning: careful")
+    assert warnings.formatwarning("skipped", DataWarning, "/x/y.py", 7) == "ressl: warning: skipped\n"
