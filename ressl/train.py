@@ -327,7 +327,7 @@ class _Meter:
         if event is not None:
             event.synchronize()
         *numbers, first_bad = values.tolist()
-        _check_finite(int(first_bad))
+        _check_finite(int(first_bad), self.run.out / "checkpoint.pt")
         logged = dict(zip(names, numbers))
         self.run.state.loss = logged_loss = logged["loss"]
         self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
@@ -369,12 +369,17 @@ def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int)
     return torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
 
 
-def _check_finite(bad: int) -> None:
+def _kept(path: Path) -> str:
+    """What a failed run leaves: the checkpoint at ``path`` as it was, or none."""
+    return f"the last good checkpoint, {path}, is kept" if path.exists() else "no checkpoint had been written yet"
+
+
+def _check_finite(bad: int, path: Path) -> None:
     """Raise if ``bad``, the first non-finite step (-1: none), is one."""
     if bad >= 0:
         raise NonFiniteLoss(
             f"the loss became NaN or infinite at step {bad}: lower --lr, raise --teacher_temperature/--student_temperature, "
-            "or try --precision fp32; the last good checkpoint is kept"
+            f"or try --precision fp32; {_kept(path)}"
         )
 
 
@@ -506,7 +511,7 @@ def save_checkpoint(run: Run) -> None:
     norms = torch._foreach_norm([p.detach() for p in run.model.student.parameters()])
     if not bool(torch.isfinite(torch.stack(norms)).all()):  # the same weights, so the same answer, on every rank
         raise NonFiniteLoss(f"the student's weights became NaN or infinite by step {run.state.step}: lower --lr "
-                            "or try --precision fp32; the last good checkpoint is kept")
+                            f"or try --precision fp32; {_kept(run.out / 'checkpoint.pt')}")
     if not dist.is_main():
         return
     state = {

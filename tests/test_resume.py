@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(npz_d
     good = checkpoint.load(out / "checkpoint.pt")
     assert main(argv + ["--epochs", "3", "--lr", "1e30"]) == 1  # continues, and blows up
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "NaN or infinite" in err and "step 5" in err and "--lr" in err
+    assert "NaN or infinite" in err and "step 5" in err and "--lr" in err and f"{out / 'checkpoint.pt'}, is kept" in err
     saved = checkpoint.load(out / "checkpoint.pt")
     assert saved["state"] == good["state"]
     assert all(torch.equal(v, good["model"][k]) for k, v in saved["model"].items())
@@ -237,3 +237,12 @@ def test_the_printed_resume_command_is_the_command_that_ran(monkeypatch, tmp_pat
     assert resume_command(tmp_path) == f"ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
     monkeypatch.setattr(sys, "argv", ["/src/ressl/__main__.py", "pretrain", "--out=runs/x"])
     assert resume_command(tmp_path) == "ressl pretrain --out=runs/x"
+
+
+def test_non_finite_loss_before_any_checkpoint_says_none_was_written(npz_dir, tmp_path, capsys):
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(tmp_path / "run"), "--log_every", "1",
+            "--epochs", "1", "--lr", "1e30", *TINY]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "NaN or infinite" in err and "no checkpoint had been written yet" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
