@@ -52,8 +52,10 @@ def remove_stale_temporaries(path: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain data only, no code is run."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: pass the checkpoint.pt inside it ({path / 'checkpoint.pt'})")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass --checkpoint RUN_DIR/checkpoint.pt")
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run's checkpoint, RUN_DIR/checkpoint.pt")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"cannot read checkpoint {path}: not a file written by torch.save; is it a ressl checkpoint.pt?")
     try:

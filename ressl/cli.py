@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ressl import allocator, config, dist
+import ressl
+from ressl import allocator, checkpoint, config, dist
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError
@@ -19,36 +23,76 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (and a suggestion for a mistyped flag), exit code 2."""
+    """argparse with one-line errors, exit code 2, and suggestions: a mistyped command, a mistyped flag (from
+    the subcommand's own flags), or a flag that belongs to another subcommand."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # report them from the subcommand they were given to, with its flags and its --help
+            subcommands = self._subcommands()
+            command = getattr(parsed, "command", None)
+            parser = subcommands.get(command, self) if isinstance(command, str) else self
+            parser.unrecognized(extras, subcommands)
+        return parsed
+
+    def _subcommands(self) -> dict[str, Parser]:
+        return {name: p for a in self._actions if isinstance(a, argparse._SubParsersAction) for name, p in a.choices.items()}
+
+    def _long_flags(self) -> list[str]:
+        return sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+
+    def unrecognized(self, extras: list[str], subcommands: dict[str, Parser]) -> NoReturn:
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        for flag in dict.fromkeys(a.split("=")[0] for a in extras if a.startswith("--")):
+            owners = [name for name, p in subcommands.items() if p is not self and flag in p._long_flags()]
+            if owners:
+                where = ", ".join(owners[:-1]) + (" and " if len(owners) > 1 else "") + owners[-1]
+                message += f" ({flag} is a flag of ressl {where}, not of {self.prog})"
+                continue
+            hint = difflib.get_close_matches(flag, self._long_flags(), n=1)
+            if hint:
+                message += f" (did you mean {hint[0]}?)"
+        self.error(message)
 
     def error(self, message: str) -> NoReturn:
-        if "unrecognized arguments" in message:
-            flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
-            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
-            known = sorted({o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--")})
-            for flag in flags:
-                hint = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-                if hint:
-                    message += f" (did you mean {hint[0]}?)"
-                    break
+        choice = re.match(r"argument (\S+): invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        if choice:
+            name, value, listed = choice.groups()
+            choices = [c.strip().strip("'\"") for c in listed.split(",")]
+            hint = difflib.get_close_matches(value, choices, n=1)
+            what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
+            message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def _field_help(name: str) -> str:
+DEMO_PRESET = "digits"  # what `ressl pretrain` starts from with no --preset, --dataset or --data
+
+PRETRAIN_DEFAULTS = (
+    f"Defaults: with no --preset, --dataset or --data, the {DEMO_PRESET} demo preset applies (its values are shown "
+    f"below as '{DEMO_PRESET} demo: ...'); --dataset NAME of a preset starts from that preset; otherwise (e.g. "
+    "--dataset folder --data photos) the defaults listed below apply. Flags override all of these."
+)
+
+
+def _field_help(name: str, demo: dict[str, Any]) -> str:
     kinds, optional = config.field_types(name)
     default = FIELDS[name].default
-    return f"{'/'.join(k.__name__ for k in kinds)}{' or none' if optional else ''}, default {default!r}"
+    text = f"{'/'.join(k.__name__ for k in kinds)}{' or none' if optional else ''}, default {default!r}"
+    if name in demo and demo[name] != default:
+        text += f" ({DEMO_PRESET} demo: {demo[name]!r})"
+    return text
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("configuration fields (override the preset; see ressl/presets/*.yaml)")
+    demo = config.load_preset(DEMO_PRESET)
     for name in FIELDS:
         if name in skip or name == "extra":
             continue
         kinds, _ = config.field_types(name)
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if kinds[0] is bool else {}
         group.add_argument(f"--{name}", dest=f"cfg_{name}", default=argparse.SUPPRESS, metavar="VALUE",
-                           help=_field_help(name), **extra)
+                           help=_field_help(name, demo), **extra)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,16 +101,18 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> Parser:
     parser = Parser(prog="ressl", allow_abbrev=False, description="ReSSL: relational self-supervised pretraining and evaluation.")
+    parser.add_argument("--version", action="version", version=f"ressl {ressl.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("pretrain", allow_abbrev=False, help="pretrain an encoder by ReSSL",
-                       description="Pretrain by ReSSL. With no arguments: the embedded digits demo, a few minutes on a CPU.")
-    p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())}")
+                       description="Pretrain by ReSSL. With no arguments: the embedded digits demo, a few minutes on a CPU. "
+                                   + PRETRAIN_DEFAULTS)
+    p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())} (see Defaults above)")
     add_config_flags(p)
 
     for name, what in (("knn", "weighted kNN accuracy of a checkpoint's frozen backbone"),
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
-        e = sub.add_parser(name, allow_abbrev=False, help=what, description=what.capitalize() + ".")
+        e = sub.add_parser(name, allow_abbrev=False, help=what, description=what[0].upper() + what[1:] + ".")
         e.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
         e.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
         e.add_argument("--dataset", help="dataset name (default: the run's)")
@@ -75,8 +121,9 @@ def build_parser() -> Parser:
         e.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
         e.add_argument("--workers", type=int, default=4)
         if name == "knn":
-            e.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
-            e.add_argument("--temperature", type=float, default=0.1, help="vote temperature (default 0.1)")
+            e.add_argument("--k", type=int, help="neighbours (default: the run's knn_k, the k of its own kNN checks)")
+            e.add_argument("--temperature", type=float,
+                           help="vote temperature (default: the run's knn_temperature, that of its own kNN checks)")
         else:
             e.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100, the paper)")
             e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
@@ -91,6 +138,23 @@ def build_parser() -> Parser:
     x.add_argument("--teacher", action="store_true", help="export the teacher's backbone instead of the student's")
     add_report_commands(sub)
     return parser
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The evaluation subcommands' numeric flags and --device, checked before anything is loaded."""
+    at_least = {"batch_size": 1, "workers": 0, "k": 1, "epochs": 1, "max_points": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name} must be at least {low}, got {value}")
+    for name in ("temperature", "lr", "weight_decay"):
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
+        if value is not None and (value < 0 or (value == 0 and name != "weight_decay")):
+            raise ConfigError(f"--{name} must be {'0 or more' if name == 'weight_decay' else 'positive'}, got {value}")
+    if hasattr(args, "device"):
+        config.check_device(args.device, "--device")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -111,6 +175,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     elif preset is None and "dataset" not in values and "data" not in values:
         preset = "digits"  # no arguments: the embedded demo
     cfg = config.resolve(preset, values)
+    if cfg.out:
+        config.check_output(cfg.out, "--out")  # before the data and the model are built
+    if cfg.resume and not Path(cfg.resume).is_file():
+        checkpoint.load(cfg.resume)  # a missing checkpoint or a directory: its one-line error, before the data loads
     pretrain(cfg)
     return 0
 
@@ -118,12 +186,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ressl.evaluate import evaluate_checkpoint
 
+    check_numbers(args)
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
                                  args.batch_size, args.workers, **extra)
     if dist.is_main():
-        print(f"{args.command}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+        used = f" (k {result['k']}, temperature {result['temperature']})" if args.command == "knn" else ""
+        print(f"{args.command}{used}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
         print(json.dumps(result))
     return 0
 
@@ -163,8 +233,7 @@ def add_report_commands(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from ressl.report import make_report
 
-    if args.max_points < 1:
-        raise ConfigError(f"--max_points must be at least 1, got {args.max_points}")
+    check_numbers(args)
     report = make_report(args.run_dir, args.data, args.dataset, args.embeddings, args.device, args.batch_size,
                          args.workers, args.max_points, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {report.markdown} and {report.html} ({len(report.images)} plots)")
@@ -176,6 +245,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from ressl.report import embed
 
+    check_numbers(args)
+    config.check_output(args.out, "--out", file_example="features.npy")
     out, files, (n, dim) = embed(args.checkpoint, args.data, args.out, args.dataset, args.split, args.teacher,
                                  args.device, args.batch_size, args.workers)
     print(f"wrote {out}: {n} x {dim} float32 features ({args.split} split), row origins in {files}")

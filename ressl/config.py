@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,7 +79,7 @@ class Config:
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
-    max_minutes: float | None = None  # stop training after this long (the schedule still spans `epochs`)
+    max_minutes: float | None = None  # stop training after this long (the schedule still spans `epochs`; 0 or none: no limit)
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
     resume: str | None = None  # a checkpoint to continue from (default: OUT/checkpoint.pt when it exists)
 
@@ -156,10 +158,13 @@ def coerce(name: str, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return value
-        return kind(value)
-    except (TypeError, ValueError):
+        converted = kind(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind.__name__, f"a {kind.__name__}")
         raise ConfigError(f"{name} must be {words}{' or none' if optional else ''}, got {value!r}") from None
+    if kind is float and not math.isfinite(converted):
+        raise ConfigError(f"{name} must be a finite number{' or none' if optional else ''}, got {value!r}")
+    return converted
 
 
 def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:
@@ -169,7 +174,15 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:
     values.update(overrides)
     cfg = Config(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
+    # absolute paths: the run's config.yaml and checkpoints must still find them from another working directory
+    cfg.data = absolute(cfg.data)
+    cfg.resume = absolute(cfg.resume)
     return cfg
+
+
+def absolute(path: str | None) -> str | None:
+    """``path`` made absolute (``~`` expanded, symlinks resolved); none and empty strings stay as they are."""
+    return str(Path(path).expanduser().resolve()) if path else path
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -192,9 +205,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["lr", "student_temperature", "teacher_temperature", "knn_temperature"]:
+    for name in ["lr", "student_temperature", "teacher_temperature", "knn_temperature", "knn_subset"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed"]:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.max_minutes is not None and cfg.max_minutes < 0:
+        raise ConfigError(f"max_minutes must be 0 or more (0 or none: no limit), got {cfg.max_minutes}")
+    if not 0.0 <= cfg.sgd_momentum < 1.0:
+        raise ConfigError(f"sgd_momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    check_device(cfg.device)
     if not 0.0 <= cfg.ema_momentum <= 1.0:
         raise ConfigError(f"ema_momentum must be in [0, 1], got {cfg.ema_momentum}")
     if not 0.0 < cfg.crop_min_scale <= 1.0:
@@ -224,6 +247,41 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"augment_backend must be batched or torchvision, got {cfg.augment_backend!r}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+def check_device(name: str, flag: str = "device") -> None:
+    """Refuse a device string that ``torch.device`` cannot parse (``auto`` is ours: CUDA when there is one)."""
+    import torch  # local import: reading a configuration needs no torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N (or another torch device type), got {name!r}") from None
+
+
+def check_output(path: str | Path, flag: str, file_example: str | None = None) -> Path:
+    """Refuse an output path that cannot be made: a file where a run directory goes (``file_example`` None) or a
+    directory where a file goes (``file_example``, e.g. ``features.npy``), an existing file on the way, or a
+    location without write permission. Returns the path, ``~`` expanded."""
+    out = Path(path).expanduser()
+    if file_example is None and out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file, not a directory: choose another {flag}")
+    if file_example is not None and out.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory: give a file name, e.g. {out / file_example}")
+    if out.exists():
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"{flag} {path} cannot be written: no write permission; choose another {flag}")
+        return out
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be written: no write permission in {parent}; choose another {flag}")
+    return out
 
 
 def save(cfg: Config, path: Path) -> None:

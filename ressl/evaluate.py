@@ -307,11 +307,12 @@ def load_backbone(path: str, teacher: bool = False, device: torch.device | None 
 
 def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
-    device: str = "auto", batch_size: int = 512, workers: int = 4, k: int = 200, temperature: float = 0.1,
+    device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
     epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
-    the dataset defaults to the one in the checkpoint's configuration."""
+    the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
+    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used."""
     from ressl.data import load_dataset, to_device
     from ressl.train import resolve_device
 
@@ -327,7 +328,9 @@ def evaluate_checkpoint(
     bank, bank_y = split_features(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
     test, test_y = split_features(backbone, test_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
     if protocol == "knn":
-        return knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature)
+        k = cfg.knn_k if k is None else k
+        temperature = cfg.knn_temperature if temperature is None else temperature
+        return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature}
     train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None
     return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
                         train_batches=train_batches)

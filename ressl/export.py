@@ -6,9 +6,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ressl.config import ConfigError, check_output
 from ressl.evaluate import load_backbone
+
+
+class ExportError(ConfigError):
+    """The export's output cannot be written where the user asked; the message is one line that names the fix."""
 
 
 def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False) -> dict[str, str]:
@@ -17,8 +23,10 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
     Keys are torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), with no ``module.``
     or ``backbone.`` prefix and no ``fc``: load it into ``torchvision.models.resnet18()`` after setting
     ``fc = nn.Identity()`` (and the small-image stem where the run used it). The run's configuration
-    is stored as JSON in the file's metadata.
+    is stored as JSON in the file's metadata. An ``out`` that cannot be written raises :class:`ConfigError`
+    before the checkpoint is read, or :class:`ExportError` (a ``ConfigError``) when the write itself fails.
     """
+    out = check_output(out, "--out", file_example="backbone.safetensors")  # before the (slow) load
     backbone, cfg = load_backbone(checkpoint_path, teacher)
     tensors = {k: v.detach().to(memory_format=torch.contiguous_format).contiguous().cpu() for k, v in backbone.state_dict().items()}
     small_stem = isinstance(backbone.maxpool, torch.nn.Identity)
@@ -30,7 +38,10 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
         "network": "teacher" if teacher else "student",
         "config": json.dumps(cfg.to_dict()),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out), metadata=metadata)
+    except (OSError, SafetensorError) as err:
+        detail = getattr(err, "strerror", None) or str(err).splitlines()[0][:160]
+        raise ExportError(f"could not write --out {out}: {detail}; choose another --out") from None
     return metadata

@@ -83,6 +83,118 @@ def test_unknown_flag_suggests_the_right_one(capsys):
     assert "--epochs" in err and len(err.splitlines()) == 1
 
 
+def parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_flag_of_another_subcommand_is_named_as_such(capsys):
+    err = parse_error(["pretrain", "--checkpoint", "x"], capsys)
+    assert err.startswith("ressl pretrain: error: unrecognized arguments: --checkpoint x")
+    assert "--checkpoint is a flag of ressl knn, linear, export and embed" in err and "did you mean" not in err
+    assert err.endswith("see ressl pretrain --help")
+    err = parse_error(["knn", "--checkpoint", "x", "--epochs", "3"], capsys)
+    assert "--epochs is a flag of ressl pretrain and linear" in err and err.startswith("ressl knn: error:")
+
+
+def test_suggestions_come_from_the_subcommands_own_flags(capsys):
+    assert "did you mean --temperature?" in parse_error(["knn", "--checkpoint", "x", "--temprature", "1"], capsys)
+    assert "--max_points" not in parse_error(["knn", "--checkpoint", "x", "--max_point", "5"], capsys)  # report's flag
+
+
+def test_mistyped_command_is_suggested(capsys):
+    err = parse_error(["pretrian"], capsys)
+    assert "unknown command 'pretrian' (did you mean pretrain?)" in err and "see ressl --help" in err
+
+
+def test_version_and_help_texts(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == "ressl 0.1.0"
+    with pytest.raises(SystemExit):
+        main(["knn", "--help"])
+    assert "Weighted kNN accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the digits demo preset applies" in text
+    assert "--epochs VALUE int, default 200 (digits demo: 100)" in text and "--width VALUE int, default 64 (digits demo: 16)" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["pretrain", "--sgd_momentum", "-1"], "sgd_momentum must be in [0, 1)"),
+    (["pretrain", "--max_bad_fraction", "5"], "max_bad_fraction must be in [0, 1]"),
+    (["pretrain", "--knn_subset", "0"], "knn_subset must be positive"),
+    (["knn", "--checkpoint", "nowhere.pt", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["knn", "--checkpoint", "nowhere.pt", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["knn", "--checkpoint", "nowhere.pt", "--k", "0"], "--k must be at least 1, got 0"),
+    (["knn", "--checkpoint", "nowhere.pt", "--temperature", "0"], "--temperature must be positive"),
+    (["knn", "--checkpoint", "nowhere.pt", "--workers", "-1"], "--workers must be at least 0"),
+    (["linear", "--checkpoint", "nowhere.pt", "--lr", "-1"], "--lr must be positive"),
+    (["linear", "--checkpoint", "nowhere.pt", "--epochs", "0"], "--epochs must be at least 1"),
+    (["linear", "--checkpoint", "nowhere.pt", "--weight_decay", "-1"], "--weight_decay must be 0 or more"),
+    (["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", "f.npy", "--batch_size", "0"], "--batch_size must be at least 1"),
+    (["report", "nowhere", "--device", "gpu"], "--device must be auto"),
+    (["pretrain", "--resume", "nowhere.pt"], "pass a run's checkpoint, RUN_DIR/checkpoint.pt"),
+])
+def test_out_of_range_flags_exit_2(argv, message, capsys):
+    assert message in bad(argv, capsys)
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("x")
+    assert "is an existing file, not a directory" in bad(["pretrain", "--out", str(existing)], capsys)
+    assert "is a directory: give a file name" in bad(["export", "--checkpoint", "nowhere.pt", "--out", str(tmp_path)], capsys)
+    assert "is a file, not a directory" in bad(["export", "--checkpoint", "nowhere.pt", "--out", str(existing / "b.safetensors")], capsys)
+    assert "is a directory: give a file name" in bad(["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", str(tmp_path)], capsys)
+    err = bad(["knn", "--checkpoint", str(tmp_path)], capsys)
+    assert "is a directory: pass the checkpoint.pt inside it" in err
+    err = bad(["pretrain", "--resume", str(tmp_path)], capsys)
+    assert "is a directory" in err and "--checkpoint" not in err  # pretrain has no --checkpoint
+
+
+@pytest.fixture
+def untrained_checkpoint(npz_dir, tmp_path, monkeypatch):
+    """A checkpoint of an untrained tiny model whose run kept its own kNN settings and a relative --data."""
+    from ressl import config
+    from ressl.model import build_model
+
+    monkeypatch.chdir(npz_dir.parent)
+    cfg = config.resolve(None, {"dataset": "npz", "data": npz_dir.name, "image_size": 16, "width": 8, "hidden_dim": 32,
+                                "out_dim": 16, "batch_size": 32, "queue_size": 64, "knn_k": 7, "knn_temperature": 0.2,
+                                "precision": "fp32", "workers": 0})
+    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
+                        cfg.small_stem)
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another working directory: the stored --data must still be found
+    return path
+
+
+def test_knn_defaults_to_the_runs_own_k_and_temperature(untrained_checkpoint, capsys):
+    from ressl.evaluate import evaluate_checkpoint
+
+    common = ["knn", "--checkpoint", str(untrained_checkpoint), "--device", "cpu", "--workers", "0"]
+    assert main(common) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("knn (k 7, temperature 0.2): top-1")
+    result = json.loads(lines[-1])
+    assert (result["k"], result["temperature"]) == (7, 0.2)
+    expected = evaluate_checkpoint(str(untrained_checkpoint), "knn", device="cpu", workers=0, k=7, temperature=0.2)
+    assert result["top1"] == pytest.approx(expected["top1"]) and result["top5"] == pytest.approx(expected["top5"])
+    assert main([*common, "--k", "3"]) == 0  # a flag overrides the run's value
+    assert capsys.readouterr().out.strip().splitlines()[-2].startswith("knn (k 3, temperature 0.2)")
+
+
 def test_empty_folder_and_unreadable_checkpoint(tmp_path, capsys):
     assert "no images" in bad(["pretrain", "--dataset", "folder", "--data", str(tmp_path)], capsys)
     junk = tmp_path / "junk.pt"
@@ -152,3 +264,9 @@ def test_linear_probe_with_augmentation(npz_dir, tmp_path):
     done = ressl("linear", "--checkpoint", str(out / "checkpoint.pt"), "--epochs", "3", "--augment")
     assert done.returncode == 0, done.stderr
     assert 0 <= json.loads(done.stdout.splitlines()[-1])["top1"] <= 100
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_export_to_an_unwritable_place_is_one_line(untrained_checkpoint, capsys):
+    err = bad(["export", "--checkpoint", str(untrained_checkpoint), "--out", "/proc/backbone.safetensors"], capsys)
+    assert "--out /proc/backbone.safetensors" in err and "choose another --out" in err

@@ -51,3 +51,63 @@ def test_round_trip_through_saved_dict(tmp_path):
     import yaml
 
     assert config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == c
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"weight_decay": -1}, "weight_decay must be 0 or more"),
+        ({"warmup_epochs": -3}, "warmup_epochs must be 0 or more"),
+        ({"max_minutes": -1}, "max_minutes must be 0 or more"),
+        ({"checkpoint_every": -5}, "checkpoint_every must be 0 or more"),
+        ({"knn_every": -1}, "knn_every must be 0 or more"),
+        ({"knn_subset": 0}, "knn_subset must be positive"),
+        ({"max_bad_fraction": 5}, r"max_bad_fraction must be in \[0, 1\]"),
+        ({"max_bad_fraction": -0.1}, r"max_bad_fraction must be in \[0, 1\]"),
+        ({"workers": -1}, "workers must be 0 or more"),
+        ({"seed": -1}, "seed must be 0 or more"),
+        ({"sgd_momentum": -1}, r"sgd_momentum must be in \[0, 1\)"),
+        ({"sgd_momentum": 1}, r"sgd_momentum must be in \[0, 1\)"),
+        ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"device": "cuda:x"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"lr": "nan"}, "lr must be a finite number"),
+        ({"max_minutes": "inf"}, "max_minutes must be a finite number or none"),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors(values, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        config.resolve("digits", values)
+    assert "\n" not in str(err.value)
+
+
+def test_zero_and_none_keep_their_meanings():
+    c = config.resolve("digits", {"max_minutes": "none", "checkpoint_every": 0, "knn_every": 0, "sgd_momentum": 0,
+                                  "weight_decay": 0, "warmup_epochs": 0, "workers": 0, "max_bad_fraction": 1})
+    assert c.max_minutes is None and c.checkpoint_every == 0 and c.knn_every == 0 and c.sgd_momentum == 0
+    assert config.resolve("digits", {"max_minutes": 0}).max_minutes == 0
+    for device in ("auto", "cpu", "cuda", "cuda:1"):  # parsed only: no GPU is needed to resolve
+        assert config.resolve("digits", {"device": device}).device == device
+
+
+def test_relative_data_and_resume_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = config.resolve(None, {"dataset": "npz", "data": "../data/split", "resume": "run/checkpoint.pt"})
+    assert c.data == str((tmp_path.parent / "data" / "split").resolve())
+    assert c.resume == str((tmp_path / "run" / "checkpoint.pt").resolve())
+    assert config.resolve("digits", {}).data is None and config.resolve("digits", {}).resume is None
+    config.save(c, tmp_path / "config.yaml")
+    import yaml
+
+    assert config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == c
+
+
+def test_check_output(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file, not a directory"):
+        config.check_output(tmp_path / "file", "--out")
+    with pytest.raises(ConfigError, match="is a directory: give a file name"):
+        config.check_output(tmp_path, "--out", file_example="backbone.safetensors")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        config.check_output(tmp_path / "file" / "deeper" / "x.npy", "--out", file_example="x.npy")
+    assert config.check_output(tmp_path / "new" / "run", "--out") == tmp_path / "new" / "run"  # parents are made later
+    assert config.check_output(tmp_path / "file", "--out", file_example="x.npy") == tmp_path / "file"  # overwritten
