@@ -79,7 +79,7 @@ class Config:
     seed: int = 0
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
-    max_minutes: float | None = None  # stop training after this long (the schedule still spans `epochs`; 0 or none: no limit)
+    max_minutes: float | None = None  # the run's training time, over every resume (the schedule still spans `epochs`; 0 or none: no limit)
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
     resume: str | None = None  # a checkpoint to continue from (default: OUT/checkpoint.pt when it exists)
 
