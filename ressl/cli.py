@@ -284,8 +284,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ressl {args.command}: {err}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        out = getattr(args, "cfg_out", None)
-        print("\nressl: interrupted" + (f"; the last checkpoint is in {Path(out)}" if out else ""), file=sys.stderr)
+        out = getattr(args, "cfg_out", None)  # pretrain's --out, when given
+        saved = Path(out) / "checkpoint.pt" if out else None
+        note = "" if saved is None else f"; the last checkpoint is {saved}" if saved.is_file() else "; no checkpoint was written yet"
+        print(f"\nressl {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

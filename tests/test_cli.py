@@ -270,3 +270,20 @@ def test_linear_probe_with_augmentation(npz_dir, tmp_path):
 def test_export_to_an_unwritable_place_is_one_line(untrained_checkpoint, capsys):
     err = bad(["export", "--checkpoint", str(untrained_checkpoint), "--out", "/proc/backbone.safetensors"], capsys)
     assert "--out /proc/backbone.safetensors" in err and "choose another --out" in err
+
+
+def test_a_second_ctrl_c_says_whether_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
+    """KeyboardInterrupt (a second Ctrl-C) ends with a line that names the checkpoint only when there is one."""
+    import ressl.train
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ressl.train, "pretrain", interrupted)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith("ressl pretrain: interrupted; no checkpoint was written yet")
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    assert main(["pretrain", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"interrupted; the last checkpoint is {out / 'checkpoint.pt'}")

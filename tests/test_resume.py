@@ -246,3 +246,16 @@ def test_non_finite_loss_before_any_checkpoint_says_none_was_written(npz_dir, tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "NaN or infinite" in err and "no checkpoint had been written yet" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
+    """Not mkstemp's private 0600: with umask 022 a checkpoint is 0644, as the run's other files are."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "checkpoint.pt"
+        checkpoint.save_atomic({"model": {"w": torch.ones(1)}, "config": {}}, path)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
