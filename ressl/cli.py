@@ -174,6 +174,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         preset = values["dataset"]  # --dataset cifar10 starts from the cifar10 preset
     elif preset is None and "dataset" not in values and "data" not in values:
         preset = "digits"  # no arguments: the embedded demo
+    elif "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such (not digits)
+        values["dataset"] = "npz" if (Path(str(values["data"])).expanduser() / "train.npz").is_file() else "folder"
     cfg = config.resolve(preset, values)
     if cfg.out:
         config.check_output(cfg.out, "--out")  # before the data and the model are built

@@ -287,3 +287,12 @@ def test_a_second_ctrl_c_says_whether_a_checkpoint_exists(tmp_path, monkeypatch,
     (out / "checkpoint.pt").write_bytes(b"")
     assert main(["pretrain", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip().endswith(f"interrupted; the last checkpoint is {out / 'checkpoint.pt'}")
+
+
+def test_data_without_dataset_is_named_after_what_it_holds(npz_dir, tmp_path):
+    """--data alone: train.npz makes it an npz set, anything else a folder; never the digits' name and statistics."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == "npz"
