@@ -155,6 +155,16 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) in ``module`` on every process; a no-op in one process.
+
+    During training each process updates its own running statistics from its own batches, so at an evaluation
+    they differ by process; the checkpoint holds rank 0's, and an evaluation should see the network it saves."""
+    if is_distributed():
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(tensor) if is_distributed() else tensor
 

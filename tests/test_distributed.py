@@ -145,6 +145,23 @@ def test_shuffle_bn_mixes_processes_and_restores_order(tmp_path):
     assert sorted(seen.tolist()) == sorted(torch.cat([100 * k + torch.arange(8.0) for k in range(WORLD)]).tolist())
 
 
+def _buffers_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    bn = nn.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2) + 10 * rank)  # running statistics of this process's own batch
+    dist.broadcast_buffers(bn)
+    torch.save({"mean": bn.running_mean, "var": bn.running_var, "count": bn.num_batches_tracked}, f"{tmp}/rank{rank}.pt")
+
+
+def test_broadcast_buffers_gives_every_rank_rank_0s_statistics(tmp_path):
+    """Evaluations under torchrun embed with the BatchNorm statistics the checkpoint holds (rank 0's), not each
+    process's own: the final kNN of a torchrun run is that of ``ressl knn`` on its checkpoint."""
+    zero, one = spawn(_buffers_worker, tmp_path)
+    for key in zero:
+        assert torch.equal(zero[key], one[key]), key
+    assert zero["mean"].abs().max() < 5  # rank 0's batch (about 0), not rank 1's (about 10)
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = Recorder()
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
@@ -195,3 +212,6 @@ def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
     two = json.loads(knn_two.stdout.strip().splitlines()[-1])
     one = json.loads(knn_one.stdout.strip().splitlines()[-1])
     assert two == pytest.approx(one, abs=1e-6)
+    # the run's own final kNN, measured by both processes, is that of its checkpoint (rank 0's BatchNorm statistics)
+    final = json.loads((out / "final.json").read_text())["knn"]
+    assert final == pytest.approx({k: one[k] for k in ("top1", "top5")}, abs=1e-6)
