@@ -243,7 +243,7 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
             if stop:
                 raise Interrupted(f"stopped at step {state.step}; checkpoint saved. To resume, run the same command "
                                   f"again{' (with the same launcher)' if dist.is_distributed() else ''}: {resume_command(run.out)}")
-            if deadline is not None and time.time() > deadline:
+            if _late(run, deadline, check=meter.at_log_step):
                 break
     finally:
         meter.close()
@@ -273,6 +273,7 @@ class _Meter:
         self.signals: dict[str, torch.Tensor] = {}
         self.window_start, self.window_images = time.perf_counter(), 0
         self.defer = _defer_logs(run.device)
+        self.at_log_step = False
         self.pending: tuple[dict[str, Any], list[str], torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _due(self, step: int, index: int) -> bool:
@@ -293,6 +294,7 @@ class _Meter:
         """Log if due; return whether to stop now (a signal arrived, agreed by every process)."""
         run, state = self.run, self.run.state
         due = self._due(state.step, state.index)
+        self.at_log_step = due  # where processes can agree on stopping (a collective at every logging step)
         stop = _stop_agreed(run, due)
         if due or stop:
             rate = self.window_images / (time.perf_counter() - self.window_start)
@@ -622,9 +624,20 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
 
 def _done(run: Run, deadline: float | None) -> str:
-    """Why the run has no training left ("" while it has): all its epochs, or its time."""
+    """Why the run has no training left ("" while it has): all its epochs, or its time (agreed by every process)."""
     if run.state.epoch >= run.cfg.epochs:
         return f"{run.state.epoch}/{run.cfg.epochs} epochs, step {run.state.step}"
-    if deadline is not None and time.time() > deadline:
+    if _late(run, deadline):
         return f"its --max_minutes {run.cfg.max_minutes} are spent, step {run.state.step}"
     return ""
+
+
+def _late(run: Run, deadline: float | None, check: bool = True) -> bool:
+    """Whether the run's time (``--max_minutes``) is up. Distributed, every process must give the same answer, or
+    one would wait forever in the next step's collectives for another that stopped: they agree (a collective), where
+    ``check`` says all of them ask, at logging steps and epoch ends."""
+    if deadline is None:
+        return False
+    if not dist.is_distributed():
+        return time.time() > deadline
+    return dist.any_rank(time.time() > deadline, run.device) if check else False

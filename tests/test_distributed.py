@@ -215,3 +215,20 @@ def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
     # the run's own final kNN, measured by both processes, is that of its checkpoint (rank 0's BatchNorm statistics)
     final = json.loads((out / "final.json").read_text())["knn"]
     assert final == pytest.approx({k: one[k] for k in ("top1", "top5")}, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_max_minutes_stops_every_process_together_and_a_rerun_changes_nothing(npz_dir, tmp_path):
+    """The processes agree that the time is up (none waits in a collective for one that stopped), and the same
+    command on the finished run returns on every process without training or writing."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "500",
+            "--max_minutes", "0.03", "--log_every", "1"]
+    done = torchrun(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopping after 0.03 minutes" in done.stdout
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = torchrun(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete (its --max_minutes 0.03 are spent" in again.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
