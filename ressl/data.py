@@ -148,7 +148,7 @@ def load_npz(root: Path, name: str) -> Dataset:
                 if "x" not in f:
                     raise DataError(f"{path} has no array 'x' (found {', '.join(f.files)}); save images as x=..., labels as y=...")
                 x = _to_nchw(f["x"], str(path))
-                y = torch.from_numpy(f["y"].astype(np.int64)) if "y" in f else None
+                y = _npz_labels(f["y"], path) if "y" in f else None
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read {path}: {err}") from None
         if y is not None and len(y) != len(x):
@@ -157,10 +157,43 @@ def load_npz(root: Path, name: str) -> Dataset:
     if "train" not in splits:
         raise DataError(f"{root} has no train.npz: expected train.npz (and test.npz) with arrays x and y")
     train, test = splits["train"], splits.get("test")
-    bank = train if train.labels is not None else None
+    bank, held_out = _labelled_rows(train), _labelled_rows(test)  # -1 marks an unlabelled image
+    if bank is not None and held_out is not None:
+        unknown = sorted(set(held_out.labels.unique().tolist()) - set(bank.labels.unique().tolist()))  # type: ignore[union-attr]
+        if unknown:
+            raise DataError(f"{root / 'test.npz'} has labels {listed([str(u) for u in unknown])} that no image of train.npz "
+                            "has; kNN and the linear probe can only predict classes with training images")
     mean, std = STATS.get(name) or _stats(train.images)  # type: ignore[arg-type]
-    return Dataset(name, train, bank, test if test and test.labels is not None else None,
-                   _num_classes(train.labels, test.labels if test else None), mean, std)
+    return Dataset(name, train, bank, held_out, _num_classes(train.labels, test.labels if test else None), mean, std)
+
+
+def _npz_labels(y: np.ndarray, path: Path) -> torch.Tensor:
+    """An npz file's labels as (N,) int64: integers (or integral floats) of shape (N,) or (N, 1), -1 for unlabelled."""
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras' cifar10.load_data() layout
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{path}: labels y must be one per image, shape (N,) or (N, 1), got {y.shape}")
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iub":
+        raise DataError(f"{path}: labels y must be integers (class indices, -1 for unlabelled), got dtype {y.dtype}")
+    labels = torch.from_numpy(y.astype(np.int64))
+    if labels.numel() and int(labels.min()) < -1:
+        raise DataError(f"{path}: labels y must be class indices from 0, or -1 for unlabelled; found {int(labels.min())}")
+    return labels
+
+
+def _labelled_rows(split: Split | None) -> Split | None:
+    """The labelled images of an in-memory split (all of it when every image has a label; None when none has)."""
+    if split is None or split.labels is None:
+        return None
+    keep = split.labels >= 0
+    if bool(keep.all()):
+        return split
+    if not bool(keep.any()):
+        return None
+    assert split.images is not None
+    return Split(split.images[keep], split.labels[keep])
 
 
 def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
@@ -173,6 +206,11 @@ def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
             ds = cls(str(root), download=download, **kw)
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise DataError(f"{name} not found in {root} ({err}); add --download to fetch it, or point --data at it") from None
+        except OSError as err:  # no network (URLError), a full disk ...
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # made for the download: leave nothing behind
+            raise DataError(f"could not download {name} into {root} ({getattr(err, 'reason', None) or err}): without a "
+                            "network, fetch it elsewhere and point --data at the directory") from None
         if name == "stl10":
             return Split(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)))
         return Split(_to_nchw(ds.data, name), torch.tensor(ds.targets, dtype=torch.long))

@@ -205,3 +205,57 @@ def test_a_stray_image_in_train_is_skipped_not_unlabelling_the_set(tmp_path):
         ds = load_dataset("folder", str(tmp_path))
     assert ds.bank is ds.train and ds.num_classes == 3 and len(ds.train) == 9 and ds.test is not None
     assert all(p.name != "stray.png" for p in ds.train.folder.files)
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    class Offline:  # torchvision's download without a network
+        def __init__(self, root, download, train):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    target = tmp_path / "new" / "cifar10"
+    with pytest.raises(DataError, match=r"could not download cifar10 .*Name or service not known.*point --data"):
+        load_dataset("cifar10", str(target), download=True)
+    assert not target.exists()
+
+
+def _npz(root, y_train, y_test, n=8):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "train.npz", x=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), y=y_train)
+    np.savez(root / "test.npz", x=rng.integers(0, 256, (len(y_test), 8, 8, 3), dtype=np.uint8), y=y_test)
+    return root
+
+
+def test_npz_labels_in_keras_layout_and_as_integral_floats(tmp_path):
+    ds = load_dataset("npz", str(_npz(tmp_path / "a", np.arange(8).reshape(8, 1) % 2, np.array([[0], [1]]))))
+    assert ds.train.labels.tolist() == [0, 1] * 4 and ds.test.labels.tolist() == [0, 1] and ds.num_classes == 2
+    ds = load_dataset("npz", str(_npz(tmp_path / "b", np.arange(8.0) % 2, np.array([1.0, 0.0]))))
+    assert ds.train.labels.dtype == torch.int64 and ds.test.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("y, match", [
+    (np.zeros((8, 2), dtype=np.int64), r"one per image, shape \(N,\) or \(N, 1\), got \(8, 2\)"),
+    (np.arange(8) + 0.5, "must be integers"),
+    (np.array(list("abcdabcd")), "must be integers"),
+    (np.arange(8) - 3, "found -3"),
+])
+def test_npz_labels_that_are_not_class_indices_are_one_line_errors(tmp_path, y, match):
+    with pytest.raises(DataError, match=match):
+        load_dataset("npz", str(_npz(tmp_path, y, np.array([0, 1]))))
+
+
+def test_npz_unlabelled_rows_leave_the_bank_and_the_queries(tmp_path):
+    """-1 marks an unlabelled image: it trains, but kNN's bank and queries are the labelled images only."""
+    ds = load_dataset("npz", str(_npz(tmp_path, np.array([0, 1, -1, -1, 0, 1, -1, 0]), np.array([1, -1, 0]))))
+    assert len(ds.train) == 8 and ds.bank.labels.tolist() == [0, 1, 0, 1, 0] and ds.test.labels.tolist() == [1, 0]
+    assert ds.evaluation_splits() == (ds.bank, ds.test)
+
+
+def test_npz_test_labels_that_train_lacks_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"test.npz has labels 7, 1000000 that no image of train.npz has"):
+        load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 1_000_000]))))
