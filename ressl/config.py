@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message is one line that names the fix."""
 
 
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet", "npz", "folder")
+
+
 @dataclass
 class Config:
     # --- data --------------------------------------------------------------------------------
@@ -201,6 +204,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
+    if cfg.dataset not in DATASETS:
+        hint = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}{f' (did you mean {hint[0]}?)' if hint else ''}; choose one of "
+                          f"{', '.join(DATASETS)} (npz: a directory of train.npz/test.npz; folder: a directory of images)")
     positive = ["epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every", "eval_batch_size"]
     for name in positive:
         if getattr(cfg, name) <= 0:

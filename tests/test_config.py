@@ -111,3 +111,10 @@ def test_check_output(tmp_path):
         config.check_output(tmp_path / "file" / "deeper" / "x.npy", "--out", file_example="x.npy")
     assert config.check_output(tmp_path / "new" / "run", "--out") == tmp_path / "new" / "run"  # parents are made later
     assert config.check_output(tmp_path / "file", "--out", file_example="x.npy") == tmp_path / "file"  # overwritten
+
+
+def test_an_unknown_dataset_name_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar' \(did you mean cifar10\?\)"):
+        config.resolve(None, {"dataset": "cifar"})
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'; choose one of digits"):
+        config.resolve(None, {"dataset": "nope", "data": "photos"})
