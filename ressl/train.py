@@ -498,6 +498,10 @@ def resume(run: Run, path: Path) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.state = TrainState(**saved["state"])
+    if run.state.epoch + (run.state.index > 0) > run.cfg.epochs:  # the schedule would end before where the run is
+        raise config.ConfigError(f"{path} is at epoch {run.state.epoch} (+{run.state.index} steps), past --epochs "
+                                 f"{run.cfg.epochs}: pass --epochs {run.state.epoch + (run.state.index > 0)} or more, "
+                                 "or another --out for a new run")
     run.clock = time.time() - 60 * float(saved.get("minutes", 0.0))  # older checkpoints: the clock starts now
     world = saved.get("world_size", len(saved.get("generators", ())) or None)  # older checkpoints: a generator per process
     if world is not None and world != dist.world_size():

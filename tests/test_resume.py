@@ -259,3 +259,14 @@ def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_resuming_with_fewer_epochs_than_done_is_refused(npz_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY]
+    assert main(argv + ["--epochs", "2"]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(argv + ["--epochs", "1"]) == 2
+    assert "is at epoch 2 (+0 steps), past --epochs 1: pass --epochs 2 or more" in capsys.readouterr().err
+    assert _files(out) == before
