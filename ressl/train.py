@@ -225,30 +225,34 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
 
 
 def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
-    """The rest of the current epoch, step after step; returns the run's last logged loss."""
+    """The rest of the current epoch, step after step; returns the run's last logged loss.
+
+    A stop asked by a signal ends it at the next step boundary, with a checkpoint, by raising :class:`Interrupted`.
+    """
     cfg, state = run.cfg, run.state
     views = epoch_views(run, state.index)
     meter = _Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     run.model.train()
+    stop = False
     try:
         for weak, strong in views:
             lr, momentum = train_step(run, weak, strong, meter.observe)  # health signals on log steps
             state.step += 1
             state.index += 1
             stop = meter.end_step(lr, momentum)
-            if state.index == run.steps_per_epoch:
+            if stop or state.index == run.steps_per_epoch:
                 break
-            if stop or checkpoint_due(cfg, state.step):
+            if checkpoint_due(cfg, state.step):
                 save_checkpoint(run)
-            if stop:
-                raise Interrupted(f"stopped at step {state.step}; checkpoint saved. To resume, run the same command "
-                                  f"again{' (with the same launcher)' if dist.is_distributed() else ''}: {resume_command(run.out)}")
             if _late(run, deadline, check=meter.at_log_step):
                 break
     finally:
         meter.close()
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0
+    if stop:
+        save_checkpoint(run)
+        raise Interrupted(f"stopped at step {state.step}; checkpoint saved. To resume, {resume_command(run.out)}")
     return state.loss
 
 
@@ -566,15 +570,16 @@ def _stop_on_signals(run: Run) -> Iterator[None]:
 
 
 def resume_command(out: Path) -> str:
-    """The command that continues a run stopped in ``out``: this process's own ``ressl`` command line, with ``--out``
+    """How to continue a run stopped in ``out``: this process's own ``ressl`` command line again, with ``--out``
     added where it had none (the default run directory is new at every start)."""
     program = Path(sys.argv[0])
     if program.name != "ressl" and program.parent.name != "ressl":  # not the command line (python -m ressl): the API
-        return f"ressl.train.pretrain with the same configuration and out={str(out)!r}"
+        return f"call ressl.train.pretrain again with the same configuration and out={str(out)!r}"
     args = sys.argv[1:]
     if not any(a == "--out" or a.startswith("--out=") for a in args):
         args = [*args, "--out", str(out)]
-    return shlex.join(["ressl", *args])
+    launcher = " (with the same launcher)" if dist.is_distributed() else ""
+    return f"run the same command again{launcher}: {shlex.join(['ressl', *args])}"
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:

@@ -234,9 +234,11 @@ def test_the_printed_resume_command_is_the_command_that_ran(monkeypatch, tmp_pat
     from ressl.train import resume_command
 
     monkeypatch.setattr(sys, "argv", ["/venv/bin/ressl", "pretrain", "--epochs", "20", "--data", "my photos"])
-    assert resume_command(tmp_path) == f"ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
+    assert resume_command(tmp_path) == f"run the same command again: ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
     monkeypatch.setattr(sys, "argv", ["/src/ressl/__main__.py", "pretrain", "--out=runs/x"])
-    assert resume_command(tmp_path) == "ressl pretrain --out=runs/x"
+    assert resume_command(tmp_path) == "run the same command again: ressl pretrain --out=runs/x"
+    monkeypatch.setattr(sys, "argv", ["my_script.py"])  # the Python API
+    assert resume_command(tmp_path) == f"call ressl.train.pretrain again with the same configuration and out={str(tmp_path)!r}"
 
 
 def test_non_finite_loss_before_any_checkpoint_says_none_was_written(npz_dir, tmp_path, capsys):

@@ -215,3 +215,17 @@ def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_pa
     run = tiny_run(npz_dir, tmp_path / "folder", dataset="folder", data=str(tmp_path / "photos"), batch_size=4, workers=0)
     assert run.augment.steps_per_call == 1
     assert np.isfinite(train_one_epoch(run)) and run.state.step == 4
+
+
+def test_a_stop_asked_at_an_epochs_last_step_ends_there_with_a_checkpoint(npz_dir, tmp_path):
+    """Not one step later, inside the next epoch: the checkpoint holds the finished epoch."""
+    from ressl import checkpoint
+    from ressl.train import Interrupted
+
+    run = tiny_run(npz_dir, tmp_path)
+    run.state.index = run.steps_per_epoch - 1  # at the epoch's last batch
+    run.stop_requested = True  # as the SIGINT/SIGTERM handler sets it
+    with pytest.raises(Interrupted, match="stopped at step 1; checkpoint saved"):
+        train_one_epoch(run)
+    assert (run.state.epoch, run.state.index, run.state.step) == (1, 0, 1)
+    assert checkpoint.load(run.out / "checkpoint.pt")["state"]["epoch"] == 1
