@@ -503,7 +503,8 @@ def make_report(
     run = Path(run_dir).expanduser()
     say = say or (lambda *a, **k: None)
     if not run.is_dir():
-        raise RunDirError(f"run directory {run} does not exist: pass the --out of ressl pretrain")
+        what = "is a file, not a directory" if run.exists() else "does not exist"
+        raise RunDirError(f"run directory {run} {what}: pass the --out of ressl pretrain")
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.yaml or metrics.jsonl): pass the --out of ressl pretrain")
     cfg: dict[str, Any] = {}

@@ -114,6 +114,9 @@ def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, c
     assert len(err.splitlines()) == 1 and "not a run directory" in err
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["report", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 def test_figures_plot_the_logged_values(trained):
