@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shlex
 import signal
 import sys
@@ -65,6 +66,18 @@ class MetricsLog:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     board.add_scalar(key, value, record.get("step", 0))
             board.flush()
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (logged after the checkpoint a run resumes from, and logged
+        again as it retrains them), so that every step has one record; the file is replaced atomically."""
+        if not dist.is_main() or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def _tensorboard(self) -> Any:
         if self._board is None:
@@ -513,6 +526,8 @@ def resume(run: Run, path: Path) -> None:
                                  "resume with the same number of processes")
     run.shuffle_generator.set_state(saved["shuffle_generator"])
     checkpoint.set_rng_states(saved["rng"])
+    if path == run.out / "checkpoint.pt":
+        run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
     if dist.is_main():
         print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
 

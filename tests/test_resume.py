@@ -37,7 +37,7 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 def losses(out: Path) -> dict[int, float]:
-    """The last loss logged for each step (a resumed run logs the steps after its checkpoint again)."""
+    """The loss logged for each step."""
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
@@ -66,6 +66,8 @@ def test_sigkill_mid_epoch_then_resume_is_exact(npz_dir, tmp_path):
     assert "resuming from" in resumed.stdout
     assert_same_run(unbroken, broken)
     assert not list(broken.glob(".checkpoint.pt.*"))  # no temporary file left behind
+    steps = [r["step"] for r in map(json.loads, (broken / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps))  # the steps logged after the checkpoint, and retrained, have one record each
 
 
 @pytest.mark.slow
@@ -272,3 +274,16 @@ def test_resuming_with_fewer_epochs_than_done_is_refused(npz_dir, tmp_path, caps
     assert main(argv + ["--epochs", "1"]) == 2
     assert "is at epoch 2 (+0 steps), past --epochs 1: pass --epochs 2 or more" in capsys.readouterr().err
     assert _files(out) == before
+
+
+def test_records_logged_after_the_checkpoint_are_not_kept_twice(npz_dir, tmp_path):
+    """A run killed after logging steps its checkpoint does not hold retrains them: each step keeps one record."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--log_every", "1", *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0  # checkpoint at step 4
+    with (out / "metrics.jsonl").open("a") as f:  # what a killed process had logged past it
+        f.writelines(json.dumps({"step": s, "epoch": 1, "loss": 99.0}) + "\n" for s in (5, 6))
+    assert main(argv + ["--epochs", "2"]) == 0
+    logged = losses(out)
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 9)) and 99.0 not in logged.values()
