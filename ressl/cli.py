@@ -283,7 +283,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"ressl {args.command}: {err}", file=sys.stderr)
+        if dist.is_main():  # every process stopped at the same step, with the same message
+            print(f"ressl {args.command}: {err}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         out = getattr(args, "cfg_out", None)  # pretrain's --out, when given
