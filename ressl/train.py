@@ -604,7 +604,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     left as it is: its ``final.json`` is returned and nothing is written.
     """
     run = setup(cfg)
-    say = print if dist.is_main() else (lambda *a, **k: None)
+    say = _printer(run)
     deadline = run.clock + 60 * cfg.max_minutes if cfg.max_minutes else None  # over every invocation of the run
     done = _done(run, deadline)
     if done and (run.out / "final.json").exists():
@@ -645,6 +645,22 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         (run.out / "final.json").write_text(json.dumps(final, indent=2))
         say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
+
+
+def _printer(run: Run) -> Callable[..., None]:
+    """``print`` on rank 0, a no-op elsewhere. When stdout's reader has gone (``ressl pretrain | head``), the run
+    stops at the next step boundary with a checkpoint, as on Ctrl-C, instead of dying inside a step."""
+    if not dist.is_main():
+        return lambda *args, **kwargs: None
+
+    def say(*args: Any, **kwargs: Any) -> None:
+        try:
+            print(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later output goes nowhere, silently
+            run.stop_requested = True
+
+    return say
 
 
 def _done(run: Run, deadline: float | None) -> str:

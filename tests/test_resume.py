@@ -287,3 +287,18 @@ def test_records_logged_after_the_checkpoint_are_not_kept_twice(npz_dir, tmp_pat
     logged = losses(out)
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 9)) and 99.0 not in logged.values()
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_stops_the_run_with_a_checkpoint(npz_dir, tmp_path):
+    """``ressl pretrain ... | head -2``: when the reader goes away, the run stops as on Ctrl-C, checkpoint saved."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(npz_dir, out, "--checkpoint_every", "0", "--epochs", "50"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the header
+    proc.stdout.close()  # the reader leaves
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "checkpoint saved" in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    assert 0 < state["step"] < 50 * 4
