@@ -632,6 +632,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             _end_of_epoch(run, say)
             done = _done(run, deadline)
             if done and run.state.epoch < cfg.epochs:
+                save_checkpoint(run)  # again: the epoch's checkpoint was written before the time ran out, and says so
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
     final: dict[str, Any] = {} if run.state.knn_random_init is None else {"knn_random_init": run.state.knn_random_init}
     final.update(epochs=run.state.epoch, steps=run.state.step, loss=run.state.loss, minutes=run.minutes())

@@ -302,3 +302,40 @@ def test_a_closed_stdout_stops_the_run_with_a_checkpoint(npz_dir, tmp_path):
     assert "Traceback" not in err and "BrokenPipeError" not in err and "checkpoint saved" in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert 0 < state["step"] < 50 * 4
+
+
+def test_a_budget_spent_during_an_epochs_end_is_recorded(npz_dir, tmp_path, monkeypatch, capsys):
+    """When the time runs out during the epoch-end kNN, after the epoch's checkpoint, a re-run still finds the
+    budget spent (the checkpoint is written again), and trains nothing."""
+    import time as real_time
+
+    import ressl.train
+
+    offset = [0.0]
+
+    class Clock:  # the wall clock as ressl.train reads it, moved forward by the slow kNN below
+        perf_counter = staticmethod(real_time.perf_counter)
+
+        @staticmethod
+        def time() -> float:
+            return real_time.time() + offset[0]
+
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--epochs", "5",
+            "--max_minutes", "1", "--knn_every", "1", *TINY]
+    evaluate = ressl.train.evaluate_knn
+
+    def slow_knn(run, subset=None):  # the first epoch-end check takes the rest of the minute
+        if run.state.epoch == 1 and subset is not None:
+            offset[0] += 61
+        return evaluate(run, subset)
+
+    monkeypatch.setattr(ressl.train, "time", Clock)
+    monkeypatch.setattr(ressl.train, "evaluate_knn", slow_knn)
+    assert main(argv) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    before = _files(out)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already complete (its --max_minutes 1.0 are spent, step 4)" in capsys.readouterr().out
+    assert _files(out) == before
