@@ -625,14 +625,17 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     with _stop_on_signals(run):
         while not done:
             train_one_epoch(run, deadline)
-            save_checkpoint(run)
-            if run.state.index:  # stopped inside an epoch (--max_minutes)
+            if run.state.index:  # stopped inside an epoch: the time is up (agreed by every process)
+                _budget_spent(run)
+                save_checkpoint(run)
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes) at step {run.state.step}", flush=True)
                 break
+            save_checkpoint(run)
             _end_of_epoch(run, say)
             done = _done(run, deadline)
-            if done and run.state.epoch < cfg.epochs:
-                save_checkpoint(run)  # again: the epoch's checkpoint was written before the time ran out, and says so
+            if done and run.state.epoch < cfg.epochs:  # the time ran out at the epoch's end, after its checkpoint
+                _budget_spent(run)
+                save_checkpoint(run)
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
     final: dict[str, Any] = {} if run.state.knn_random_init is None else {"knn_random_init": run.state.knn_random_init}
     final.update(epochs=run.state.epoch, steps=run.state.step, loss=run.state.loss, minutes=run.minutes())
@@ -671,6 +674,13 @@ def _done(run: Run, deadline: float | None) -> str:
     if _late(run, deadline):
         return f"its --max_minutes {run.cfg.max_minutes} are spent, step {run.state.step}"
     return ""
+
+
+def _budget_spent(run: Run) -> None:
+    """Mark the run's ``max_minutes`` as all spent, so that its checkpoint says so on every process's clock (one
+    process may have agreed to stop a moment before its own clock ran out): a re-run then trains no further."""
+    assert run.cfg.max_minutes
+    run.clock = min(run.clock, time.time() - 60 * run.cfg.max_minutes)
 
 
 def _late(run: Run, deadline: float | None, check: bool = True) -> bool:
