@@ -30,8 +30,9 @@ import torch
 from benchmarks import common
 from ressl import dist, precision
 from ressl.graph import CapturedStep
+from ressl.meter import mark_non_finite
 from ressl.model import ReSSL
-from ressl.train import Run, epoch_views, mark_non_finite, setup, train_step
+from ressl.train import Run, epoch_views, setup, train_step
 
 
 def make_bare_step(model: ReSSL, weak: torch.Tensor, strong: torch.Tensor, device: torch.device,

@@ -17,7 +17,8 @@ from ressl import allocator, checkpoint, config, dist
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError
-from ressl.train import Interrupted, NonFiniteLoss
+from ressl.meter import NonFiniteLoss
+from ressl.train import Interrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 

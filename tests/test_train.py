@@ -179,7 +179,7 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
     """On a GPU a logged step's numbers are written at the next logged step, not read at once (which would make the
     host wait for the GPU); the records are the same as when written at once, and none is lost at the epoch's end.
     Forced here on a CPU, where the numbers are the same."""
-    from ressl import train
+    from ressl import meter, train
 
     def records(run):
         lines = (run.out / "metrics.jsonl").read_text().splitlines() if (run.out / "metrics.jsonl").exists() else []
@@ -187,7 +187,7 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
 
     now = tiny_run(npz_dir, tmp_path / "now", batch_size=16, log_every=2)
     train_one_epoch(now)
-    monkeypatch.setattr(train, "_defer_logs", lambda device: True)
+    monkeypatch.setattr(meter, "_defer_logs", lambda device: True)
     later = tiny_run(npz_dir, tmp_path / "later", batch_size=16, log_every=2)
     written = []
     real_step = train.train_step

@@ -1,0 +1,202 @@
+"""What the training loop reports and watches: the metric log, the progress bar, the NaN watch, and when to stop.
+
+:class:`Meter` is the loop's one companion object. Between logging steps it keeps the loss on the device (no host
+sync); at a logging step it writes ``metrics.jsonl`` (and TensorBoard events when installed), checks that no loss
+was NaN or infinite, and agrees with the other processes on a stop that a signal asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ressl import dist
+from ressl.monitor import health, queue_fill
+
+if TYPE_CHECKING:
+    from ressl.config import Config
+    from ressl.train import Run
+
+
+class MetricsLog:
+    """Append-only JSON lines, written by rank 0 only; the same scalars as TensorBoard events when
+    ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._board: Any = None
+
+    def write(self, **record: Any) -> None:
+        if not dist.is_main():
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        board = self._tensorboard()
+        if board is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, record.get("step", 0))
+            board.flush()
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (logged after the checkpoint a run resumes from, and logged
+        again as it retrains them), so that every step has one record; the file is replaced atomically."""
+        if not dist.is_main() or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
+    def _tensorboard(self) -> Any:
+        if self._board is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                self._board = False
+                return None
+            self._board = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self._board or None
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    """Whether a mid-epoch checkpoint is written after step number ``step`` (counted from 1)."""
+    return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+
+
+def _defer_logs(device: torch.device) -> bool:
+    """Whether a logged step's numbers are read back one logging window later: on a GPU, reading them at once
+    would make the host wait for the GPU and leave it idle while the host prepares the next step."""
+    return device.type == "cuda"
+
+
+class Meter:
+    """What the loop reports: metrics every ``log_every`` steps, the progress bar, and a NaN watch.
+
+    Losses stay on the device between logging steps; ``first_bad_step`` records the first
+    non-finite loss without a host sync, and is checked before anything is logged or saved.
+    On a GPU a logged step's numbers travel to the host without a wait and are written at the next
+    logged step; before a checkpoint, a stop or the epoch's end they are written at once.
+    """
+
+    def __init__(self, run: Run, first_bad_step: torch.Tensor) -> None:
+        self.run, self.first_bad_step = run, first_bad_step
+        self.progress = _progress(run)
+        self.signals: dict[str, torch.Tensor] = {}
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.defer = _defer_logs(run.device)
+        self.at_log_step = False
+        self.pending: tuple[dict[str, Any], list[str], torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def _due(self, step: int, index: int) -> bool:
+        """Whether step number ``step``, the ``index``-th of its epoch (both counted from 1), is logged."""
+        cfg = self.run.cfg
+        return step % cfg.log_every == 0 or index == self.run.steps_per_epoch or checkpoint_due(cfg, step)
+
+    def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        step = self.run.state.step + 1
+        self.loss = loss.detach()
+        self.first_bad_step = mark_non_finite(self.first_bad_step, self.loss, step)
+        self.window_images += teacher.shape[0] * dist.world_size()
+        if self._due(step, self.run.state.index + 1):
+            cfg = self.run.cfg
+            self.signals = health(student.detach(), teacher, self.run.model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
+
+    def end_step(self, lr: float, momentum: float) -> bool:
+        """Log if due; return whether to stop now (a signal arrived, agreed by every process)."""
+        run, state = self.run, self.run.state
+        due = self._due(state.step, state.index)
+        self.at_log_step = due  # where processes can agree on stopping (a collective at every logging step)
+        stop = _stop_agreed(run, due)
+        if due or stop:
+            rate = self.window_images / (time.perf_counter() - self.window_start)
+            record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
+                          queue_fill=queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size))
+            self._flush()  # the previous logged step's, if it waits
+            self._stage(record)
+            if not self.defer or stop or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
+                self._flush()  # before anything is saved: a bad step never reaches a checkpoint
+            self.window_start, self.window_images = time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress.update(1)
+        return stop
+
+    def _stage(self, record: dict[str, Any]) -> None:
+        """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host."""
+        names = ["loss", *self.signals]
+        values = torch.stack([v.detach().double() for v in (self.loss, *self.signals.values(), self.first_bad_step)])
+        event = None
+        if values.is_cuda:  # a copy into pinned memory, waited for only when read
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (record, names, values, event)
+
+    def _flush(self) -> None:
+        """Check and write the staged step's numbers (a no-op when none wait)."""
+        if self.pending is None:
+            return
+        record, names, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        *numbers, first_bad = values.tolist()
+        _check_finite(int(first_bad), self.run.out / "checkpoint.pt")
+        logged = dict(zip(names, numbers))
+        self.run.state.loss = logged_loss = logged["loss"]
+        self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+
+
+def _stop_agreed(run: Run, log_due: bool) -> bool:
+    """Whether to stop now; distributed, the processes agree at logging steps so that all stop together."""
+    if not dist.is_distributed():
+        return run.stop_requested
+    return dist.any_rank(run.stop_requested, run.device) if log_due else False
+
+
+def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """``step`` if ``loss`` is NaN/inf and no earlier step was, else ``first_bad_step`` (-1: none yet); on the device, no sync."""
+    return torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+
+
+def checkpoint_kept(path: Path) -> str:
+    """What a failed run leaves: the checkpoint at ``path`` as it was, or none."""
+    return f"the last good checkpoint, {path}, is kept" if path.exists() else "no checkpoint had been written yet"
+
+
+def _check_finite(bad: int, path: Path) -> None:
+    """Raise if ``bad``, the first non-finite step (-1: none), is one."""
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"the loss became NaN or infinite at step {bad}: lower --lr, raise --teacher_temperature/--student_temperature, "
+            f"or try --precision fp32; {checkpoint_kept(path)}"
+        )
+
+
+def _progress(run: Run) -> Any:
+    if not dist.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
+                unit="step", dynamic_ncols=True, leave=False)
