@@ -45,11 +45,13 @@ class MetricsLog:
 
     def keep_until(self, step: int) -> None:
         """Drop the records of steps after ``step`` (logged after the checkpoint a run resumes from, and logged
-        again as it retrains them), so that every step has one record; the file is replaced atomically."""
+        again as it retrains them), so that every step has one record, and any line a killed process left torn;
+        the file is replaced atomically."""
         if not dist.is_main() or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        steps = [_record_step(line) for line in lines]
+        kept = [line for line, logged in zip(lines, steps, strict=True) if logged is not None and logged <= step]
         if len(kept) < len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(kept))
@@ -64,6 +66,15 @@ class MetricsLog:
                 return None
             self._board = SummaryWriter(str(self.path.parent / "tensorboard"))
         return self._board or None
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one line of ``metrics.jsonl`` (0 when it names none), or None for a torn or empty line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
 
 
 class NonFiniteLoss(FloatingPointError):

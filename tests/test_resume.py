@@ -281,8 +281,9 @@ def test_records_logged_after_the_checkpoint_are_not_kept_twice(npz_dir, tmp_pat
     out = tmp_path / "run"
     argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--log_every", "1", *TINY]
     assert main(argv + ["--epochs", "1"]) == 0  # checkpoint at step 4
-    with (out / "metrics.jsonl").open("a") as f:  # what a killed process had logged past it
+    with (out / "metrics.jsonl").open("a") as f:  # what a killed process had logged past it, the last line torn
         f.writelines(json.dumps({"step": s, "epoch": 1, "loss": 99.0}) + "\n" for s in (5, 6))
+        f.write('{"step": 7, "epo')
     assert main(argv + ["--epochs", "2"]) == 0
     logged = losses(out)
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
