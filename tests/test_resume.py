@@ -28,12 +28,20 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
     deadline = time.time() + timeout
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
-                                    for line in metrics.read_text().splitlines() if line.strip()):
+        if metrics.exists() and any(_logged_step(line) >= step for line in metrics.read_text().splitlines()):
             return
         assert proc.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.005)
     raise TimeoutError
+
+
+def _logged_step(line: str) -> int:
+    """The step of a line with a loss, or -1 (another record, or a line the run is still writing)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return -1
+    return record.get("step", -1) if "loss" in record else -1
 
 
 def losses(out: Path) -> dict[int, float]:
