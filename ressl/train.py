@@ -446,18 +446,15 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     with _stop_on_signals(run):
         while not done:
             train_one_epoch(run, deadline)
-            if run.state.index:  # stopped inside an epoch: the time is up (agreed by every process)
-                _budget_spent(run)
+            if run.state.index == 0:  # the epoch ended (else its time ran out inside it, agreed by every process)
                 save_checkpoint(run)
+                _end_of_epoch(run, say)
+                done = _done(run, deadline)
+            if run.state.index or (done and run.state.epoch < cfg.epochs):  # the time is up, inside or at the end
+                _budget_spent(run)
+                save_checkpoint(run)  # (again at an epoch's end): the checkpoint records the budget as spent
                 say(f"stopping after {cfg.max_minutes} minutes (--max_minutes) at step {run.state.step}", flush=True)
                 break
-            save_checkpoint(run)
-            _end_of_epoch(run, say)
-            done = _done(run, deadline)
-            if done and run.state.epoch < cfg.epochs:  # the time ran out at the epoch's end, after its checkpoint
-                _budget_spent(run)
-                save_checkpoint(run)
-                say(f"stopping after {cfg.max_minutes} minutes (--max_minutes)", flush=True)
     final: dict[str, Any] = {} if run.state.knn_random_init is None else {"knn_random_init": run.state.knn_random_init}
     final.update(epochs=run.state.epoch, steps=run.state.step, loss=run.state.loss, minutes=run.minutes())
     acc = evaluate_knn(run)
