@@ -50,8 +50,8 @@ class MetricsLog:
         if not dist.is_main() or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        steps = [_record_step(line) for line in lines]
-        kept = [line for line, logged in zip(lines, steps, strict=True) if logged is not None and logged <= step]
+        records = [parse_record(line) for line in lines]
+        kept = [line for line, record in zip(lines, records, strict=True) if record is not None and record.get("step", 0) <= step]
         if len(kept) < len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(kept))
@@ -68,13 +68,13 @@ class MetricsLog:
         return self._board or None
 
 
-def _record_step(line: str) -> int | None:
-    """The step of one line of ``metrics.jsonl`` (0 when it names none), or None for a torn or empty line."""
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One line of ``metrics.jsonl`` as its record, or None for a torn line (a run killed mid-write) or an empty one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return int(record.get("step", 0)) if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ressl.folder import DataError
+from ressl.meter import parse_record
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,15 +54,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return [record for line in path.read_text().splitlines() if (record := parse_record(line)) is not None]
 
 
 def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
