@@ -84,10 +84,15 @@ class Dataset:
             return text + f", {len(self.test):,} held-out, {self.num_classes} classes"
         return text + (", unlabelled" if self.bank is None else f", {self.num_classes} classes") + ", no held-out split (no kNN)"
 
+    @property
+    def evaluable(self) -> bool:
+        """Whether kNN and the linear probe can run: labelled training images (the bank) and held-out ones."""
+        return self.bank is not None and self.test is not None and self.bank.labelled
+
     def evaluation_splits(self) -> tuple[Split, Split]:
         """(bank, test): labelled training and held-out images, or :class:`DataError` naming the layout needed."""
-        if self.bank is not None and self.test is not None:
-            return self.bank, self.test
+        if self.evaluable:
+            return self.bank, self.test  # type: ignore[return-value]
         if self.train.folder is not None:
             need = f"labelled {EVAL_LAYOUT}, passed as --data DIR"
         elif self.train.images is not None and self.name not in TORCHVISION_SETS and self.name != "digits":

@@ -238,7 +238,7 @@ def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None
     ``subset`` caps both at a fixed, seeded sample of that many images (the online monitor's cheap check).
     """
     data, cfg = run.dataset, run.cfg
-    if data.bank is None or data.test is None or not data.bank.labelled:
+    if not data.evaluable:
         return None
     bank_split, test_split = (data.bank, data.test) if subset is None else (sample_split(data.bank, subset), sample_split(data.test, subset))
     dist.broadcast_buffers(run.model.student.backbone)  # every process embeds with the statistics the checkpoint holds
