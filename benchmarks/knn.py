@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from ressl.evaluate import auto_store_dtype, grouped_topk, knn_scores
+from ressl.evaluate import auto_store_dtype, grouped_topk, knn_scores, weighted_votes
 
 K, CLASSES = 200, 10
 GROUPS = 16  # grouped_topk's columns per group, the candidate timed beside the default
@@ -108,8 +108,7 @@ def knn_unit_chunks(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Ten
             best[i] = (top, idx.gather(1, pos))
     scores = []
     for top, idx in best:
-        votes = torch.zeros(top.shape[0], num_classes, device=top.device)
-        scores.append(votes.scatter_add_(1, labels[idx], (top / temperature).exp()))
+        scores.append(weighted_votes(top, labels[idx], num_classes, temperature))
     return torch.cat(scores)
 
 

@@ -179,11 +179,15 @@ def knn_scores(
     for start in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[start : start + chunk_size].float(), dim=1).to(bank.dtype)
         top_sim, top_idx = nearest_cosine(q, bank, inv_norms, k, bank_chunk_size, topk_groups)  # (m, k)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)
-        scores.append(votes)
+        scores.append(weighted_votes(top_sim, bank_labels[top_idx], num_classes, temperature))
     return torch.cat(scores)
+
+
+def weighted_votes(top_sim: torch.Tensor, top_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Class scores (m, C): each of a query's neighbours, similarity (m, k) and label (m, k), votes for its class with
+    weight ``exp(similarity / temperature)``."""
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    return votes.scatter_add_(1, top_labels, (top_sim / temperature).exp())
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
