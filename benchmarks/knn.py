@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from ressl.evaluate import auto_store_dtype, grouped_topk, knn_scores, weighted_votes
+from ressl.evaluate import auto_store_dtype, grouped_topk, knn_scores, merge_topk, weighted_votes
 
 K, CLASSES = 200, 10
 GROUPS = 16  # grouped_topk's columns per group, the candidate timed beside the default
@@ -103,9 +103,7 @@ def knn_unit_chunks(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Ten
         chunk = buffer[: rows.shape[0]].copy_(F.normalize(rows.float(), dim=1))  # (n, F) unit rows, bank dtype
         for i, q in enumerate(units):
             sim, idx = grouped_topk(q @ chunk.T, k, groups)  # (m, k) in the bank's dtype
-            sim, idx = torch.cat([best[i][0], sim.float()], dim=1), torch.cat([best[i][1], idx + start], dim=1)
-            top, pos = sim.topk(min(k, sim.shape[1]), dim=1)
-            best[i] = (top, idx.gather(1, pos))
+            best[i] = merge_topk(*best[i], sim.float(), idx + start, k)
     scores = []
     for top, idx in best:
         scores.append(weighted_votes(top, labels[idx], num_classes, temperature))

@@ -132,11 +132,17 @@ def nearest_cosine(
         block = q @ bank[start : start + chunk_size].T  # (m, n) in the bank's dtype
         sim = block * inv_norms[start : start + chunk_size]  # cosines, float32 (promoted by the fp32 norms)
         sim, idx = grouped_topk(sim, k, topk_groups)
-        # merge with the best so far: at most 2k candidates, global indices
-        sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx + start], dim=1)
-        best_sim, pos = sim.topk(min(k, sim.shape[1]), dim=1)
-        best_idx = idx.gather(1, pos)
+        best_sim, best_idx = merge_topk(best_sim, best_idx, sim, idx + start, k)
     return best_sim, best_idx
+
+
+def merge_topk(best_sim: torch.Tensor, best_idx: torch.Tensor, sim: torch.Tensor, idx: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of a running top-k (m, k') and a block's (m, k'') similarities with their global indices:
+    at most 2k candidates per row, largest first."""
+    sim, idx = torch.cat([best_sim, sim], dim=1), torch.cat([best_idx, idx], dim=1)
+    best_sim, pos = sim.topk(min(k, sim.shape[1]), dim=1)
+    return best_sim, idx.gather(1, pos)
 
 
 def grouped_topk(x: torch.Tensor, k: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
