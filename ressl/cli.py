@@ -63,7 +63,7 @@ class Parser(argparse.ArgumentParser):
             hint = difflib.get_close_matches(value, choices, n=1)
             what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
             message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if dist.speaks_for_machine() else None)
 
 
 DEMO_PRESET = "digits"  # what `ressl pretrain` starts from with no --preset, --dataset or --data
@@ -281,7 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
-        print(f"ressl {args.command}: error: {err}", file=sys.stderr)
+        if dist.speaks_for_machine():  # under torchrun every process of the machine made the same mistake
+            print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
         if dist.is_main():  # every process stopped at the same step, with the same message

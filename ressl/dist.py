@@ -31,6 +31,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def speaks_for_machine() -> bool:
+    """Whether this process reports what every process of its machine would report alike (a mistake in the
+    command or in the files it names): the first process of each machine under torchrun (``LOCAL_RANK``) or
+    ``srun`` (``SLURM_LOCALID``), read from the environment, so before the process group exists; a single
+    process always. A machine's terminal shows such an error once, not once per GPU."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0
+
+
 def _slurm_to_torchrun_env() -> None:
     """Under ``srun`` without torchrun, translate SLURM's variables into the ones ``env://`` reads."""
     if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:

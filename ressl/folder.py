@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from ressl.dist import speaks_for_machine
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
 _TRUNCATED_LOCK = threading.Lock()
@@ -146,7 +148,7 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
             files += found
             labels += [label] * len(found)
             classes.append(name)
-        if loose:
+        if loose and speaks_for_machine():  # every process of a machine scans the same files
             warnings.warn(
                 f"skipped {len(loose)} image file{'s' if len(loose) > 1 else ''} directly in {root}, beside its "
                 f"{len(classes)} class folders (labels come from the class folders): "
@@ -177,11 +179,12 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
                     f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
                     f"{_summarise(bad, root)}; fix or delete them, or raise max_bad_fraction to skip them"
                 )
-            warnings.warn(
-                f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {_summarise(bad, root)}",
-                DataWarning,
-                stacklevel=2,
-            )
+            if speaks_for_machine():
+                warnings.warn(
+                    f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {_summarise(bad, root)}",
+                    DataWarning,
+                    stacklevel=2,
+                )
             files = [files[i] for i in keep]
             if labels is not None:
                 labels = [labels[i] for i in keep]

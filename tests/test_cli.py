@@ -92,6 +92,21 @@ def parse_error(argv, capsys) -> str:
     return err
 
 
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_LOCALID"])
+def test_only_the_first_process_of_a_machine_reports_a_user_mistake(variable, monkeypatch, capsys):
+    """Under torchrun or srun every process makes the same mistake: the machine's first reports it, the others
+    exit with the same code in silence (a terminal shows it once, not once per GPU)."""
+    monkeypatch.setenv(variable, "1")
+    assert main(["pretrain", "--queue_size", "100"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--epoch", "3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(variable, "0")
+    assert "not a multiple" in bad(["pretrain", "--queue_size", "100"], capsys)
+    assert "did you mean --epochs?" in parse_error(["pretrain", "--epoch", "3"], capsys)
+
+
 def test_flag_of_another_subcommand_is_named_as_such(capsys):
     err = parse_error(["pretrain", "--checkpoint", "x"], capsys)
     assert err.startswith("ressl pretrain: error: unrecognized arguments: --checkpoint x")

@@ -232,3 +232,14 @@ def test_torchrun_max_minutes_stops_every_process_together_and_a_rerun_changes_n
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already complete (its --max_minutes 0.03 are spent" in again.stdout
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+
+@pytest.mark.slow
+def test_torchrun_user_mistake_is_reported_once(tmp_path):
+    """Both processes refuse the command; the terminal shows the error once, first, before torchrun's own report of
+    a failed child (its launcher's traceback and summary, which are torchrun's, not ours)."""
+    done = torchrun("pretrain", "--queue_size", "100", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("ressl pretrain: error: ") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith("ressl pretrain: error: queue_size 100 is not a multiple")
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,23 @@ def test_loose_images_beside_class_folders_are_skipped_with_a_warning(tmp_path: 
     assert "\n" not in message
 
 
+def test_scan_warnings_come_from_the_first_process_of_a_machine_only(tmp_path: Path, monkeypatch) -> None:
+    """Every process of a torchrun job scans the same files: the machine's first warns, the others skip alike."""
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            _solid(tmp_path / cls / f"{i}.png")
+    _solid(tmp_path / "stray.png")
+    (tmp_path / "cat" / "broken.png").write_text("this is not a png")
+    with pytest.warns(DataWarning) as record:
+        first = scan_folder(tmp_path, max_bad_fraction=0.5)
+    assert len(record) == 2  # the stray, the unreadable file
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = scan_folder(tmp_path, max_bad_fraction=0.5)
+    assert other == first and len(first.files) == 6
+
+
 def test_mostly_loose_images_stay_one_unlabeled_folder(tmp_path: Path) -> None:
     for name in ("a.png", "b.png", "cat/1.png", "dog/1.png"):  # as many loose images as in sub-folders
         _solid(tmp_path / name)
