@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ressl import dist
 from ressl.augment import eval_transform
-from ressl.folder import DataError, FolderIndex, ImageFolderDataset, listed, load_rgb, scan_folder
+from ressl.folder import DataError, FileList, FolderIndex, ImageFolderDataset, listed, load_rgb, scan_folder, take
 
 # Per-channel mean and std on the 0..1 scale, from each set's training images.
 STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -232,13 +232,13 @@ def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
 def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
     """Tiny-ImageNet's ``val/images`` with labels from ``val/val_annotations.txt``."""
     lookup = {c: i for i, c in enumerate(classes)}
-    files, labels = [], []
+    names, labels = [], []
     for line in (root / "val_annotations.txt").read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 2 and parts[1] in lookup:
-            files.append(root / "images" / parts[0])
+            names.append(parts[0])
             labels.append(lookup[parts[1]])
-    return Split(folder=FolderIndex(files=files, labels=labels, classes=classes))
+    return Split(folder=FolderIndex(files=FileList(root / "images", names), labels=labels, classes=classes))
 
 
 def _held_out(part_dir: Path, train: FolderIndex, max_bad_fraction: float) -> Split:
@@ -481,7 +481,7 @@ def sample_split(split: Split, size: int, seed: int = 0) -> Split:
         return Split(split.images[idx.to(split.images.device)], labels, max_bad_fraction=split.max_bad_fraction)
     assert split.folder is not None
     folder = split.folder
-    return Split(folder=FolderIndex(files=[folder.files[i] for i in idx.tolist()],
+    return Split(folder=FolderIndex(files=take(folder.files, idx.tolist()),
                                     labels=[folder.labels[i] for i in idx.tolist()] if folder.labels is not None else None,
                                     classes=folder.classes), max_bad_fraction=split.max_bad_fraction)
 

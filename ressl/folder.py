@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -60,15 +60,73 @@ def _format_data_warning(message: Warning | str, category: type[Warning], filena
 warnings.formatwarning = _format_data_warning  # the terminal shows no line of this file's source under the message
 
 
+class FileList(Sequence[Path]):
+    """The paths of files below ``root``, kept as one UTF-8 byte buffer and (N + 1) offsets: two numpy arrays, not
+    a Python object per file. Indexing gives ``root / relative`` as a ``Path``, made on access.
+
+    Why: ImageNet's 1.28 million ``Path`` objects take ~450 MB in every process, and each loader worker, touching
+    every object's reference count over an epoch, ends up with a private copy of them; the arrays take ~60 MB and
+    stay shared with the workers.
+    """
+
+    def __init__(self, root: str | Path, relative: Iterable[str]) -> None:
+        self.root = Path(root)
+        encoded = [name.encode("utf-8", "surrogateescape") for name in relative]  # any name os.walk returns
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded)), out=self._offsets[1:])
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def relative(self, i: int) -> str:
+        """The ``i``-th path relative to ``root``, POSIX form."""
+        i = range(len(self))[i]  # negative indices, and IndexError beyond the end
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    @overload
+    def __getitem__(self, i: int) -> Path: ...
+    @overload
+    def __getitem__(self, i: slice) -> FileList: ...
+    def __getitem__(self, i: int | slice) -> Path | FileList:
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        return self.root / self.relative(i)
+
+    def __iter__(self) -> Iterator[Path]:
+        return (self.root / self.relative(i) for i in range(len(self)))
+
+    def take(self, indices: Iterable[int]) -> FileList:
+        """The files at ``indices``, in that order, as another :class:`FileList`."""
+        return FileList(self.root, (self.relative(i) for i in indices))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FileList):
+            return (self.root == other.root and np.array_equal(self._offsets, other._offsets)
+                    and np.array_equal(self._blob, other._blob))
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-equality semantics, as a list
+
+    def __repr__(self) -> str:
+        return f"FileList({str(self.root)!r}, {len(self)} files)"
+
+
+def take(files: Sequence[Path], indices: Iterable[int]) -> Sequence[Path]:
+    """``files[i] for i in indices``, compact when ``files`` is a :class:`FileList`."""
+    return files.take(indices) if isinstance(files, FileList) else [files[i] for i in indices]
+
+
 @dataclass
 class FolderIndex:
     """Result of :func:`scan_folder`.
 
     ``files[i]`` has label ``labels[i]`` (an index into ``classes``); both
     ``labels`` and ``classes`` are ``None`` for a flat folder of unlabeled images.
+    ``files`` is a :class:`FileList` when scanned, any sequence of paths when built by hand.
     """
 
-    files: list[Path]
+    files: Sequence[Path]
     labels: list[int] | None
     classes: list[str] | None
 
@@ -77,13 +135,15 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: Path, root: Path) -> list[Path]:
-    """All non-hidden image files below ``folder`` (recursive), sorted by path relative to ``root``."""
-    found: list[Path] = []
+def _images_under(folder: Path, root: Path) -> list[str]:
+    """All non-hidden image files below ``folder`` (recursive), as sorted POSIX paths relative to ``root``
+    (strings: a million ``Path`` objects take seconds to make and sort)."""
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        prefix = Path(os.path.relpath(dirpath, root)).as_posix() + "/"
+        found.extend(prefix + f for f in filenames if _is_image_name(f))
+    return sorted(found)
 
 
 def listed(items: list[str]) -> str:
@@ -132,63 +192,66 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
         raise DataError(f"data path {root} is not a directory: pass --data PATH pointing at an image folder")
 
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    loose = [Path(e.path) for e in entries if e.is_file() and _is_image_name(e.name)]
+    loose = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
     groups = [(e.name, _images_under(Path(e.path), root)) for e in entries if not e.name.startswith(".") and e.is_dir()]
     groups = [(name, found) for name, found in groups if found]
     in_classes = sum(len(found) for _, found in groups)
-    files: list[Path]
+    names: list[str]  # paths relative to root
     labels: list[int] | None
     classes: list[str] | None
     if loose and (len(groups) < 2 or len(loose) >= in_classes):  # a flat folder: every image, unlabeled
-        files = sorted(loose + [p for _, found in groups for p in found], key=lambda p: p.relative_to(root).as_posix())
+        names = sorted(loose + [name for _, found in groups for name in found])
         labels, classes = None, None
     else:
-        files, labels, classes = [], [], []
+        names, labels, classes = [], [], []
         for label, (name, found) in enumerate(groups):
-            files += found
+            names += found
             labels += [label] * len(found)
             classes.append(name)
         if loose and speaks_for_machine():  # every process of a machine scans the same files
             warnings.warn(
                 f"skipped {len(loose)} image file{'s' if len(loose) > 1 else ''} directly in {root}, beside its "
                 f"{len(classes)} class folders (labels come from the class folders): "
-                f"{listed([p.name for p in loose])}; move {'them' if len(loose) > 1 else 'it'} into a class folder",
+                f"{listed(loose)}; move {'them' if len(loose) > 1 else 'it'} into a class folder",
                 DataWarning,
                 stacklevel=2,
             )
-    if not files:
+    if not names:
         raise DataError(
             f"no images found in {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case, "
             f"directly or in sub-folders): pass --data PATH pointing at a folder of images"
         )
 
     if verify:
-        bad: list[tuple[Path, str]] = []
-        keep: list[int] = []
-        for i, path in enumerate(files):
-            why = _check_file(path)
-            if why is None:
-                keep.append(i)
-            else:
-                bad.append((path, why))
+        bad = {i: why for i, name in enumerate(_checking(names, root)) if (why := _check_file(root / name)) is not None}
         if bad:
-            n_total = len(files)
-            if len(bad) / n_total > max_bad_fraction or not keep:
+            n_total = len(names)
+            described = _summarise([(root / names[i], why) for i, why in bad.items()], root)
+            if len(bad) / n_total > max_bad_fraction or len(bad) == n_total:
                 raise DataError(
                     f"{len(bad)} of {n_total} image files under {root} are unreadable "
                     f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
-                    f"{_summarise(bad, root)}; fix or delete them, or raise max_bad_fraction to skip them"
+                    f"{described}; fix or delete them, or raise max_bad_fraction to skip them"
                 )
             if speaks_for_machine():
-                warnings.warn(
-                    f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {_summarise(bad, root)}",
-                    DataWarning,
-                    stacklevel=2,
-                )
-            files = [files[i] for i in keep]
+                warnings.warn(f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {described}",
+                              DataWarning, stacklevel=2)
+            names = [name for i, name in enumerate(names) if i not in bad]
             if labels is not None:
-                labels = [labels[i] for i in keep]
-    return FolderIndex(files=files, labels=labels, classes=classes)
+                labels = [label for i, label in enumerate(labels) if i not in bad]
+    return FolderIndex(files=FileList(root, names), labels=labels, classes=classes)
+
+
+_PROGRESS_FROM = 20_000  # files: checking more than this takes seconds, and shows a progress bar
+
+
+def _checking(names: list[str], root: Path) -> Iterable[str]:
+    """``names``, with a progress bar on the machine's first process when there are many (ImageNet: a minute or more)."""
+    if len(names) < _PROGRESS_FROM or not speaks_for_machine():
+        return names
+    from tqdm import tqdm
+
+    return tqdm(names, desc=f"checking the images in {root}", unit="file", unit_scale=True, leave=False, dynamic_ncols=True)
 
 
 def _upright(im: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ressl.folder import (
     IMAGE_EXTENSIONS,
     DataError,
     DataWarning,
+    FileList,
     FolderIndex,
     ImageFolderDataset,
     load_rgb,
@@ -63,6 +65,30 @@ def test_class_layout_sorted_classes_and_labels(tmp_path: Path) -> None:
     rel = [p.relative_to(tmp_path).as_posix() for p in idx.files]
     assert rel == ["apple/b.JPG", "apple/nested/deep/a.png", "zebra/1.png"]
     assert idx.labels == [0, 0, 1]
+
+
+def test_file_list_behaves_as_the_list_of_paths_it_stores(tmp_path: Path) -> None:
+    names = ["cat/0.png", "cat/deep/é 1.JPG", "dog/x.png", "d\udcff.png"]  # a non-UTF-8 byte, as os.walk returns it
+    paths = [tmp_path / n for n in names]
+    files = FileList(tmp_path, names)
+    assert len(files) == 4 and list(files) == paths and files == paths and files != paths[:3]
+    assert [files[i] for i in range(-4, 4)] == paths[-4:] + paths
+    assert files[1:3] == paths[1:3] and isinstance(files[1:3], FileList) and files[::-1] == paths[::-1]
+    assert files.take([3, 0, 0]) == [paths[3], paths[0], paths[0]] and files.relative(1) == "cat/deep/é 1.JPG"
+    with pytest.raises(IndexError):
+        files[4]
+    assert pickle.loads(pickle.dumps(files)) == files  # as loader workers receive it when processes are spawned
+    assert FileList(tmp_path, []) == [] and len(FileList(tmp_path, [])[1:]) == 0
+
+
+def test_scan_keeps_file_names_compact_and_as_before(tmp_path: Path) -> None:
+    """The scan stores its paths as a FileList (two arrays), in the order of the paths relative to the root."""
+    for name in ("b/2.png", "b/10.png", "a/z/1.png", "a/y.png", "a.b/0.png"):
+        _solid(tmp_path / name)
+    idx = scan_folder(tmp_path)
+    assert isinstance(idx.files, FileList) and idx.classes == ["a", "a.b", "b"]
+    assert [p.relative_to(tmp_path).as_posix() for p in idx.files] == ["a/y.png", "a/z/1.png", "a.b/0.png", "b/10.png", "b/2.png"]
+    assert idx.labels == [0, 0, 1, 2, 2]
 
 
 def test_flat_layout_is_unlabeled_and_recursive(tmp_path: Path) -> None:
