@@ -312,7 +312,7 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
         if dataset == "digits":
             return load_digits()
         if dataset in TORCHVISION_SETS and download:
-            return load_torchvision(dataset, Path("data") / dataset, True)
+            return dist.rank_0_first(lambda: load_torchvision(dataset, Path("data") / dataset, True))
         raise DataError(f"dataset {dataset!r} needs --data PATH (a directory of images or train.npz/test.npz)"
                         + (" or --download" if dataset in TORCHVISION_SETS else ""))
     root = Path(data).expanduser()
@@ -325,9 +325,10 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
         raise DataError(f"--data {root} is a file; give the directory that holds it")
     if (root / "train.npz").exists():
         return load_npz(root, dataset)
+    # under torchrun: rank 0 downloads before the others read, and scans a folder for all of them
     if dataset in TORCHVISION_SETS:
-        return load_torchvision(dataset, root, download)
-    return load_folder(root, dataset, max_bad_fraction)
+        return dist.rank_0_first(lambda: load_torchvision(dataset, root, download))
+    return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 
 
 # --- batches ---------------------------------------------------------------------------------

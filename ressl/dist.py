@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -97,6 +102,43 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     torch_dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def rank_0_first(load: Callable[[], T], share: bool = False) -> T:
+    """``load()`` on rank 0 first; an exception it raises, every process raises. Then, with ``share``, the other
+    processes receive rank 0's result instead of computing it (a scan of an image folder: a million files read once,
+    not once per process, and the same list in every process); without, each runs ``load()`` itself once rank 0's
+    has finished (a download, which rank 0 alone writes). One process: ``load()``. A collective: every rank calls it.
+    """
+    if not is_distributed():
+        return load()
+    outcome: list[object] = [None]
+    failure: BaseException | None = None
+    if is_main():
+        try:
+            result = load()
+            outcome[0] = ("done", result if share else None)
+        except Exception as err:  # noqa: BLE001 - any failure: sent on, then raised here too
+            failure = err
+            outcome[0] = ("failed", _portable(err))
+    torch_dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    kind, value = outcome[0]  # type: ignore[misc]
+    if kind == "failed":
+        raise value
+    if is_main():
+        return result
+    return value if share else load()  # type: ignore[no-any-return]
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` if it survives pickling (to be raised by the other processes), else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

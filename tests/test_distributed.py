@@ -7,17 +7,21 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from PIL import Image
 from test_cli import TINY
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
+from ressl.data import load_dataset
+from ressl.folder import DataError
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -160,6 +164,57 @@ def test_broadcast_buffers_gives_every_rank_rank_0s_statistics(tmp_path):
     for key in zero:
         assert torch.equal(zero[key], one[key]), key
     assert zero["mean"].abs().max() < 5  # rank 0's batch (about 0), not rank 1's (about 10)
+
+
+def _first_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    marks = Path(tmp)
+
+    def load() -> str:  # sees whether rank 0's call has run, and leaves a mark of its own
+        seen = (marks / "called0").exists()
+        (marks / f"called{rank}").write_text("x")
+        return f"rank {rank}, rank 0 had run: {seen}"
+
+    shared = dist.rank_0_first(load, share=True)
+    torch_dist.barrier()
+    called = sorted(p.name for p in marks.glob("called*"))
+    torch_dist.barrier()  # every rank has read the marks before rank 0 removes them
+    if rank == 0:
+        (marks / "called0").unlink()
+    own = dist.rank_0_first(load)
+    errors = []
+    for share in (True, False):
+        try:
+            dist.rank_0_first(lambda: _fails(rank), share=share)
+        except DataError as err:
+            errors.append(str(err))
+    folder = Path(tmp) / "photos"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ds = load_dataset("folder", str(folder))
+    torch.save(dict(shared=shared, called=called, own=own, errors=errors, warned=len(seen),
+                    files=[str(p) for p in ds.train.folder.files], labels=ds.train.folder.labels), f"{tmp}/rank{rank}.pt")
+
+
+def _fails(rank: int) -> None:
+    raise DataError(f"raised by rank {rank}")
+
+
+def test_rank_0_first_shares_a_scan_and_orders_a_download(tmp_path):
+    """A folder is scanned by rank 0 alone and every process gets its list; a download runs on rank 0 before the
+    others read; what rank 0 raises, every process raises."""
+    for cls in ("cat", "dog"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / cls / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "stray.png")
+    zero, one = spawn(_first_worker, tmp_path)
+    assert zero["shared"] == one["shared"] == "rank 0, rank 0 had run: False"
+    assert zero["called"] == one["called"] == ["called0"]  # with share, rank 1 never ran it
+    assert zero["own"] == "rank 0, rank 0 had run: False" and one["own"] == "rank 1, rank 0 had run: True"
+    assert zero["errors"] == one["errors"] == ["raised by rank 0"] * 2
+    assert zero["files"] == one["files"] and len(zero["files"]) == 6 and zero["labels"] == one["labels"]
+    assert (zero["warned"], one["warned"]) == (1, 0)  # the stray image: only the scanning process saw it
 
 
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
