@@ -22,7 +22,7 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, no permission); the previous one is intact."""
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """The mode ``open()`` gives a new file (0666 less the umask): mkstemp's own 0600 would hide checkpoints from a
     group that reads the run's other files."""
     mask = os.umask(0)
@@ -40,7 +40,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, _new_file_mode())
+            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()

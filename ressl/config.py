@@ -270,7 +270,8 @@ def check_device(name: str, flag: str = "device") -> None:
 
 def check_output(path: str | Path, flag: str, file_example: str | None = None) -> Path:
     """Refuse an output path that cannot be made: a file where a run directory goes (``file_example`` None) or a
-    directory where a file goes (``file_example``, e.g. ``features.npy``), an existing file on the way, or a
+    directory where a file goes (``file_example``, e.g. ``features.npy``), an existing file without
+    ``file_example``'s suffix (a run's ``checkpoint.pt`` named by mistake), an existing file on the way, or a
     location without write permission. Returns the path, ``~`` expanded."""
     out = Path(path).expanduser()
     if file_example is None and out.exists() and not out.is_dir():
@@ -278,6 +279,10 @@ def check_output(path: str | Path, flag: str, file_example: str | None = None) -
     if file_example is not None and out.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file name, e.g. {out / file_example}")
     if out.exists():
+        suffix = Path(file_example).suffix if file_example else ""
+        if suffix and out.suffix != suffix:  # e.g. the run's checkpoint.pt or config.yaml: never overwritten
+            raise ConfigError(f"{flag} {path} exists and is not a {suffix} file: it would be overwritten; "
+                              f"give a new name, e.g. {out.with_suffix(suffix).name}")
         if not os.access(out, os.W_OK):
             raise ConfigError(f"{flag} {path} cannot be written: no write permission; choose another {flag}")
         return out

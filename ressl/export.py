@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ressl.checkpoint import new_file_mode
 from ressl.config import ConfigError, check_output
 from ressl.evaluate import load_backbone
 
@@ -41,6 +43,7 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out), metadata=metadata)
+        os.chmod(out, new_file_mode())  # readable as the user's other files are (the writer may leave 0600)
     except (OSError, SafetensorError) as err:
         detail = getattr(err, "strerror", None) or str(err).splitlines()[0][:160]
         raise ExportError(f"could not write --out {out}: {detail}; choose another --out") from None

@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses as a user runs it."""
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -193,6 +194,23 @@ def untrained_checkpoint(npz_dir, tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # another working directory: the stored --data must still be found
     return path
+
+
+def test_export_and_embed_never_overwrite_a_runs_own_files(untrained_checkpoint, capsys):
+    """--out naming the checkpoint (or any existing file of another kind) is refused; the file is untouched."""
+    run = untrained_checkpoint.parent
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    ck = str(untrained_checkpoint)
+    assert "exists and is not a .safetensors file" in bad(["export", "--checkpoint", ck, "--out", ck], capsys)
+    assert "exists and is not a .npy file" in bad(["embed", "--checkpoint", ck, "--data", ".", "--out", str(run / "metrics.jsonl")], capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    out = run / "backbone.safetensors"
+    for _ in range(2):  # an existing export is replaced, as asked
+        assert main(["export", "--checkpoint", ck, "--out", str(out)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # shared as the user's other files are, not 0600
 
 
 def test_knn_defaults_to_the_runs_own_k_and_temperature(untrained_checkpoint, capsys):
