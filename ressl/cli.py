@@ -175,7 +175,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         preset = values["dataset"]  # --dataset cifar10 starts from the cifar10 preset
     elif preset is None and "dataset" not in values and "data" not in values:
         preset = "digits"  # no arguments: the embedded demo
-    elif "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such (not digits)
+    elif preset is None and "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such
         values["dataset"] = "npz" if (Path(str(values["data"])).expanduser() / "train.npz").is_file() else "folder"
     cfg = config.resolve(preset, values)
     if cfg.out:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,6 +181,7 @@ def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:
     # absolute paths: the run's config.yaml and checkpoints must still find them from another working directory
     cfg.data = absolute(cfg.data)
     cfg.resume = absolute(cfg.resume)
+    cfg.out = str(Path(cfg.out).expanduser()) if cfg.out else cfg.out  # --out '~/runs/x' as a shell would expand it
     return cfg
 
 
@@ -218,6 +220,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ["weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.seed >= 2**32:  # the epoch order's generator is seeded with seed * 1_000_003 + epoch, within 64 bits
+        raise ConfigError(f"seed must be below 2**32 = {2**32}, got {cfg.seed}")
     if cfg.max_minutes is not None and cfg.max_minutes < 0:
         raise ConfigError(f"max_minutes must be 0 or more (0 or none: no limit), got {cfg.max_minutes}")
     if not 0.0 <= cfg.sgd_momentum < 1.0:
@@ -246,6 +250,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"teacher_bn must be shuffle, sync or local, got {cfg.teacher_bn!r}")
     if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
+    if cfg.batch_size // world_size // cfg.bn_groups < 2:  # a BatchNorm over one image has nothing to normalise by
+        where = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise ConfigError(f"batch_size {cfg.batch_size} gives {cfg.batch_size // world_size // cfg.bn_groups} image{where} to each "
+                          f"BatchNorm{f' group (bn_groups {cfg.bn_groups})' if cfg.bn_groups > 1 else ''}: it needs at least 2; "
+                          "raise --batch_size" + (" or lower --bn_groups" if cfg.bn_groups > 1 else ""))
+    if cfg.bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "shuffle":
+        raise ConfigError(f"bn_groups {cfg.bn_groups} emulates shuffle-BN on one device; with {world_size} processes "
+                          "--teacher_bn shuffle shuffles across them instead: drop --bn_groups")
     if cfg.jitter_order not in {"batch", "sample"}:
         raise ConfigError(f"jitter_order must be batch or sample, got {cfg.jitter_order!r}")
     if cfg.augment_steps < 1:
@@ -257,15 +269,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def check_device(name: str, flag: str = "device") -> None:
-    """Refuse a device string that ``torch.device`` cannot parse (``auto`` is ours: CUDA when there is one)."""
-    import torch  # local import: reading a configuration needs no torch
-
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N (or another torch device type), got {name!r}") from None
+    """Refuse a device other than ``auto`` (ours: CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``: the code
+    runs and is tested on those two types (a ``cpu:1`` run would write checkpoints that cannot be resumed)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def check_output(path: str | Path, flag: str, file_example: str | None = None) -> Path:

@@ -314,7 +314,9 @@ def setup(cfg: Config) -> Run:
 
 
 # a checkpoint trained with other values of these is meaningless to continue
-RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn")
+# (batch_size: the checkpoint's place in its epoch and the step-based schedules count its batches)
+RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn",
+               "batch_size")
 
 
 def resume(run: Run, path: Path) -> None:

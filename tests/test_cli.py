@@ -1,8 +1,8 @@
 """The command line end to end, in subprocesses as a user runs it."""
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +56,16 @@ def test_user_mistake_is_one_line_without_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "does not exist" in done.stderr and "--data" in done.stderr
+    assert "(or add --download)" in done.stderr  # read as the preset's cifar10 (a torchvision set), not as a folder
+
+
+def test_a_preset_keeps_its_dataset_when_data_is_given(tmp_path, capsys):
+    """--preset cifar10 --data DIR reads DIR as CIFAR-10 (npz arrays or torchvision's files), as the README's commands
+    do; --data alone names the data by what the directory holds."""
+    (tmp_path / "cifar10").mkdir()
+    err = bad(["pretrain", "--preset", "cifar10", "--data", str(tmp_path / "cifar10")], capsys)
+    assert "cifar10 not found in" in err and "--download" in err
+    assert "no images found" in bad(["pretrain", "--data", str(tmp_path / "cifar10")], capsys)
 
 
 def bad(argv, capsys) -> str:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ressl import config
@@ -110,7 +112,35 @@ def test_check_output(tmp_path):
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         config.check_output(tmp_path / "file" / "deeper" / "x.npy", "--out", file_example="x.npy")
     assert config.check_output(tmp_path / "new" / "run", "--out") == tmp_path / "new" / "run"  # parents are made later
-    assert config.check_output(tmp_path / "file", "--out", file_example="x.npy") == tmp_path / "file"  # overwritten
+    (tmp_path / "old.npy").write_text("x")
+    assert config.check_output(tmp_path / "old.npy", "--out", file_example="x.npy") == tmp_path / "old.npy"  # overwritten
+    with pytest.raises(ConfigError, match="exists and is not a .npy file: it would be overwritten"):
+        config.check_output(tmp_path / "file", "--out", file_example="x.npy")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"batch_size": 1, "queue_size": 64}, "gives 1 image to each BatchNorm: it needs at least 2"),
+    ({"batch_size": 64, "bn_groups": 64}, "gives 1 image to each BatchNorm group (bn_groups 64)"),
+    ({"seed": 2**32}, "seed must be below 2**32"),
+    ({"device": "cpu:1"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"device": "mps"}, "device must be auto, cpu, cuda or cuda:N"),
+])
+def test_values_that_would_fail_mid_run_are_refused_up_front(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.resolve("digits", values)
+
+
+def test_bn_groups_is_refused_where_shuffle_bn_already_runs_across_processes():
+    cfg = config.resolve("digits", {"bn_groups": 2})
+    config.validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="emulates shuffle-BN on one device"):
+        config.validate(cfg, world_size=2)
+    config.validate(config.resolve("digits", {"bn_groups": 2, "teacher_bn": "local"}), world_size=2)
+
+
+def test_out_expands_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config.resolve("digits", {"out": "~/runs/x"}).out == str(tmp_path / "runs" / "x")
 
 
 def test_an_unknown_dataset_name_is_refused_with_a_suggestion():

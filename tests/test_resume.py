@@ -143,6 +143,8 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--width", "16"]) == 2
     assert "different width" in capsys.readouterr().err
+    assert main(base + ["--batch_size", "16"]) == 2  # the checkpoint's place in its epoch counts batches of the old size
+    assert "different batch_size" in capsys.readouterr().err
 
 
 def test_checkpoints_of_the_older_format_resume_and_another_process_count_is_refused(npz_dir, tmp_path, capsys):
