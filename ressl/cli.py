@@ -130,8 +130,9 @@ def build_parser() -> Parser:
             e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
             e.add_argument("--weight_decay", type=float, default=0.0)
             e.add_argument("--augment", action="store_true",
-                           help="random crops and flips of the training images every epoch (a backbone pass per epoch) "
-                                "instead of features cached once (the fast default)")
+                           help="random crops and flips of the training images every epoch, as the run's weak view "
+                                "(its crop_min_scale; flips only if it flipped), a backbone pass per epoch, instead of "
+                                "features cached once (the fast default)")
     x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
                        description="Write the student's (or teacher's) backbone with torchvision's key names.")
     x.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")

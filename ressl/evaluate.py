@@ -229,9 +229,14 @@ def linear_probe(
     are converted to float32 a batch at a time.
     """
     mean, std = train_features.mean(0).float(), train_features.std(0).float().clamp_min(1e-6)
-    classifier = nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    classifier = nn.Linear(train_features.shape[1], num_classes)
+    with torch.no_grad():  # initialised as nn.Linear does, from the seed: the same checkpoint gives the same accuracy
+        bound = 1.0 / math.sqrt(train_features.shape[1])
+        classifier.weight.uniform_(-bound, bound, generator=generator)
+        classifier.bias.uniform_(-bound, bound, generator=generator)
+    classifier = classifier.to(train_features.device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(train_features.shape[0] / batch_size)
     total = epochs * steps_per_epoch
 
@@ -263,8 +268,10 @@ def linear_probe(
 def augmented_batches(
     backbone: nn.Module, split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, seed: int = 0, workers: int = 4,
+    crop_min_scale: float = 0.08, flip: bool = True,
 ) -> Batches:
-    """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(0.08-1) and a flip.
+    """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(crop_min_scale-1) and,
+    with ``flip``, a horizontal flip (a run's own ``crop_min_scale`` and ``flip``: digits are not flipped).
 
     In-memory images are cropped batched on the device; folders are cropped by loader workers.
     """
@@ -273,8 +280,9 @@ def augmented_batches(
     from ressl.augment import eval_transform, weak_augment
     from ressl.folder import ImageFolderDataset
 
-    augment = weak_augment(image_size, mean, std, crop_scale=(0.08, 1.0))
-    folder_crop = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    augment = weak_augment(image_size, mean, std, crop_scale=(crop_min_scale, 1.0), flip_p=0.5 if flip else 0.0)
+    folder_crop = v2.Compose([v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
+                              v2.RandomHorizontalFlip(0.5 if flip else 0.0)])
 
     @torch.no_grad()
     def embed(images: torch.Tensor) -> torch.Tensor:
@@ -341,6 +349,7 @@ def evaluate_checkpoint(
         k = cfg.knn_k if k is None else k
         temperature = cfg.knn_temperature if temperature is None else temperature
         return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature}
-    train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, 256, dev, dtype, workers=workers) if augment else None
+    train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers=workers,
+                                      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip) if augment else None
     return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
                         train_batches=train_batches)

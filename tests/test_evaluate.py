@@ -59,3 +59,32 @@ def test_linear_probe_with_fresh_batches_each_epoch():
 
     acc = linear_probe(x[:300], y[:300], x[300:], y[300:], 2, epochs=15, lr=0.1, batch_size=64, train_batches=batches)
     assert seen == list(range(15)) and acc["top1"] > 90
+
+
+def test_linear_probe_is_a_function_of_its_seed():
+    """The classifier starts from the seed, not from the global generator: one checkpoint, one accuracy."""
+    x = torch.randn(200, 10)
+    y = (x[:, 0] + 0.3 * torch.randn(200) > 0).long()
+    runs = []
+    for noise in range(3):
+        torch.manual_seed(noise)  # whatever ran before
+        runs.append(linear_probe(x[:150], y[:150], x[150:], y[150:], 2, epochs=1, lr=1e-3, batch_size=32, seed=1))
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_augmented_batches_follow_the_runs_crop_scale_and_flip():
+    """A run without flips is probed without flips; crops of the whole image (scale 1) leave it as it is."""
+    from ressl.data import Split
+    from ressl.evaluate import augmented_batches
+
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    split = Split(images, torch.zeros(8, dtype=torch.long))
+    identity = torch.nn.Flatten()
+    common = dict(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), batch_size=8, device=torch.device("cpu"), dtype=None)
+
+    def epoch_features(**kw):
+        return torch.cat([f for f, _ in augmented_batches(identity, split, crop_min_scale=1.0, **common, **kw)(0)])
+
+    plain = torch.sort(images.float().div(255).flatten(1), dim=0).values
+    assert torch.allclose(torch.sort(epoch_features(flip=False), dim=0).values, plain, atol=1e-5)
+    assert not torch.allclose(torch.sort(epoch_features(flip=True), dim=0).values, plain, atol=1e-5)
