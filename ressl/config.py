@@ -206,10 +206,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
-    if cfg.dataset not in DATASETS:
-        hint = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}{f' (did you mean {hint[0]}?)' if hint else ''}; choose one of "
-                          f"{', '.join(DATASETS)} (npz: a directory of train.npz/test.npz; folder: a directory of images)")
+    check_dataset(cfg.dataset)
     positive = ["epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every", "eval_batch_size"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -266,6 +263,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"augment_backend must be batched or torchvision, got {cfg.augment_backend!r}")
     if cfg.precision not in {"auto", "bf16", "fp32"}:
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+def check_dataset(name: str) -> None:
+    """Refuse a dataset name we cannot read, suggesting the nearest known one."""
+    if name not in DATASETS:
+        hint = difflib.get_close_matches(name, DATASETS, n=1)
+        raise ConfigError(f"unknown dataset {name!r}{f' (did you mean {hint[0]}?)' if hint else ''}; choose one of "
+                          f"{', '.join(DATASETS)} (npz: a directory of train.npz/test.npz; folder: a directory of images)")
 
 
 def check_device(name: str, flag: str = "device") -> None:

@@ -16,9 +16,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ressl import dist
+from ressl import config, dist
 from ressl.augment import eval_transform
-from ressl.folder import DataError, FileList, FolderIndex, ImageFolderDataset, listed, load_rgb, scan_folder, take
+from ressl.folder import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    FileList,
+    FolderIndex,
+    ImageFolderDataset,
+    listed,
+    load_rgb,
+    scan_folder,
+    take,
+)
 
 # Per-channel mean and std on the 0..1 scale, from each set's training images.
 STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -304,6 +314,36 @@ def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Datase
     mean, std = STATS.get(name, STATS["imagenet"])
     return Dataset(name, train, bank, test if test is not None and test.labelled else None,
                    len(classes), mean, std, layout)
+
+
+def evaluation_source(run_dataset: str, run_data: str | None, dataset: str | None, data: str | None) -> tuple[str, str | None]:
+    """What an evaluation of a run reads (``ressl knn``, ``linear``, ``embed``, ``report``): the run's own dataset and
+    directory, unless ``--dataset`` or ``--data`` says otherwise.
+
+    ``--dataset`` alone names another dataset, read from the run's directory only if it is the run's own (digits needs
+    none; the others then ask for ``--data``). ``--data`` alone is read as the run's dataset, except a directory of
+    images after a run on a torchvision set (CIFAR, STL-10), which is read as an image folder.
+    """
+    if dataset is not None:
+        config.check_dataset(dataset)
+        return dataset, data if data is not None else run_data if dataset == run_dataset else None
+    if data is None:
+        return run_dataset, run_data
+    if run_dataset in TORCHVISION_SETS and not (Path(data).expanduser() / "train.npz").exists() and _holds_images(Path(data).expanduser()):
+        return "folder", data
+    return run_dataset, data
+
+
+def _holds_images(root: Path) -> bool:
+    """Whether ``root``, a child or a grandchild of it (train/<class>/) holds an image file: an image folder, not
+    torchvision's files of a dataset."""
+    level = [root]
+    for _ in range(3):
+        children = [e for d in level if d.is_dir() for e in os.scandir(d) if not e.name.startswith(".")]
+        if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in children):
+            return True
+        level = [Path(e.path) for e in children if e.is_dir()][:64]  # a glance, not a scan
+    return False
 
 
 def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01) -> Dataset:

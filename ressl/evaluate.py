@@ -331,12 +331,12 @@ def evaluate_checkpoint(
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
     those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used."""
-    from ressl.data import load_dataset, to_device
+    from ressl.data import evaluation_source, load_dataset, to_device
     from ressl.train import resolve_device
 
     dev = resolve_device(device)
     backbone, cfg = load_backbone(path, teacher, dev)
-    ds = load_dataset(dataset or cfg.dataset, data if data is not None else cfg.data, cfg.download)
+    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download)
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     to_device(ds, dev)
     if cfg.channels_last:

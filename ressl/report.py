@@ -109,7 +109,7 @@ def embed(
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
     ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
-    from ressl.data import load_dataset, to_device
+    from ressl.data import evaluation_source, load_dataset, to_device
     from ressl.evaluate import load_backbone
     from ressl.train import resolve_device
 
@@ -117,13 +117,7 @@ def embed(
         raise DataError(f"--split must be train or test, got {split!r}")
     dev = resolve_device(device)
     backbone, cfg = load_backbone(checkpoint, teacher, dev)
-    name = dataset or cfg.dataset
-    try:
-        ds = load_dataset(name, data, download=False)
-    except DataError as err:
-        if dataset is None:
-            raise DataError(f"{err} (read as the run's dataset {name!r}; pass --dataset folder or npz for other data)") from None
-        raise
+    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), download=False)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
         raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
@@ -564,14 +558,14 @@ def _embedding_plots(
 ) -> None:
     """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
     from ressl.checkpoint import CheckpointError
-    from ressl.data import load_dataset, to_device
+    from ressl.data import evaluation_source, load_dataset, to_device
     from ressl.evaluate import load_backbone
     from ressl.train import resolve_device
 
     try:
         dev = resolve_device(device)
         backbone, run_cfg = load_backbone(str(run / "checkpoint.pt"), False, dev)
-        ds = load_dataset(dataset or run_cfg.dataset, data if data is not None else run_cfg.data, download=False)
+        ds = load_dataset(*evaluation_source(run_cfg.dataset, run_cfg.data, dataset, data), download=False)
     except (CheckpointError, DataError) as err:
         report.notes.append(f"embedding map and retrieval grid left out: {err}")
         say(f"ressl report: embedding plots left out: {err}")

@@ -259,3 +259,26 @@ def test_npz_unlabelled_rows_leave_the_bank_and_the_queries(tmp_path):
 def test_npz_test_labels_that_train_lacks_are_named(tmp_path):
     with pytest.raises(DataError, match=r"test.npz has labels 7, 1000000 that no image of train.npz has"):
         load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 1_000_000]))))
+
+
+def test_evaluation_source_reads_the_runs_data_unless_told_otherwise(tmp_path):
+    from PIL import Image
+
+    from ressl.config import ConfigError
+    from ressl.data import evaluation_source
+
+    (tmp_path / "photos" / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "train" / "cat" / "0.png")
+    (tmp_path / "arrays").mkdir()
+    (tmp_path / "arrays" / "train.npz").write_bytes(b"")
+    (tmp_path / "cifar-root" / "cifar-10-batches-py").mkdir(parents=True)
+    photos, arrays, root = (str(tmp_path / d) for d in ("photos", "arrays", "cifar-root"))
+    assert evaluation_source("npz", arrays, None, None) == ("npz", arrays)
+    assert evaluation_source("npz", arrays, "digits", None) == ("digits", None)  # not the run's arrays read as digits
+    assert evaluation_source("npz", arrays, "npz", None) == ("npz", arrays)
+    assert evaluation_source("cifar10", root, None, photos) == ("folder", photos)  # images, not torchvision's files
+    assert evaluation_source("cifar10", root, None, arrays) == ("cifar10", arrays)
+    assert evaluation_source("cifar10", None, None, root) == ("cifar10", root)
+    assert evaluation_source("folder", photos, None, arrays) == ("folder", arrays)  # train.npz is read first anyway
+    with pytest.raises(ConfigError, match="unknown dataset 'cifar'"):
+        evaluation_source("npz", arrays, "cifar", None)
