@@ -317,8 +317,14 @@ def load_backbone(path: str, teacher: bool = False, device: torch.device | None 
 
     state = checkpoint.load(path)
     cfg = config.from_dict(state["config"])
-    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn, cfg.small_stem)
-    model.load_state_dict(state["model"])
+    try:
+        model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
+                            cfg.small_stem)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError) as err:  # a checkpoint edited by hand, or of another version
+        detail = str(err).strip().splitlines()[0][:200]
+        raise checkpoint.CheckpointError(f"{path}: its weights do not fit its own configuration ({detail}); "
+                                         "is it a ressl checkpoint.pt of this version?") from None
     backbone = (model.teacher if teacher else model.student).backbone
     return backbone.to(device or torch.device("cpu")).eval(), cfg
 

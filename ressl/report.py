@@ -126,11 +126,14 @@ def embed(
     rows = split_rows(chosen, split)
     assert len(rows) == feats.shape[0], (len(rows), feats.shape)
     out_path = Path(out).expanduser()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
-        np.save(f, feats.cpu().numpy().astype(np.float32))
     files_path = files_list_path(out_path)
-    files_path.write_text("".join(r + "\n" for r in rows))
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
+            np.save(f, feats.cpu().numpy().astype(np.float32))
+        files_path.write_text("".join(r + "\n" for r in rows))
+    except OSError as err:
+        raise DataError(f"could not write --out {out}: {err.strerror or err}; choose another --out") from None
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 
@@ -485,6 +488,17 @@ def make_report(
     ``data``/``dataset`` override the run's; ``embeddings=False`` skips the checkpoint-based plots
     (map and retrieval). Plots whose data is missing are left out with a note in the report.
     """
+    try:
+        return _make_report(run_dir, data, dataset, embeddings, device, batch_size, workers, max_points, n_queries,
+                            n_neighbours, say)
+    except OSError as err:  # a read-only run directory, a report.md that is a directory, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        raise RunDirError(f"could not write the report in {run_dir}: {where}{err.strerror or err}") from None
+
+
+def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, embeddings: bool, device: str, batch_size: int,
+                 workers: int, max_points: int, n_queries: int, n_neighbours: int, say: Any) -> Report:
+    """:func:`make_report`'s work; an ``OSError`` from it becomes that function's one-line error."""
     import yaml
 
     run = Path(run_dir).expanduser()
@@ -494,27 +508,39 @@ def make_report(
         raise RunDirError(f"run directory {run} {what}: pass the --out of ressl pretrain")
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.yaml or metrics.jsonl): pass the --out of ressl pretrain")
+    report = Report(run / "report.md", run / "report.html")
     cfg: dict[str, Any] = {}
     if (run / "config.yaml").is_file():
-        loaded = yaml.safe_load((run / "config.yaml").read_text())
+        try:
+            loaded = yaml.safe_load((run / "config.yaml").read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            loaded = None
+            report.notes.append(f"config.yaml could not be read ({type(err).__name__}): the configuration is left out")
         cfg = loaded if isinstance(loaded, dict) else {}
     records = read_metrics(run / "metrics.jsonl")
     final = None
     if (run / "final.json").is_file():
         try:
             final = json.loads((run / "final.json").read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             final = None
+        if not isinstance(final, dict):
+            final = None
+            report.notes.append("final.json could not be read: the final numbers are left out")
     files = run / FILES_DIR
-    report = Report(run / "report.md", run / "report.html")
     doc, plots = _Doc(), _Doc()
 
     doc.add("h1", f"ReSSL run report: {run.name}")
     doc.add("p", f"Run directory {run.resolve()}, report written {datetime.now().strftime('%Y-%m-%d %H:%M')}.")
     doc.add("h2", "Summary")
-    if final is None:
+    if final is None and not (run / "final.json").is_file():
         report.notes.append("final.json is missing: the run has not finished (or was stopped); the numbers are those logged so far")
-    doc.add("table", [["", "value"], *_summary_rows(cfg, final, records)])
+    try:
+        summary = _summary_rows(cfg, final, records)
+    except (TypeError, ValueError, AttributeError, KeyError):  # a hand-edited final.json or config.yaml
+        report.notes.append("final.json or config.yaml holds values of the wrong kind: the summary shows the metrics log only")
+        summary = _summary_rows({}, None, records)
+    doc.add("table", [["", "value"], *summary])
 
     def add_plot(name: str, fig: Figure | None, caption: str, missing: str) -> None:
         if fig is None:

@@ -223,6 +223,15 @@ def test_export_and_embed_never_overwrite_a_runs_own_files(untrained_checkpoint,
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # shared as the user's other files are, not 0600
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_configuration_is_one_line(untrained_checkpoint, tmp_path, capsys):
+    saved = torch.load(untrained_checkpoint, weights_only=True)
+    saved["config"]["width"] = 16  # as if edited by hand
+    edited = tmp_path / "edited.pt"
+    torch.save(saved, edited)
+    assert "its weights do not fit its own configuration" in bad(["knn", "--checkpoint", str(edited)], capsys)
+    assert "do not fit" in bad(["export", "--checkpoint", str(edited), "--out", str(tmp_path / "b.safetensors")], capsys)
+
+
 def test_knn_defaults_to_the_runs_own_k_and_temperature(untrained_checkpoint, capsys):
     from ressl.evaluate import evaluate_checkpoint
 

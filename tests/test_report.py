@@ -240,3 +240,23 @@ def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
                  "--split", "test", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--split train" in err
+
+
+def test_damaged_or_unwritable_run_files_give_notes_or_one_line_errors(tmp_path):
+    """A hand-broken config.yaml or final.json becomes a note; a report that cannot be written, a RunDirError."""
+    from ressl.report import RunDirError, make_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 8.0, "lr": 0.1, "ema_momentum": 0.99}\n')
+    (run / "config.yaml").write_text("a: [unclosed")
+    (run / "final.json").write_text("[1, 2]")
+    report = make_report(run, embeddings=False)
+    assert any("config.yaml could not be read" in n for n in report.notes)
+    assert any("final.json could not be read" in n for n in report.notes)
+    (run / "final.json").write_text('{"loss": "bad", "knn": 3}')
+    make_report(run, embeddings=False)  # values of the wrong kind: a note, not a traceback
+    (run / "report.md").unlink()
+    (run / "report.md").mkdir()
+    with pytest.raises(RunDirError, match="could not write the report in"):
+        make_report(run, embeddings=False)
