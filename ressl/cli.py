@@ -75,10 +75,12 @@ PRETRAIN_DEFAULTS = (
 )
 
 
-def _field_help(name: str, demo: dict[str, Any]) -> str:
+def _field_help(name: str, demo: dict[str, Any], notes: dict[str, str]) -> str:
+    """The field's comment in ``ressl.config.Config`` (what it is and why its default), then its type and defaults."""
     kinds, optional = config.field_types(name)
     default = FIELDS[name].default
-    text = f"{'/'.join(k.__name__ for k in kinds)}{' or none' if optional else ''}, default {default!r}"
+    note = notes.get(name, "").replace("%", "%%")  # argparse formats help with %
+    text = f"{note + '. ' if note else ''}{'/'.join(k.__name__ for k in kinds)}{' or none' if optional else ''}, default {default!r}"
     if name in demo and demo[name] != default:
         text += f" ({DEMO_PRESET} demo: {demo[name]!r})"
     return text
@@ -86,14 +88,14 @@ def _field_help(name: str, demo: dict[str, Any]) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("configuration fields (override the preset; see ressl/presets/*.yaml)")
-    demo = config.load_preset(DEMO_PRESET)
+    demo, notes = config.load_preset(DEMO_PRESET), config.field_notes()
     for name in FIELDS:
         if name in skip or name == "extra":
             continue
         kinds, _ = config.field_types(name)
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if kinds[0] is bool else {}
         group.add_argument(f"--{name}", dest=f"cfg_{name}", default=argparse.SUPPRESS, metavar="VALUE",
-                           help=_field_help(name, demo), **extra)
+                           help=_field_help(name, demo, notes), **extra)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +110,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("pretrain", allow_abbrev=False, help="pretrain an encoder by ReSSL",
                        description="Pretrain by ReSSL. With no arguments: the embedded digits demo, a few minutes on a CPU. "
                                    + PRETRAIN_DEFAULTS)
-    p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())} (see Defaults above)")
+    p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())} (see Defaults above), "
+                                    "or a .yaml file of fields (one's own, or a run's config.yaml to repeat it in a new --out)")
     add_config_flags(p)
 
     for name, what in (("knn", "weighted kNN accuracy of a checkpoint's frozen backbone"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -70,7 +71,7 @@ class Config:
     batch_size: int = 256  # global batch, split across processes
     lr: float = 0.06  # SGD learning rate for `batch_size` (official small-dataset code; ImageNet 0.05)
     weight_decay: float = 5e-4  # 5e-4 small datasets, 1e-4 ImageNet (official code); none on BN and biases
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = 0.9  # SGD momentum (official code)
     warmup_epochs: float = 0.0  # linear warm-up before the cosine decay (ImageNet: 5)
 
     # --- runtime -----------------------------------------------------------------------------
@@ -80,19 +81,20 @@ class Config:
     channels_last: bool = True  # NHWC memory layout, faster convolutions with bf16 on CPU and GPU
     compile: bool = False  # torch.compile the student and teacher
     cuda_graph: bool | None = None  # replay the network's part of each step as one CUDA graph; None: where it can run (CUDA, one process, bn_groups 1, no compile)
-    seed: int = 0
+    seed: int = 0  # initialisation, epoch order and augmentation draws (with the process's rank)
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
-    max_minutes: float | None = None  # the run's training time, over every resume (the schedule still spans `epochs`; 0 or none: no limit)
+    max_minutes: float | None = None  # the run's time budget, over every resume, its kNN checks included (the schedule
+    #   still spans `epochs`; 0 or none: no limit)
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
     resume: str | None = None  # a checkpoint to continue from (default: OUT/checkpoint.pt when it exists)
 
     # --- evaluation --------------------------------------------------------------------------
     knn_k: int = 200  # neighbours in the weighted kNN (InstDisc protocol, as the paper's code)
-    knn_temperature: float = 0.1
+    knn_temperature: float = 0.1  # temperature of the kNN's exp(similarity / T) votes (InstDisc protocol)
     knn_every: int = 10  # epochs between online kNN checks on labelled data (0: only before and after training)
     knn_subset: int = 10000  # the online check uses a fixed sample of this many bank and test images (the final one: all)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per forward pass when embedding for kNN
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run directory
 
@@ -104,12 +106,42 @@ FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fiel
 PRESET_DIR = "presets"
 
 
+def field_notes() -> dict[str, str]:
+    """Each field's comment in :class:`Config` (its meaning, and the paper's reason for the default), continuation
+    lines joined: the text of ``ressl pretrain --help``. Empty when the source cannot be read (a frozen install)."""
+    try:
+        lines = inspect.getsource(Config).splitlines()
+    except (OSError, TypeError):
+        return {}
+    notes: dict[str, str] = {}
+    name = None
+    for line in lines:
+        field_line = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s+#\s+(.*)$", line)
+        if more and name is not None and not line.lstrip().startswith("# ---"):
+            notes[name] = f"{notes.get(name, '')} {more.group(1)}".strip()
+        elif field_line and field_line.group(1) in FIELDS:
+            name = field_line.group(1)
+            if field_line.group(2):
+                notes[name] = field_line.group(2)
+        else:
+            name = None
+    return notes
+
+
 def preset_names() -> list[str]:
     files = resources.files("ressl").joinpath(PRESET_DIR).iterdir()
     return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
 
 
+PER_RUN = ("out", "resume")  # where a run lives and what it continues: never taken from a preset file
+
+
 def load_preset(name: str) -> dict[str, Any]:
+    """A bundled preset by name, or a YAML file of fields by path (``.yaml``/``.yml``): one's own preset, or a run's
+    ``config.yaml`` to repeat it (its ``out`` and ``resume`` are left out: the repeat is a new run)."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return _preset_file(Path(name).expanduser())
     names = preset_names()
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
@@ -120,6 +152,22 @@ def load_preset(name: str) -> dict[str, Any]:
     values = yaml.safe_load(text) or {}
     check_fields(values, f"preset {name}")
     return values
+
+
+def _preset_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"preset file {path} {'is a directory' if path.is_dir() else 'does not exist'}: give a .yaml file "
+                          f"of configuration fields, or a preset name ({', '.join(preset_names())})")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"cannot read preset file {path}: {str(err).splitlines()[0]}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"preset file {path} must hold 'field: value' lines, found a {type(values).__name__}")
+    check_fields(values, f"preset file {path}")
+    return {k: v for k, v in values.items() if k not in PER_RUN}
 
 
 def check_fields(values: dict[str, Any], where: str) -> None:

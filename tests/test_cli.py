@@ -148,7 +148,9 @@ def test_version_and_help_texts(capsys):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the digits demo preset applies" in text
-    assert "--epochs VALUE int, default 200 (digits demo: 100)" in text and "--width VALUE int, default 64 (digits demo: 16)" in text
+    assert "--epochs VALUE the paper's schedule for its headline tables. int, default 200 (digits demo: 100)" in text
+    assert "--width VALUE channels of the first stage;" in text and "int, default 64 (digits demo: 16)" in text
+    assert "--teacher_temperature VALUE sharper teacher relation (paper, Sec. 4). float, default 0.04" in text
 
 
 @pytest.mark.parametrize("argv,message", [

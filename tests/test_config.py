@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import pytest
@@ -148,3 +149,35 @@ def test_an_unknown_dataset_name_is_refused_with_a_suggestion():
         config.resolve(None, {"dataset": "cifar"})
     with pytest.raises(ConfigError, match="unknown dataset 'nope'; choose one of digits"):
         config.resolve(None, {"dataset": "nope", "data": "photos"})
+
+
+def test_a_yaml_file_is_a_preset_and_a_runs_config_yaml_repeats_the_run(tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_text("lr: 0.1\nepochs: 3\n")
+    cfg = config.resolve(str(own), {"epochs": 5})
+    assert (cfg.lr, cfg.epochs) == (0.1, 5)  # flags still override
+    run = config.resolve("cifar10-cpu", {"data": str(tmp_path), "out": str(tmp_path / "run"), "seed": 3})
+    config.save(run, tmp_path / "config.yaml")
+    again = config.resolve(str(tmp_path / "config.yaml"), {})
+    assert again.out is None and dataclasses.replace(again, out=run.out) == run  # everything but where it lives
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: [0.1", "cannot read preset file"),
+    ("- lr\n- 0.1\n", "must hold 'field: value' lines, found a list"),
+    ("learning_rate: 0.1\n", "unknown field 'learning_rate' in preset file"),
+])
+def test_bad_preset_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.resolve(str(path), {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.resolve(str(tmp_path / "missing.yaml"), {})
+
+
+def test_every_field_says_what_it_is_for_the_help():
+    """``ressl pretrain --help`` shows each field's comment in Config: none may lack one, continuation lines join."""
+    notes = config.field_notes()
+    assert set(notes) == set(config.FIELDS)
+    assert notes["augment_steps"].endswith("those steps share the jitter order (jitter_order batch)")
