@@ -437,7 +437,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if dist.is_main():
         config.save(cfg, run.out / "config.yaml")
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
-        f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {run.device}, "
+        f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
     if run.state.step == 0:
         run.state.knn_random_init = evaluate_knn(run)
@@ -469,6 +469,12 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         (run.out / "final.json").write_text(json.dumps(final, indent=2))
         say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
+
+
+def _per_process(batch_size: int) -> str:
+    """`` (8 processes x 32)`` under torchrun, nothing in one process."""
+    world = dist.world_size()
+    return f" ({world} processes x {batch_size // world})" if world > 1 else ""
 
 
 def _printer(run: Run) -> Callable[..., None]:

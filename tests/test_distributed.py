@@ -255,6 +255,7 @@ def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in out.glob("*.pt")] == ["checkpoint.pt"]
     assert done.stdout.count("kNN top-1") == 1  # rank 0 alone prints
+    assert "batch 32 (2 processes x 16)" in done.stdout
     resumed = torchrun(*args, "--epochs", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
