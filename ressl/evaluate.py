@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Literal
@@ -17,7 +18,7 @@ from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
     from ressl.config import Config
-    from ressl.data import Split
+    from ressl.data import Dataset, Split
 
 
 # An fp32 feature bank larger than this is kept in bf16 on CUDA (``split_features``' "auto"): the
@@ -310,8 +311,17 @@ def augmented_batches(
 # --- evaluating a checkpoint ------------------------------------------------------------------
 
 
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std) on the 0..1 scale
+
+
 def load_backbone(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, Config]:
     """The student's (or teacher's) backbone of a checkpoint, in eval mode, and the run's configuration."""
+    backbone, cfg, _ = load_trained(path, teacher, device)
+    return backbone, cfg
+
+
+def load_trained(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, Config, Normalisation | None]:
+    """:func:`load_backbone`, and the normalisation of the run's training images (None in checkpoints before it was kept)."""
     from ressl import checkpoint, config
     from ressl.model import build_model
 
@@ -326,7 +336,23 @@ def load_backbone(path: str, teacher: bool = False, device: torch.device | None 
         raise checkpoint.CheckpointError(f"{path}: its weights do not fit its own configuration ({detail}); "
                                          "is it a ressl checkpoint.pt of this version?") from None
     backbone = (model.teacher if teacher else model.student).backbone
-    return backbone.to(device or torch.device("cpu")).eval(), cfg
+    saved = state.get("normalisation")
+    normalisation = (tuple(saved["mean"]), tuple(saved["std"])) if isinstance(saved, dict) else None
+    return backbone.to(device or torch.device("cpu")).eval(), cfg, normalisation
+
+
+def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset: str | None, data: str | None,
+                        download: bool | None = None) -> tuple[nn.Module, Config, Dataset]:
+    """A checkpoint's backbone and configuration, and the data to evaluate it on (``ressl.data.evaluation_source``:
+    the run's unless ``dataset``/``data`` say otherwise), normalised as the run's training images were. Without
+    that, other data would be normalised by its own statistics (npz arrays, digits), unlike what the network saw."""
+    from ressl.data import evaluation_source, load_dataset
+
+    backbone, cfg, normalisation = load_trained(path, teacher, device)
+    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download if download is None else download)
+    if normalisation is not None:
+        ds = dataclasses.replace(ds, mean=normalisation[0], std=normalisation[1])
+    return backbone, cfg, ds
 
 
 def evaluate_checkpoint(
@@ -337,12 +363,11 @@ def evaluate_checkpoint(
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
     those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used."""
-    from ressl.data import evaluation_source, load_dataset, to_device
+    from ressl.data import to_device
     from ressl.train import resolve_device
 
     dev = resolve_device(device)
-    backbone, cfg = load_backbone(path, teacher, dev)
-    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download)
+    backbone, cfg, ds = load_for_evaluation(path, teacher, dev, dataset, data)
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     to_device(ds, dev)
     if cfg.channels_last:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ressl.checkpoint import new_file_mode
 from ressl.config import ConfigError, check_output
-from ressl.evaluate import load_backbone
+from ressl.evaluate import load_trained
 
 
 class ExportError(ConfigError):
@@ -29,7 +29,7 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
     before the checkpoint is read, or :class:`ExportError` (a ``ConfigError``) when the write itself fails.
     """
     out = check_output(out, "--out", file_example="backbone.safetensors")  # before the (slow) load
-    backbone, cfg = load_backbone(checkpoint_path, teacher)
+    backbone, cfg, normalisation = load_trained(checkpoint_path, teacher)
     tensors = {k: v.detach().to(memory_format=torch.contiguous_format).contiguous().cpu() for k, v in backbone.state_dict().items()}
     small_stem = isinstance(backbone.maxpool, torch.nn.Identity)
     metadata = {
@@ -40,6 +40,8 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
         "network": "teacher" if teacher else "student",
         "config": json.dumps(cfg.to_dict()),
     }
+    if normalisation is not None:  # what inputs the backbone expects: (x / 255 - mean) / std per channel
+        metadata.update(mean=json.dumps(list(normalisation[0])), std=json.dumps(list(normalisation[1])))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out), metadata=metadata)

@@ -109,15 +109,14 @@ def embed(
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
     ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
-    from ressl.data import evaluation_source, load_dataset, to_device
-    from ressl.evaluate import load_backbone
+    from ressl.data import to_device
+    from ressl.evaluate import load_for_evaluation
     from ressl.train import resolve_device
 
     if split not in ("train", "test"):
         raise DataError(f"--split must be train or test, got {split!r}")
     dev = resolve_device(device)
-    backbone, cfg = load_backbone(checkpoint, teacher, dev)
-    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), download=False)
+    backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
         raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
@@ -584,14 +583,13 @@ def _embedding_plots(
 ) -> None:
     """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
     from ressl.checkpoint import CheckpointError
-    from ressl.data import evaluation_source, load_dataset, to_device
-    from ressl.evaluate import load_backbone
+    from ressl.data import to_device
+    from ressl.evaluate import load_for_evaluation
     from ressl.train import resolve_device
 
     try:
         dev = resolve_device(device)
-        backbone, run_cfg = load_backbone(str(run / "checkpoint.pt"), False, dev)
-        ds = load_dataset(*evaluation_source(run_cfg.dataset, run_cfg.data, dataset, data), download=False)
+        backbone, run_cfg, ds = load_for_evaluation(str(run / "checkpoint.pt"), False, dev, dataset, data, download=False)
     except (CheckpointError, DataError) as err:
         report.notes.append(f"embedding map and retrieval grid left out: {err}")
         say(f"ressl report: embedding plots left out: {err}")

@@ -372,6 +372,8 @@ def save_checkpoint(run: Run) -> None:
         "shuffle_generator": run.shuffle_generator.get_state(),
         "rng": checkpoint.rng_states(),
         "config": run.cfg.to_dict(),
+        # the training images' per-channel mean and std: evaluations and exports normalise other images as these were
+        "normalisation": {"mean": list(run.dataset.mean), "std": list(run.dataset.std)},
     }
     checkpoint.save_atomic(state, run.out / "checkpoint.pt")
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torchvision
 from safetensors import safe_open
@@ -43,6 +44,9 @@ def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_di
         meta = f.metadata()
     assert meta["network"] == "student" and meta["small_stem"] == "true"
     assert json.loads(meta["config"])["width"] == 64
+    # the inputs it expects: normalised as the run's training images (x / 255 - mean) / std
+    assert json.loads(meta["mean"]) == pytest.approx(list(run.dataset.mean))
+    assert json.loads(meta["std"]) == pytest.approx(list(run.dataset.std))
     assert not any(k.startswith(("module.", "backbone.", "encoder.", "fc.")) for k in load_file(out))
 
     teacher_file = tmp_path / "teacher.safetensors"

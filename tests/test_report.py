@@ -231,9 +231,12 @@ def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
     assert [p.parent.name for p in files] == ["ant"] * 4 + ["moth"] * 4 + ["zebra"] * 4
     from ressl.data import STATS
 
+    # normalised as the run's own training images were (its npz arrays' statistics), not as a folder's (ImageNet's)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["normalisation"]
+    assert saved["mean"] != list(STATS["imagenet"][0])
     for i in (0, 5, 11):
         image = torch.from_numpy(np.array(Image.open(files[i]).convert("RGB"))).permute(2, 0, 1)[None]
-        expected = direct_features(run / "checkpoint.pt", image, *STATS["imagenet"])
+        expected = direct_features(run / "checkpoint.pt", image, saved["mean"], saved["std"])
         np.testing.assert_allclose(features[i], expected[0].numpy(), rtol=1e-3, atol=1e-4)
     # no test split in a plain folder: a one-line error
     assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(root), "--dataset", "folder",
