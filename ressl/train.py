@@ -349,10 +349,25 @@ def resume(run: Run, path: Path) -> None:
                                  "resume with the same number of processes")
     run.shuffle_generator.set_state(saved["shuffle_generator"])
     checkpoint.set_rng_states(saved["rng"])
+    images = saved.get("train_images")  # older checkpoints: unknown, unless the place in the epoch no longer exists
+    if (images is not None and images != len(run.dataset.train)) or run.state.index >= run.steps_per_epoch:
+        _restart_epoch(run, path, images)
     if path == run.out / "checkpoint.pt":
         run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
     if dist.is_main():
         print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
+
+
+def _restart_epoch(run: Run, path: Path, images: int | None) -> None:
+    """The training set changed size since ``path`` was written (images added to or deleted from a folder): its
+    place inside the epoch means nothing in the new order, so the epoch starts over, at the step the new epoch size
+    puts it (the schedules follow the new size). Nothing trained is lost but the partial epoch's position."""
+    state = run.state
+    before = f"{images:,} training images" if images is not None else "another number of training images"
+    state.step, state.index = state.epoch * run.steps_per_epoch, 0
+    if dist.is_main():
+        print(f"{path} was written with {before}, the data now holds {len(run.dataset.train):,}: epoch "
+              f"{state.epoch + 1} starts over, at step {state.step}", flush=True)
 
 
 def save_checkpoint(run: Run) -> None:
@@ -374,6 +389,7 @@ def save_checkpoint(run: Run) -> None:
         "config": run.cfg.to_dict(),
         # the training images' per-channel mean and std: evaluations and exports normalise other images as these were
         "normalisation": {"mean": list(run.dataset.mean), "std": list(run.dataset.std)},
+        "train_images": len(run.dataset.train),  # a resume onto a folder that changed since restarts the epoch
     }
     checkpoint.save_atomic(state, run.out / "checkpoint.pt")
 

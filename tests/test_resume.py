@@ -350,3 +350,30 @@ def test_a_budget_spent_during_an_epochs_end_is_recorded(npz_dir, tmp_path, monk
     assert main(argv) == 0
     assert "already complete (its --max_minutes 1.0 are spent, step 4)" in capsys.readouterr().out
     assert _files(out) == before
+
+
+def test_a_resume_onto_a_training_set_of_another_size_restarts_the_epoch(npz_dir, tmp_path, capsys):
+    """Images deleted from (or added to) the data since the checkpoint: the place inside the epoch means nothing in
+    the new order, so the epoch starts over at the step the new size gives, and the run trains on to its end."""
+    import numpy as np
+
+    from ressl import config
+    from ressl.train import save_checkpoint, setup, train_one_epoch
+
+    out = tmp_path / "run"
+    flags = ["--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "2", "--log_every", "1"]
+    run = setup(config.resolve(None, {k[2:]: v for k, v in zip(flags[0::2], flags[1::2])}))
+    assert run.steps_per_epoch == 4  # 128 images, batch 32
+    train_one_epoch(run)
+    train_one_epoch(run, deadline=time.time() - 1)  # one step into epoch 2, then out of time
+    save_checkpoint(run)
+    assert (run.state.epoch, run.state.index, run.state.step) == (1, 1, 5)
+    with np.load(npz_dir / "train.npz") as arrays:
+        np.savez(npz_dir / "train.npz", x=arrays["x"][:96], y=arrays["y"][:96])  # 32 images deleted: 3 steps per epoch
+    capsys.readouterr()
+    assert main(["pretrain", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "written with 128 training images, the data now holds 96: epoch 2 starts over, at step 3" in printed
+    state = checkpoint.load(out / "checkpoint.pt")["state"]
+    assert (state["epoch"], state["index"], state["step"]) == (2, 0, 6)
+    assert json.loads((out / "final.json").read_text())["steps"] == 6
