@@ -16,7 +16,7 @@ import ressl
 from ressl import allocator, checkpoint, config, dist
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
-from ressl.folder import DataError
+from ressl.folder import DataError, TrainingDataError, own_message
 from ressl.meter import NonFiniteLoss
 from ressl.train import Interrupted
 
@@ -285,8 +285,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
-        if dist.speaks_for_machine():  # under torchrun every process of the machine made the same mistake
-            print(f"ressl {args.command}: error: {err}", file=sys.stderr)
+        # under torchrun every process of a machine makes the same mistake; a training-time data error may hit one alone
+        if isinstance(err, TrainingDataError) and dist.is_distributed():
+            print(f"ressl {args.command}: error: [rank {dist.rank()}] {own_message(err)}", file=sys.stderr)
+        elif dist.speaks_for_machine():
+            print(f"ressl {args.command}: error: {own_message(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
         if dist.is_main():  # every process stopped at the same step, with the same message

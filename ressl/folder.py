@@ -42,6 +42,22 @@ class DataError(Exception):
     """A user-facing data problem; the message is one line that names the fix."""
 
 
+class TrainingDataError(DataError):
+    """A data problem met during training (files that became unreadable since the scan): it may hit one process of a
+    torchrun job alone, so every process that meets it reports it."""
+
+
+def own_message(err: Exception) -> str:
+    """``err``'s own message. An error that a loader worker raised comes back with the worker's traceback in its
+    message (``Caught DataError in DataLoader worker process 1. Original Traceback ...``): its last line is the
+    error as raised, ``ressl.folder.DataError: MESSAGE``."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 class DataWarning(UserWarning):
     """Warning about skipped or replaced image files (filterable category); shown as one line, without source."""
 

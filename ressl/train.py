@@ -26,6 +26,7 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import knn_accuracy, split_features
+from ressl.folder import DataError, TrainingDataError, own_message
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
 from ressl.meter import Meter, MetricsLog, NonFiniteLoss, checkpoint_due, checkpoint_kept
@@ -463,7 +464,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             initial = run.state.knn_random_init
             run.log.write(step=0, epoch=0, knn_top1=initial["top1"], knn_top5=initial["top5"])
             say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
-    with _stop_on_signals(run):
+    with _stop_on_signals(run), _data_failures_saved(run):
         while not done:
             train_one_epoch(run, deadline)
             if run.state.index == 0:  # the epoch ended (else its time ran out inside it, agreed by every process)
@@ -493,6 +494,22 @@ def _per_process(batch_size: int) -> str:
     """`` (8 processes x 32)`` under torchrun, nothing in one process."""
     world = dist.world_size()
     return f" ({world} processes x {batch_size // world})" if world > 1 else ""
+
+
+@contextlib.contextmanager
+def _data_failures_saved(run: Run) -> Iterator[None]:
+    """Files that became unreadable during training stop it with their own message (not a loader worker's
+    traceback), as a :class:`TrainingDataError`; in one process after a checkpoint, so that fixing or deleting the
+    files and re-running the command continues the run (under torchrun the other processes cannot join in)."""
+    try:
+        yield
+    except DataError as err:
+        message = own_message(err)
+        if not dist.is_distributed():
+            save_checkpoint(run)
+            message += (f"; a checkpoint was saved at step {run.state.step}: fix or delete the files and run the same "
+                        "command to continue")
+        raise TrainingDataError(message) from None
 
 
 def _printer(run: Run) -> Callable[..., None]:

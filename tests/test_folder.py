@@ -396,3 +396,12 @@ def test_other_warnings_keep_their_format() -> None:
     text = warnings.formatwarning("careful", UserWarning, "/x/y.py", 7)
     assert text.startswith("/x/y.py:7: UserWarning: careful")
     assert warnings.formatwarning("skipped", DataWarning, "/x/y.py", 7) == "ressl: warning: skipped\n"
+
+
+def test_own_message_strips_a_loader_workers_traceback() -> None:
+    from ressl.folder import own_message
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in f\nressl.folder.DataError: 2 of 9 images failed to load (a.png: b)')
+    assert own_message(wrapped) == "2 of 9 images failed to load (a.png: b)"
+    assert own_message(DataError("plain: message")) == "plain: message"

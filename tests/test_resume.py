@@ -377,3 +377,40 @@ def test_a_resume_onto_a_training_set_of_another_size_restarts_the_epoch(npz_dir
     state = checkpoint.load(out / "checkpoint.pt")["state"]
     assert (state["epoch"], state["index"], state["step"]) == (2, 0, 6)
     assert json.loads((out / "final.json").read_text())["steps"] == 6
+
+
+def test_files_unreadable_during_training_stop_it_in_one_line_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """Images that break after the scan stop the run with the loader worker's own message, not its traceback; a
+    checkpoint is saved first, and deleting the files and re-running the command trains the run to its end."""
+    from PIL import Image
+
+    import ressl.train
+
+    data = tmp_path / "photos"
+    for c in range(2):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(32):
+            Image.new("RGB", (16, 16), (200 * c, 40 + i, 90)).save(data / f"class{c}" / f"{i:02d}.png")
+    broken = [data / "class0" / f"{i:02d}.png" for i in (3, 17)] + [data / "class1" / "30.png"]
+    setup = ressl.train.setup
+
+    def setup_then_break_files(cfg):  # after the scan has found every file readable
+        run = setup(cfg)
+        for path in broken:
+            path.write_text("not an image any more")
+        return run
+
+    monkeypatch.setattr(ressl.train, "setup", setup_then_break_files)
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--workers", "2", "--epochs", "2"]
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
+    err = stderr.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's last state
+    assert err.startswith("ressl pretrain: error: ") and "Traceback" not in stderr and "Caught" not in stderr, stderr
+    assert "failed to load" in err and "a checkpoint was saved at step" in err
+    assert (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(ressl.train, "setup", setup)
+    for path in broken:
+        path.unlink()
+    assert main(argv) == 0
+    assert checkpoint.load(out / "checkpoint.pt")["state"]["epoch"] == 2
