@@ -151,15 +151,34 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: Path, root: Path) -> list[str]:
+def _images_under(folder: Path, root: Path, seen: set[tuple[int, int]] | None = None) -> list[str]:
     """All non-hidden image files below ``folder`` (recursive), as sorted POSIX paths relative to ``root``
-    (strings: a million ``Path`` objects take seconds to make and sort)."""
+    (strings: a million ``Path`` objects take seconds to make and sort).
+
+    Symbolic links are followed, but never into a directory in ``seen`` (device, inode), to which every directory
+    walked is added: a link back up the tree (``blue/up -> ..``) or into another class would list images again,
+    under the wrong class, or without end.
+    """
+    seen = set() if seen is None else seen
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and _first_visit(os.path.join(dirpath, d), seen)]
         prefix = Path(os.path.relpath(dirpath, root)).as_posix() + "/"
         found.extend(prefix + f for f in filenames if _is_image_name(f))
     return sorted(found)
+
+
+def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:
+    """Whether the directory at ``path`` (after links) is not in ``seen`` yet; adds it."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a broken link or a directory that went away: nothing to walk
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def listed(items: list[str]) -> str:
@@ -209,7 +228,9 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
 
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     loose = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
-    groups = [(e.name, _images_under(Path(e.path), root)) for e in entries if not e.name.startswith(".") and e.is_dir()]
+    folders = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
+    seen = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in [root, *(e.path for e in folders)])}  # never walked twice
+    groups = [(e.name, _images_under(Path(e.path), root, seen)) for e in folders]
     groups = [(name, found) for name, found in groups if found]
     in_classes = sum(len(found) for _, found in groups)
     names: list[str]  # paths relative to root

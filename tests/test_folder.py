@@ -405,3 +405,20 @@ def test_own_message_strips_a_loader_workers_traceback() -> None:
                         '  File "x.py", line 1, in f\nressl.folder.DataError: 2 of 9 images failed to load (a.png: b)')
     assert own_message(wrapped) == "2 of 9 images failed to load (a.png: b)"
     assert own_message(DataError("plain: message")) == "plain: message"
+
+
+def test_symlinks_back_into_the_data_list_no_image_twice(tmp_path: Path) -> None:
+    """A link up the tree or into another class is not followed: each image once, under its own class."""
+    for cls in ("blue", "red"):
+        for i in range(2):
+            _solid(tmp_path / cls / f"{i}.png")
+    (tmp_path / "blue" / "up").symlink_to("..")
+    (tmp_path / "blue" / "r").symlink_to("../red")
+    (tmp_path / "red" / "self").symlink_to(".")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-extra"
+    _solid(elsewhere / "deep" / "x.png")
+    (tmp_path / "red" / "more").symlink_to(elsewhere)  # a link out of the tree is followed
+    idx = scan_folder(tmp_path)
+    rel = [p.relative_to(tmp_path).as_posix() for p in idx.files]
+    assert rel == ["blue/0.png", "blue/1.png", "red/0.png", "red/1.png", "red/more/deep/x.png"]
+    assert idx.labels == [0, 0, 1, 1, 1]
