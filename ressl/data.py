@@ -292,7 +292,7 @@ def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Datase
             part_dir = root / part
             if (part_dir / "val_annotations.txt").exists() and train.folder.classes:
                 test = _tiny_imagenet_val(part_dir, train.folder.classes)
-            elif part_dir.is_dir():
+            elif part_dir.is_dir() and _holds_images(part_dir):  # an empty val/ beside test/: test/ is the split
                 test = _held_out(part_dir, train.folder, max_bad_fraction)
             if test is not None:
                 break

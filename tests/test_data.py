@@ -282,3 +282,11 @@ def test_evaluation_source_reads_the_runs_data_unless_told_otherwise(tmp_path):
     assert evaluation_source("folder", photos, None, arrays) == ("folder", arrays)  # train.npz is read first anyway
     with pytest.raises(ConfigError, match="unknown dataset 'cifar'"):
         evaluation_source("npz", arrays, "cifar", None)
+
+
+def test_an_empty_val_beside_test_leaves_test_as_the_held_out_split(tmp_path):
+    _classes(tmp_path, {"train": ["a", "b"], "test": ["a", "b"]})
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "readme.txt").write_text("later")
+    ds = load_dataset("folder", str(tmp_path))
+    assert ds.test is not None and all(p.parent.parent.name == "test" for p in ds.test.folder.files)
