@@ -285,7 +285,7 @@ def test_evaluation_source_reads_the_runs_data_unless_told_otherwise(tmp_path):
 
 
 def test_an_empty_val_beside_test_leaves_test_as_the_held_out_split(tmp_path):
-    _classes(tmp_path, {"train": ["a", "b"], "test": ["a", "b"]})
+    _classes(tmp_path, {"train": ["class0", "class1"], "test": ["class0", "class1"]})
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "readme.txt").write_text("later")
     ds = load_dataset("folder", str(tmp_path))
