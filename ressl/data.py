@@ -26,6 +26,7 @@ from ressl.folder import (
     ImageFolderDataset,
     listed,
     load_rgb,
+    readable,
     scan_folder,
     take,
 )
@@ -239,8 +240,9 @@ def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
     return Dataset(name, train, bank, test, 100 if name == "cifar100" else 10, mean, std)
 
 
-def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
-    """Tiny-ImageNet's ``val/images`` with labels from ``val/val_annotations.txt``."""
+def _tiny_imagenet_val(root: Path, classes: list[str], max_bad_fraction: float = 0.01) -> Split:
+    """Tiny-ImageNet's ``val/images`` with labels from ``val/val_annotations.txt``; listed files that are missing or
+    unreadable are checked and dropped as a scanned folder's are."""
     lookup = {c: i for i, c in enumerate(classes)}
     names, labels = [], []
     for line in (root / "val_annotations.txt").read_text().splitlines():
@@ -248,7 +250,10 @@ def _tiny_imagenet_val(root: Path, classes: list[str]) -> Split:
         if len(parts) >= 2 and parts[1] in lookup:
             names.append(parts[0])
             labels.append(lookup[parts[1]])
-    return Split(folder=FolderIndex(files=FileList(root / "images", names), labels=labels, classes=classes))
+    names, checked = readable(root / "images", names, labels, max_bad_fraction)
+    assert checked is not None
+    return Split(folder=FolderIndex(files=FileList(root / "images", names), labels=checked, classes=classes),
+                 max_bad_fraction=max_bad_fraction)
 
 
 def _held_out(part_dir: Path, train: FolderIndex, max_bad_fraction: float) -> Split:
@@ -291,7 +296,7 @@ def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Datase
         for part in ("val", "test"):
             part_dir = root / part
             if (part_dir / "val_annotations.txt").exists() and train.folder.classes:
-                test = _tiny_imagenet_val(part_dir, train.folder.classes)
+                test = _tiny_imagenet_val(part_dir, train.folder.classes, max_bad_fraction)
             elif part_dir.is_dir() and _holds_images(part_dir):  # an empty val/ beside test/: test/ is the split
                 test = _held_out(part_dir, train.folder, max_bad_fraction)
             if test is not None:

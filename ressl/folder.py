@@ -260,23 +260,29 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
         )
 
     if verify:
-        bad = {i: why for i, name in enumerate(_checking(names, root)) if (why := _check_file(root / name)) is not None}
-        if bad:
-            n_total = len(names)
-            described = _summarise([(root / names[i], why) for i, why in bad.items()], root)
-            if len(bad) / n_total > max_bad_fraction or len(bad) == n_total:
-                raise DataError(
-                    f"{len(bad)} of {n_total} image files under {root} are unreadable "
-                    f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
-                    f"{described}; fix or delete them, or raise max_bad_fraction to skip them"
-                )
-            if speaks_for_machine():
-                warnings.warn(f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {described}",
-                              DataWarning, stacklevel=2)
-            names = [name for i, name in enumerate(names) if i not in bad]
-            if labels is not None:
-                labels = [label for i, label in enumerate(labels) if i not in bad]
+        names, labels = readable(root, names, labels, max_bad_fraction)
     return FolderIndex(files=FileList(root, names), labels=labels, classes=classes)
+
+
+def readable(root: Path, names: list[str], labels: list[int] | None, max_bad_fraction: float) -> tuple[list[str], list[int] | None]:
+    """``names`` (paths relative to ``root``) and their ``labels`` without the files that fail :func:`_check_file`
+    (missing, empty, not an image), dropped with one :class:`DataWarning` naming them; a :class:`DataError` when more
+    than ``max_bad_fraction`` of them fail, or all do."""
+    bad = {i: why for i, name in enumerate(_checking(names, root)) if (why := _check_file(root / name)) is not None}
+    if not bad:
+        return names, labels
+    n_total = len(names)
+    described = _summarise([(root / names[i], why) for i, why in bad.items()], root)
+    if len(bad) / n_total > max_bad_fraction or len(bad) == n_total:
+        raise DataError(
+            f"{len(bad)} of {n_total} image files under {root} are unreadable "
+            f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
+            f"{described}; fix or delete them, or raise max_bad_fraction to skip them"
+        )
+    if speaks_for_machine():
+        warnings.warn(f"skipped {len(bad)} unreadable of {n_total} image files under {root}: {described}", DataWarning, stacklevel=3)
+    kept = [i for i in range(n_total) if i not in bad]
+    return [names[i] for i in kept], None if labels is None else [labels[i] for i in kept]
 
 
 _PROGRESS_FROM = 20_000  # files: checking more than this takes seconds, and shows a progress bar

@@ -290,3 +290,25 @@ def test_an_empty_val_beside_test_leaves_test_as_the_held_out_split(tmp_path):
     (tmp_path / "val" / "readme.txt").write_text("later")
     ds = load_dataset("folder", str(tmp_path))
     assert ds.test is not None and all(p.parent.parent.name == "test" for p in ds.test.folder.files)
+
+
+def test_tiny_imagenet_layout_with_a_missing_val_image(tmp_path):
+    """train/<wnid>/images/*.JPEG and val/images + val_annotations.txt; a listed file that is gone is dropped with a
+    warning at load time (it used to stop the first kNN with advice that could not help)."""
+    from ressl.folder import DataWarning
+
+    for c, wnid in enumerate(("n01", "n02")):
+        (tmp_path / "train" / wnid / "images").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (200 * c, 50, 9 * i)).save(tmp_path / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(120):
+        if i != 7:  # val_7 is listed but missing
+            Image.new("RGB", (8, 8), (200 * (i % 2), 50, 3)).save(tmp_path / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\tn0{1 + i % 2}\t0\t0\t8\t8")
+    (tmp_path / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    with pytest.warns(DataWarning, match="val_7.JPEG"):
+        ds = load_dataset("tinyimagenet", str(tmp_path))
+    assert ds.bank.folder.classes == ["n01", "n02"] and len(ds.test) == 119
+    assert ds.test.folder.labels[:3] == [0, 1, 0] and "val_7.JPEG" not in [p.name for p in ds.test.folder.files]
