@@ -326,9 +326,24 @@ def _open_loaded(path: Path) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                return _upright(im)
+                image = _upright(im)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    _warn_truncated(path)
+    return image
+
+
+_truncated_warned = False  # per process: each loader worker warns once
+
+
+def _warn_truncated(path: Path) -> None:
+    """One :class:`DataWarning` per process for the first image decoded only in part: the rest of such an image
+    is filled (black for a file cut right after its header), which a user should hear about."""
+    global _truncated_warned
+    if not _truncated_warned:
+        _truncated_warned = True
+        warnings.warn(f"{path} is truncated: decoded only in part, the rest filled (black if nothing was decoded); "
+                      "later truncated files are used the same way without a warning", DataWarning, stacklevel=3)
 
 
 def _scale_gray(arr: np.ndarray, mode: str) -> np.ndarray:

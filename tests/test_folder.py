@@ -228,8 +228,10 @@ def test_unreadable_files_give_none(odd_folder: Path) -> None:
     assert load_rgb(odd_folder / "does_not_exist.png") is None
 
 
-def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path) -> None:
-    t = load_rgb(odd_folder / "truncated.jpg")
+def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path, monkeypatch) -> None:
+    monkeypatch.setattr("ressl.folder._truncated_warned", False)
+    with pytest.warns(DataWarning, match="truncated.jpg is truncated: decoded only in part"):
+        t = load_rgb(odd_folder / "truncated.jpg")
     assert t is not None and t.shape == (3, 64, 64)
     r, g, b = _colour(t, 2, 2)
     assert r > 200 and g < 50 and b < 50  # decoded part kept
