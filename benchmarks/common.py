@@ -42,6 +42,7 @@ class Result:
     ratio: float
     target: str  # e.g. "<= 1.10"
     detail: str  # the absolute rates behind the ratio, in words
+    quick: bool = False  # --quick's toy sizes: the target does not apply
 
     @property
     def met(self) -> bool:
@@ -49,12 +50,13 @@ class Result:
         return self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
 
     def line(self) -> str:
-        return f"{self.name}: ratio {self.ratio:.3f} (target {self.target}: {'met' if self.met else 'NOT met'})  |  {self.detail}"
+        verdict = "not measured (--quick)" if self.quick else "met" if self.met else "NOT met"
+        return f"{self.name}: ratio {self.ratio:.3f} (target {self.target}: {verdict})  |  {self.detail}"
 
 
-def report(module: str, name: str, ratio: float, target: str, detail: str) -> Result:
+def report(module: str, name: str, ratio: float, target: str, detail: str, quick: bool = False) -> Result:
     """The benchmark's result, printed as its ``[module]`` line (the line ``benchmarks.__main__`` and the tests read)."""
-    result = Result(name, ratio, target, detail)
+    result = Result(name, ratio, target, detail, quick)
     print(f"[{module}] {result.line()}", flush=True)
     return result
 

@@ -167,6 +167,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     meta = export_backbone(args.checkpoint, args.out, args.teacher)
     print(f"wrote {args.out}: {meta['network']} {meta['architecture']} (width {meta['width']}, small stem {meta['small_stem']})")
+    if meta["width"] != "64":  # torchvision's ResNets are width 64: this file loads into ressl's own build of it
+        print(f"  width {meta['width']} is not torchvision's 64: load it into ressl.build_backbone({meta['architecture']!r}, "
+              f"{meta['small_stem'].title()}, {meta['width']})[0]")
     return 0
 
 
@@ -196,8 +199,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_numbers(args)
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
+    say = (lambda message: print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)) if dist.is_main() else None
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
-                                 args.batch_size, args.workers, **extra)
+                                 args.batch_size, args.workers, say=say, **extra)
     if dist.is_main():
         used = f" (k {result['k']}, temperature {result['temperature']})" if args.command == "knn" else ""
         print(f"{args.command}{used}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")

@@ -84,8 +84,8 @@ class Config:
     seed: int = 0  # initialisation, epoch order and augmentation draws (with the process's rank)
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)
-    max_minutes: float | None = None  # the run's time budget, over every resume, its kNN checks included (the schedule
-    #   still spans `epochs`; 0 or none: no limit)
+    max_minutes: float | None = None  # the run's time budget, over every resume, its periodic kNN checks included, the
+    #   final kNN after it (the schedule still spans `epochs`; 0 or none: no limit)
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
     resume: str | None = None  # a checkpoint to continue from (default: OUT/checkpoint.pt when it exists)
 

@@ -359,16 +359,20 @@ def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
     epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
-    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used."""
+    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used.
+    ``say`` hears what is under way (the CLI prints it to stderr)."""
     from ressl.data import to_device
     from ressl.train import resolve_device
 
     dev = resolve_device(device)
     backbone, cfg, ds = load_for_evaluation(path, teacher, dev, dataset, data)
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
+    if say is not None:  # the features take a while on a CPU (CIFAR-10: ~20 s) before anything else is printed
+        say(f"embedding {len(bank_split):,} training and {len(test_split):,} test images ...")
     to_device(ds, dev)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

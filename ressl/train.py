@@ -435,8 +435,11 @@ def resume_command(out: Path) -> str:
     args = sys.argv[1:]
     if not any(a == "--out" or a.startswith("--out=") for a in args):
         args = [*args, "--out", str(out)]
-    launcher = " (with the same launcher)" if dist.is_distributed() else ""
-    return f"run the same command again{launcher}: {shlex.join(['ressl', *args])}"
+    if dist.is_distributed():  # torchrun ... -m ressl ...: the launcher's own flags are not ours to repeat
+        return f"run the same command again (with the same launcher): {shlex.join(['ressl', *args])}"
+    # as it was typed (.venv/bin/ressl when no environment is active), or the interpreter that ran python -m ressl
+    program_words = [sys.argv[0]] if program.name == "ressl" else [sys.executable, "-m", "ressl"]
+    return f"run the same command again: {shlex.join([*program_words, *args])}"
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -458,6 +461,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
+    if done:  # e.g. --resume from a run whose --max_minutes were already spent
+        say(f"no training left ({done}): the final kNN and final.json follow", flush=True)
     if run.state.step == 0:
         run.state.knn_random_init = evaluate_knn(run)
         if run.state.knn_random_init is not None:

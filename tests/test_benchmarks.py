@@ -32,6 +32,7 @@ def test_benchmarks_quick_prints_four_ratios(tmp_path):
     table = out[out.index("benchmark "):]
     for words in ("step overhead", "augmentation speed-up", "end to end", "kNN evaluation"):
         assert words in table
+    assert "NOT met" not in out and " NO\n" not in table and table.count(" n/a\n") == 4  # toy sizes: no verdict
 
 
 def test_a_mistake_is_one_line_and_exit_code_2(tmp_path):

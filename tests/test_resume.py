@@ -88,7 +88,7 @@ def test_sigterm_saves_and_says_how_to_resume(npz_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith(f"To resume, run the same command again: ressl {shlex.join(command(npz_dir, out, '--checkpoint_every', '0')[3:])}")
+    assert err.strip().splitlines()[-1].endswith(f"To resume, run the same command again: {shlex.join(command(npz_dir, out, '--checkpoint_every', '0'))}")
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] >= 3 and max(losses(out)) == state["step"]
 
@@ -225,6 +225,9 @@ def test_max_minutes_count_over_every_invocation(npz_dir, tmp_path, capsys):
     assert main(argv + ["--epochs", "3"]) == 0
     assert "its --max_minutes 5.0 are spent" in capsys.readouterr().out
     assert _files(out) == before
+    # a new run from that checkpoint has no time left either, and says so before its final kNN
+    assert main([*argv[:6], str(tmp_path / "again"), *argv[7:], "--epochs", "3", "--resume", str(out / "checkpoint.pt")]) == 0
+    assert "no training left (its --max_minutes 5.0 are spent" in capsys.readouterr().out
 
 
 def test_resume_flag_yields_to_the_runs_own_newer_checkpoint(npz_dir, tmp_path, capsys):
@@ -245,10 +248,10 @@ def test_resume_flag_yields_to_the_runs_own_newer_checkpoint(npz_dir, tmp_path, 
 def test_the_printed_resume_command_is_the_command_that_ran(monkeypatch, tmp_path):
     from ressl.train import resume_command
 
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/ressl", "pretrain", "--epochs", "20", "--data", "my photos"])
-    assert resume_command(tmp_path) == f"run the same command again: ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
-    monkeypatch.setattr(sys, "argv", ["/src/ressl/__main__.py", "pretrain", "--out=runs/x"])
-    assert resume_command(tmp_path) == "run the same command again: ressl pretrain --out=runs/x"
+    monkeypatch.setattr(sys, "argv", [".venv/bin/ressl", "pretrain", "--epochs", "20", "--data", "my photos"])
+    assert resume_command(tmp_path) == f"run the same command again: .venv/bin/ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
+    monkeypatch.setattr(sys, "argv", ["/src/ressl/__main__.py", "pretrain", "--out=runs/x"])  # python -m ressl
+    assert resume_command(tmp_path) == f"run the same command again: {shlex.join([sys.executable])} -m ressl pretrain --out=runs/x"
     monkeypatch.setattr(sys, "argv", ["my_script.py"])  # the Python API
     assert resume_command(tmp_path) == f"call ressl.train.pretrain again with the same configuration and out={str(tmp_path)!r}"
 
