@@ -67,8 +67,10 @@ _plain_formatwarning = warnings.formatwarning
 
 def _format_data_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                          line: str | None = None) -> str:
-    """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning`; other warnings are formatted as before."""
-    if issubclass(category, DataWarning):
+    """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning` and for PIL's warning about an image of
+    over 89 million pixels (past 179 million PIL refuses it, and the file is skipped as unreadable); other warnings
+    are formatted as before."""
+    if issubclass(category, (DataWarning, Image.DecompressionBombWarning)):
         return f"ressl: warning: {message}\n"
     return _plain_formatwarning(message, category, filename, lineno, line)
 

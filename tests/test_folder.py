@@ -398,6 +398,8 @@ def test_other_warnings_keep_their_format() -> None:
     text = warnings.formatwarning("careful", UserWarning, "/x/y.py", 7)
     assert text.startswith("/x/y.py:7: UserWarning: careful")
     assert warnings.formatwarning("skipped", DataWarning, "/x/y.py", 7) == "ressl: warning: skipped\n"
+    huge = warnings.formatwarning("Image size exceeds limit", Image.DecompressionBombWarning, "/PIL/Image.py", 3593)
+    assert huge == "ressl: warning: Image size exceeds limit\n"
 
 
 def test_own_message_strips_a_loader_workers_traceback() -> None:
