@@ -194,7 +194,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ressl.evaluate import evaluate_checkpoint
+    from ressl.evaluate import accuracy_text, evaluate_checkpoint
 
     check_numbers(args)
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
@@ -204,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  args.batch_size, args.workers, say=say, **extra)
     if dist.is_main():
         used = f" (k {result['k']}, temperature {result['temperature']})" if args.command == "knn" else ""
-        print(f"{args.command}{used}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+        print(f"{args.command}{used}: {accuracy_text(result, int(result['classes']))}")
         print(json.dumps(result))
     return 0
 

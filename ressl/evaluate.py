@@ -204,6 +204,12 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
+def accuracy_text(accuracy: dict[str, float], num_classes: int) -> str:
+    """``top-1 X%  top-5 Y%``; with 5 classes or fewer, top-1 alone (every label is among the top 5: always 100%)."""
+    text = f"top-1 {accuracy['top1']:.2f}%"
+    return text + (f"  top-5 {accuracy['top5']:.2f}%" if num_classes > 5 else f"  ({num_classes} classes: no top-5)")
+
+
 def knn_accuracy(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
     num_classes: int, k: int = 200, temperature: float = 0.1,
@@ -363,7 +369,8 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
-    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used.
+    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used; both
+    hold the number of ``classes``.
     ``say`` hears what is under way (the CLI prints it to stderr)."""
     from ressl.data import to_device
     from ressl.train import resolve_device
@@ -383,8 +390,10 @@ def evaluate_checkpoint(
     if protocol == "knn":
         k = cfg.knn_k if k is None else k
         temperature = cfg.knn_temperature if temperature is None else temperature
-        return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature}
+        return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature,
+                "classes": ds.num_classes}
     train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers=workers,
                                       crop_min_scale=cfg.crop_min_scale, flip=cfg.flip) if augment else None
-    return linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
-                        train_batches=train_batches)
+    probe = linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
+                         train_batches=train_batches)
+    return {**probe, "classes": ds.num_classes}

@@ -25,7 +25,7 @@ from ressl import checkpoint, config, dist, precision
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
-from ressl.evaluate import knn_accuracy, split_features
+from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.folder import DataError, TrainingDataError, own_message
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
@@ -488,7 +488,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         final["knn"] = acc
         run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
         before = final.get("knn_random_init", {}).get("top1")
-        say(f"kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%" + (f"  (random init: {before:.2f}%)" if before is not None else ""), flush=True)
+        say(f"kNN {accuracy_text(acc, run.dataset.num_classes)}" + (f"  (random init: {before:.2f}%)" if before is not None else ""),
+            flush=True)
     if dist.is_main():
         (run.out / "final.json").write_text(json.dumps(final, indent=2))
         say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)

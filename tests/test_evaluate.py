@@ -88,3 +88,10 @@ def test_augmented_batches_follow_the_runs_crop_scale_and_flip():
     plain = torch.sort(images.float().div(255).flatten(1), dim=0).values
     assert torch.allclose(torch.sort(epoch_features(flip=False), dim=0).values, plain, atol=1e-5)
     assert not torch.allclose(torch.sort(epoch_features(flip=True), dim=0).values, plain, atol=1e-5)
+
+
+def test_accuracy_text_leaves_out_a_top5_that_is_always_100():
+    from ressl.evaluate import accuracy_text
+
+    assert accuracy_text({"top1": 81.234, "top5": 99.5}, 10) == "top-1 81.23%  top-5 99.50%"
+    assert accuracy_text({"top1": 90.0, "top5": 100.0}, 3) == "top-1 90.00%  (3 classes: no top-5)"
