@@ -507,7 +507,8 @@ def eval_batches(
             yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device)
         return
     assert split.folder is not None
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction)
+    # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
+    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False)
     loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=loader_workers(workers), pin_memory=device.type == "cuda")
     start = 0

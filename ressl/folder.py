@@ -422,15 +422,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     first failure raises one :class:`DataWarning`; later ones are only recorded.
     :class:`DataError` is raised once more than ``max_bad_fraction`` of the files
     failed. With DataLoader workers, each worker process keeps its own record.
+    With ``replace=False`` (evaluations, whose rows stand for their files) the first
+    failure raises a :class:`DataError` naming the file instead.
     """
 
     def __init__(self, index: FolderIndex, transform: Callable[[torch.Tensor], Any] | None = None,
-                 max_bad_fraction: float = 0.01) -> None:
+                 max_bad_fraction: float = 0.01, replace: bool = True) -> None:
         if not index.files:
             raise DataError("the image index is empty: pass --data PATH pointing at a folder of images")
         self.index = index
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
+        self.replace = replace
         self._failed: set[int] = set()
         self._warned = False
 
@@ -470,6 +473,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if j in self._failed:
                 continue
             image = load_rgb(self.index.files[j])
+            if image is None and not self.replace:
+                raise DataError(f"{self.index.files[j]} could not be decoded (it changed after the folder was scanned): "
+                                "fix or delete it and run the command again")
             if image is None:
                 self._record_failure(j)
                 continue

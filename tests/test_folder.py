@@ -363,6 +363,16 @@ def test_dataset_replaces_file_broken_after_scan(tmp_path: Path, damage: str) ->
     assert ds.failed_files == [broken, idx.files[3]]
 
 
+def test_evaluation_datasets_stop_at_a_broken_file_instead_of_replacing_it(tmp_path: Path) -> None:
+    """An evaluation's rows stand for their files (embed's files.txt): no other image may take a broken one's row."""
+    idx = _coloured_classes(tmp_path)
+    idx.files[1].unlink()
+    ds = ImageFolderDataset(idx, max_bad_fraction=0.5, replace=False)
+    assert _colour(ds[0][0], 0, 0) == list(COLOURS[0])
+    with pytest.raises(DataError, match=f"{idx.files[1].name} could not be decoded .*fix or delete it"):
+        ds[1]
+
+
 def test_dataset_too_many_failures_raise(tmp_path: Path) -> None:
     idx = _coloured_classes(tmp_path)
     for p in idx.files[1:]:
