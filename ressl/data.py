@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 from ressl import config, dist
 from ressl.augment import eval_transform
 from ressl.folder import (
-    IMAGE_EXTENSIONS,
     DataError,
     FileList,
     FolderIndex,
     ImageFolderDataset,
+    holds_images,
     listed,
     load_rgb,
     readable,
@@ -297,7 +297,7 @@ def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Datase
             part_dir = root / part
             if (part_dir / "val_annotations.txt").exists() and train.folder.classes:
                 test = _tiny_imagenet_val(part_dir, train.folder.classes, max_bad_fraction)
-            elif part_dir.is_dir() and _holds_images(part_dir):  # an empty val/ beside test/: test/ is the split
+            elif part_dir.is_dir() and holds_images(part_dir):  # an empty val/ beside test/: test/ is the split
                 test = _held_out(part_dir, train.folder, max_bad_fraction)
             if test is not None:
                 break
@@ -334,21 +334,9 @@ def evaluation_source(run_dataset: str, run_data: str | None, dataset: str | Non
         return dataset, data if data is not None else run_data if dataset == run_dataset else None
     if data is None:
         return run_dataset, run_data
-    if run_dataset in TORCHVISION_SETS and not (Path(data).expanduser() / "train.npz").exists() and _holds_images(Path(data).expanduser()):
+    if run_dataset in TORCHVISION_SETS and not (Path(data).expanduser() / "train.npz").exists() and holds_images(Path(data).expanduser()):
         return "folder", data
     return run_dataset, data
-
-
-def _holds_images(root: Path) -> bool:
-    """Whether ``root``, a child or a grandchild of it (train/<class>/) holds an image file: an image folder, not
-    torchvision's files of a dataset."""
-    level = [root]
-    for _ in range(3):
-        children = [e for d in level if d.is_dir() for e in os.scandir(d) if not e.name.startswith(".")]
-        if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in children):
-            return True
-        level = [Path(e.path) for e in children if e.is_dir()][:64]  # a glance, not a scan
-    return False
 
 
 def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01) -> Dataset:

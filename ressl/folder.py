@@ -170,6 +170,18 @@ def _images_under(folder: Path, root: Path, seen: set[tuple[int, int]] | None = 
     return sorted(found)
 
 
+def holds_images(root: Path) -> bool:
+    """Whether ``root``, a child or a grandchild of it (train/<class>/) holds an image file: an image folder, not
+    torchvision's files of a dataset. A glance (64 sub-folders a level), not a scan."""
+    level = [root]
+    for _ in range(3):
+        children = [e for d in level if d.is_dir() for e in os.scandir(d) if not e.name.startswith(".")]
+        if any(e.is_file() and _is_image_name(e.name) for e in children):
+            return True
+        level = [Path(e.path) for e in children if e.is_dir()][:64]
+    return False
+
+
 def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:
     """Whether the directory at ``path`` (after links) is not in ``seen`` yet; adds it."""
     try:
