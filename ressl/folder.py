@@ -83,8 +83,8 @@ class FileList(Sequence[Path]):
     a Python object per file. Indexing gives ``root / relative`` as a ``Path``, made on access.
 
     Why: ImageNet's 1.28 million ``Path`` objects take ~450 MB in every process, and each loader worker, touching
-    every object's reference count over an epoch, ends up with a private copy of them; the arrays take ~60 MB and
-    stay shared with the workers.
+    every object's reference count over an epoch, ends up with a private copy of them; the arrays take 46 MB
+    (measured on ImageNet-style names) and stay shared with the workers.
     """
 
     def __init__(self, root: str | Path, relative: Iterable[str]) -> None:

@@ -522,7 +522,7 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         try:
             final = json.loads((run / "final.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            final = None
+            pass  # final stays None: noted below
         if not isinstance(final, dict):
             final = None
             report.notes.append("final.json could not be read: the final numbers are left out")
