@@ -16,7 +16,7 @@ import ressl
 from ressl import allocator, checkpoint, config, dist
 from ressl.checkpoint import CheckpointError, CheckpointWriteError
 from ressl.config import FIELDS, ConfigError
-from ressl.folder import DataError, TrainingDataError, own_message
+from ressl.folder import DataError, LateDataError, own_message
 from ressl.meter import NonFiniteLoss
 from ressl.train import Interrupted
 
@@ -289,9 +289,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
-        # under torchrun every process of a machine makes the same mistake; a training-time data error may hit one alone
-        if isinstance(err, TrainingDataError) and dist.is_distributed():
-            print(f"ressl {args.command}: error: [rank {dist.rank()}] {own_message(err)}", file=sys.stderr)
+        # under torchrun every process of a machine makes the same mistake; images that break after the scan may fail
+        # to load in some processes only, which tell all the others why they stop: rank 0 says it for them all
+        if isinstance(err, LateDataError) and dist.is_distributed():
+            if dist.is_main():
+                print("\n".join(f"ressl {args.command}: error: {line}" for line in str(err).splitlines()), file=sys.stderr)
         elif dist.speaks_for_machine():
             print(f"ressl {args.command}: error: {own_message(err)}", file=sys.stderr)
         return 2

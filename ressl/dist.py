@@ -143,11 +143,26 @@ def _portable(err: Exception) -> Exception:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is set on any process (a collective: call it on every rank at the same step)."""
+    return bool(max_rank(int(flag), device))
+
+
+def messages_of_all(message: str | None) -> list[str]:
+    """Every process's ``message`` (None: it has none), in rank order as ``[rank R] MESSAGE``; in one process,
+    ``message`` alone (a collective)."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item())
+        return [] if message is None else [message]
+    gathered: list[str | None] = [None] * world_size()
+    torch_dist.all_gather_object(gathered, message)
+    return [f"[rank {r}] {m}" for r, m in enumerate(gathered) if m is not None]
+
+
+def max_rank(value: int, device: torch.device) -> int:
+    """The largest of every process's small ``value`` (a collective: call it on every rank at the same step)."""
+    if not is_distributed():
+        return value
+    agreed = torch.tensor([float(value)], device=device)
+    torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MAX)
+    return int(agreed.item())
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ressl import dist
 from ressl.data import PAD_LABEL, eval_batches, loader_workers, rows_per_rank
+from ressl.folder import DataError, LateDataError, own_message
 from ressl.precision import autocast, autocast_dtype
 from ressl.schedule import cosine_lr
 
@@ -55,26 +56,41 @@ def extract_features(
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     store, bank, filled = store_dtype, None, 0
-    for images, y in batches:
-        with autocast(images.device, dtype):
-            f = backbone(images.contiguous(memory_format=torch.channels_last))
-        if callable(store):  # decided at the first batch, once the feature dim is known
-            store = store(f.shape[1])
-        if bank is None and rows is not None:
-            bank = torch.empty(rows, f.shape[1], dtype=store or torch.float32, device=f.device)
-        if bank is not None:
-            bank[filled : filled + f.shape[0]] = f
-        else:
-            feats.append(f.to(store or torch.float32))
-        filled += f.shape[0]
-        labels.append(y)
-    backbone.train(was_training)
+    failure: DataError | None = None
+    try:
+        for images, y in batches:
+            with autocast(images.device, dtype):
+                f = backbone(images.contiguous(memory_format=torch.channels_last))
+            if callable(store):  # decided at the first batch, once the feature dim is known
+                store = store(f.shape[1])
+            if bank is None and rows is not None:
+                bank = torch.empty(rows, f.shape[1], dtype=store or torch.float32, device=f.device)
+            if bank is not None:
+                bank[filled : filled + f.shape[0]] = f
+            else:
+                feats.append(f.to(store or torch.float32))
+            filled += f.shape[0]
+            labels.append(y)
+    except DataError as err:  # an image that broke after the scan
+        if not dist.is_distributed():
+            raise
+        failure = err
+    finally:
+        backbone.train(was_training)
+    _agree_on_failure(failure, next(backbone.parameters()).device)
     mine = bank[:filled] if bank is not None else torch.cat(feats)
     features, labels_all = dist.all_gather_cat(mine), dist.all_gather_cat(torch.cat(labels))
     keep = labels_all != PAD_LABEL  # rows that only padded a process's share
     if bool(keep.all()):  # one process, or no padding: no copy
         return features, labels_all
     return features[keep], labels_all[keep]
+
+
+def _agree_on_failure(failure: DataError | None, device: torch.device) -> None:
+    """Under torchrun, before the features are gathered: if any process's images failed to load, every process
+    stops with the messages of all that did, instead of the others waiting for them in the gather."""
+    if dist.any_rank(failure is not None, device):
+        raise LateDataError("\n".join(dist.messages_of_all(None if failure is None else own_message(failure))))
 
 
 def split_features(

@@ -42,9 +42,10 @@ class DataError(Exception):
     """A user-facing data problem; the message is one line that names the fix."""
 
 
-class TrainingDataError(DataError):
-    """A data problem met during training (files that became unreadable since the scan): it may hit one process of a
-    torchrun job alone, so every process that meets it reports it."""
+class LateDataError(DataError):
+    """A data problem met after the scan, while training or evaluating (files that became unreadable since). Under
+    torchrun it may hit one process alone: the processes agree to stop together, and the message, the same on every
+    process, is one line per process that met it, ``[rank R] MESSAGE``."""
 
 
 def own_message(err: Exception) -> str:

@@ -2,7 +2,8 @@
 
 :class:`Meter` is the loop's one companion object. Between logging steps it keeps the loss on the device (no host
 sync); at a logging step it writes ``metrics.jsonl`` (and TensorBoard events when installed), checks that no loss
-was NaN or infinite, and agrees with the other processes on a stop that a signal asked for.
+was NaN or infinite, and agrees with the other processes on a stop that a signal (or, under torchrun, one
+process's unreadable images) asked for.
 """
 
 from __future__ import annotations
@@ -179,10 +180,17 @@ class Meter:
 
 
 def _stop_agreed(run: Run, log_due: bool) -> bool:
-    """Whether to stop now; distributed, the processes agree at logging steps so that all stop together."""
+    """Whether to stop now; distributed, the processes agree at logging steps so that all stop together. A process
+    whose images failed to load (``run.data_error``) asks for a stop too, and every process then holds the messages
+    of all that did."""
     if not dist.is_distributed():
         return run.stop_requested
-    return dist.any_rank(run.stop_requested, run.device) if log_due else False
+    if not log_due:
+        return False
+    asked = dist.max_rank(2 if run.data_error else 1 if run.stop_requested else 0, run.device)
+    if asked == 2:
+        run.data_error = "\n".join(dist.messages_of_all(run.data_error))
+    return asked > 0
 
 
 def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
 from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
-from ressl.folder import DataError, TrainingDataError, own_message
+from ressl.folder import DataError, LateDataError, own_message
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
 from ressl.meter import Meter, MetricsLog, NonFiniteLoss, checkpoint_due, checkpoint_kept
@@ -81,6 +81,7 @@ class Run:
     log: MetricsLog
     steps_per_epoch: int
     stop_requested: bool = False  # set by the SIGTERM/SIGINT handler, honoured at the next step boundary
+    data_error: str | None = None  # torchrun: images failed to load here (then anywhere), honoured at a logging step
     graph: CapturedStep | None = None  # network_step replayed as a CUDA graph (--cuda_graph), else None: eager
     clock: float = 0.0  # time.time() at which the run would have started had it never stopped (--max_minutes)
 
@@ -113,6 +114,25 @@ def epoch_views(run: Run, start: int) -> Iterator[tuple[torch.Tensor, torch.Tens
     if run.augment is None:
         return batches
     return run.augment.stream(batches, run.state.epoch * run.steps_per_epoch + start)
+
+
+def _outlast_data_errors(run: Run, views: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``views``; under torchrun, when this process's images fail to load, its last views again until the next
+    logging step. It cannot leave alone (the others would wait for it in the step's collectives), so it asks them to
+    stop there with it (``run.data_error``, :func:`ressl.meter._stop_agreed`), with a checkpoint, a few steps later.
+    Those steps train this process's share of the batch on views it has trained on already (blank ones when the
+    failure came before any of the epoch's)."""
+    weak = strong = None
+    try:
+        for weak, strong in views:
+            yield weak, strong
+    except DataError as err:
+        run.data_error = own_message(err)
+        if weak is None or strong is None:
+            size = run.cfg.image_size
+            weak = strong = torch.zeros(run.cfg.batch_size // dist.world_size(), 3, size, size, device=run.device)
+        while True:
+            yield weak, strong
 
 
 def train_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, observe: Observer | None = None) -> tuple[float, float]:
@@ -193,6 +213,8 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     """
     cfg, state = run.cfg, run.state
     views = epoch_views(run, state.index)
+    if dist.is_distributed():
+        views = _outlast_data_errors(run, views)
     meter = Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     run.model.train()
     stop = False
@@ -212,6 +234,8 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
         meter.close()
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0
+    if stop and run.data_error:  # the processes agreed to stop; _data_failures_saved saves the checkpoint
+        raise LateDataError(run.data_error)
     if stop:
         save_checkpoint(run)
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved. To resume, {resume_command(run.out)}")
@@ -505,17 +529,15 @@ def _per_process(batch_size: int) -> str:
 @contextlib.contextmanager
 def _data_failures_saved(run: Run) -> Iterator[None]:
     """Files that became unreadable during training stop it with their own message (not a loader worker's
-    traceback), as a :class:`TrainingDataError`; in one process after a checkpoint, so that fixing or deleting the
-    files and re-running the command continues the run (under torchrun the other processes cannot join in)."""
+    traceback), as a :class:`LateDataError`, after a checkpoint: fixing or deleting the files and re-running the
+    command continues the run. Under torchrun the processes have agreed to stop together first, at the same step
+    (:func:`_outlast_data_errors`, :func:`ressl.evaluate.extract_features`), and all raise the same message."""
     try:
         yield
     except DataError as err:
-        message = own_message(err)
-        if not dist.is_distributed():
-            save_checkpoint(run)
-            message += (f"; a checkpoint was saved at step {run.state.step}: fix or delete the files and run the same "
-                        "command to continue")
-        raise TrainingDataError(message) from None
+        save_checkpoint(run)
+        raise LateDataError(f"{own_message(err)}; a checkpoint was saved at step {run.state.step}: fix or delete the "
+                            "files and run the same command to continue") from None
 
 
 def _printer(run: Run) -> Callable[..., None]:

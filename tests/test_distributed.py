@@ -217,6 +217,41 @@ def test_rank_0_first_shares_a_scan_and_orders_a_download(tmp_path):
     assert (zero["warned"], one["warned"]) == (1, 0)  # the stray image: only the scanning process saw it
 
 
+def _failing_batches(rank: int, fails_on: set[int]):
+    """Two batches of 2 images; on the ranks in ``fails_on`` the second one fails to load."""
+    yield torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    if rank in fails_on:
+        raise DataError(f"image {rank} failed to load")
+    yield torch.ones(2, 3, 8, 8), torch.ones(2, dtype=torch.long)
+
+
+def _extract_worker(rank: int, tmp: str) -> None:
+    from ressl.evaluate import extract_features
+    from ressl.folder import LateDataError
+
+    _join(rank, tmp)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    said = []
+    for fails_on in ({1}, {0, 1}):
+        try:
+            extract_features(backbone, _failing_batches(rank, fails_on))
+        except LateDataError as err:
+            said.append(str(err))
+    features, labels = extract_features(backbone, _failing_batches(rank, set()))  # the group still works
+    torch.save(dict(said=said, rows=len(features), labels=labels.tolist()), f"{tmp}/rank{rank}.pt")
+
+
+def test_an_image_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """An evaluation whose images fail to load on some processes only: every process stops with the messages of
+    those that failed (rank 0 prints them), instead of the others waiting for them in the gather, or dying."""
+    zero, one = spawn(_extract_worker, tmp_path)
+    assert zero["said"] == one["said"] == [
+        "[rank 1] image 1 failed to load",
+        "[rank 0] image 0 failed to load\n[rank 1] image 1 failed to load",
+    ]
+    assert zero["rows"] == one["rows"] == 8 and zero["labels"] == [0, 0, 1, 1] * 2  # rank 0's rows, then rank 1's
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = Recorder()
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
@@ -299,3 +334,58 @@ def test_torchrun_user_mistake_is_reported_once(tmp_path):
     assert done.stderr.count("ressl pretrain: error: ") == 1, done.stderr[-2000:]
     assert done.stderr.startswith("ressl pretrain: error: queue_size 100 is not a multiple")
     assert not (tmp_path / "run").exists()
+
+
+BREAK_AFTER_SCAN = """
+import sys
+from pathlib import Path
+
+import ressl.train
+from ressl.cli import main
+
+setup = ressl.train.setup
+broken = Path(sys.argv.pop(1))
+
+
+def setup_then_break(cfg):  # after the scan has found every file readable
+    run = setup(cfg)
+    broken.write_text("not an image any more")
+    return run
+
+
+ressl.train.setup = setup_then_break
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_message_and_a_checkpoint(tmp_path):
+    """An image that breaks during a torchrun run fails to load in one process only. The others do not die in a
+    collective (gloo's "Connection closed by peer") or hang (NCCL): all stop together at the next logging step, with
+    a checkpoint, and rank 0 prints the failing process's message; deleting the file and re-running finishes the run."""
+    data = tmp_path / "photos"
+    for c in range(2):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(64):
+            Image.new("RGB", (16, 16), (200 * c, 40 + i, 90)).save(data / f"class{c}" / f"{i:02d}.png")
+    broken = data / "class0" / "05.png"
+    script = tmp_path / "break_after_scan.py"
+    script.write_text(BREAK_AFTER_SCAN)
+    out = tmp_path / "run"
+    args = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--epochs", "2",
+            "--max_bad_fraction", "0", "--log_every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
+    failed = subprocess.run([*cmd, str(script), str(broken), *args], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=300)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
+    assert len(errors) == 1, failed.stderr[-3000:]
+    assert errors[0].startswith("ressl pretrain: error: [rank ") and str(broken) in errors[0], errors
+    assert "a checkpoint was saved at step" in errors[0]
+    assert "Connection closed" not in failed.stderr and "[rank0]:" not in failed.stderr and "[rank1]:" not in failed.stderr
+    assert (out / "checkpoint.pt").exists()
+    broken.unlink()
+    finished = torchrun(*args, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2

@@ -1,5 +1,7 @@
 import copy
+import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,8 +9,9 @@ import torch
 from conftest import make_images
 
 from ressl import config
+from ressl.folder import DataError
 from ressl.loss import relational_loss
-from ressl.train import capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
+from ressl.train import _outlast_data_errors, capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
 from ressl.views import ViewAugment
 
 
@@ -229,3 +232,23 @@ def test_a_stop_asked_at_an_epochs_last_step_ends_there_with_a_checkpoint(npz_di
         train_one_epoch(run)
     assert (run.state.epoch, run.state.index, run.state.step) == (1, 0, 1)
     assert checkpoint.load(run.out / "checkpoint.pt")["state"]["epoch"] == 1
+
+
+def _views_failing_after(n: int):
+    for i in range(n):
+        yield torch.full((4, 3, 8, 8), float(i)), torch.full((4, 3, 8, 8), -float(i))
+    raise DataError("photos/cat/1.png failed to load")
+
+
+@pytest.mark.parametrize("good", [2, 0])
+def test_a_process_whose_images_fail_keeps_stepping_on_its_last_views_and_asks_to_stop(good):
+    """Under torchrun a process cannot leave alone: after a failure it repeats its last views (blank ones of the
+    right shape when none came yet) until the processes agree to stop, and records the message it will stop with."""
+    run = SimpleNamespace(cfg=SimpleNamespace(batch_size=4, image_size=8), device=torch.device("cpu"), data_error=None)
+    views = _outlast_data_errors(run, _views_failing_after(good))
+    seen = list(itertools.islice(views, good + 3))
+    assert run.data_error == "photos/cat/1.png failed to load"
+    assert [float(weak[0, 0, 0, 0]) for weak, _ in seen] == [*range(good), max(good - 1, 0)] + [max(good - 1, 0)] * 2
+    assert all(weak.shape == strong.shape == (4, 3, 8, 8) for weak, strong in seen)
+    if good == 0:
+        assert all(not weak.any() and not strong.any() for weak, strong in seen)
