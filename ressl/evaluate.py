@@ -77,7 +77,7 @@ def extract_features(
         failure = err
     finally:
         backbone.train(was_training)
-    _agree_on_failure(failure, next(backbone.parameters()).device)
+    _agree_on_failure(failure, next(backbone.parameters(), torch.empty(0)).device)
     mine = bank[:filled] if bank is not None else torch.cat(feats)
     features, labels_all = dist.all_gather_cat(mine), dist.all_gather_cat(torch.cat(labels))
     keep = labels_all != PAD_LABEL  # rows that only padded a process's share
@@ -246,7 +246,8 @@ def linear_probe(
 
     By default it trains on ``train_features`` computed once, without augmentation: each epoch costs
     a matmul instead of a backbone pass (the fast path). ``train_batches(epoch)`` replaces them with
-    fresh features per epoch (e.g. of augmented images, :func:`augmented_batches`). Features are
+    fresh features per epoch (e.g. of augmented images, :func:`augmented_batches`), in batches of any size: SGD
+    takes them ``batch_size`` at a time, and the cosine schedule follows the images seen. Features are
     standardised with the clean training features' mean and std (a BatchNorm without affine, as MoCo
     v3's probe), which makes one learning rate work across backbones. Features stored in bf16/fp16
     are converted to float32 a batch at a time.
@@ -260,8 +261,7 @@ def linear_probe(
         classifier.bias.uniform_(-bound, bound, generator=generator)
     classifier = classifier.to(train_features.device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(train_features.shape[0] / batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * train_features.shape[0]  # images over the whole probe: the schedule's clock
 
     def cached(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(train_features.shape[0], generator=generator).to(train_features.device)
@@ -274,16 +274,18 @@ def linear_probe(
         from tqdm import tqdm
 
         epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False)
-    step = 0
+    seen = 0
     for epoch in epoch_iter:
-        for x, y in (train_batches or cached)(epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(min(step, total - 1), total, lr)
-            loss = F.cross_entropy(classifier((x.float() - mean) / std), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+        for given_x, given_y in (train_batches or cached)(epoch):
+            for start in range(0, given_x.shape[0], batch_size):
+                x, y = given_x[start : start + batch_size], given_y[start : start + batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(min(seen, total - 1), total, lr)
+                loss = F.cross_entropy(classifier((x.float() - mean) / std), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seen += x.shape[0]
     with torch.no_grad():
         return topk_accuracy(classifier((test_features.float() - mean) / std), test_labels)
 
@@ -319,8 +321,9 @@ def augmented_batches(
             assert split.labels is not None
             order = torch.randperm(len(split), generator=generator)
             for start in range(0, len(split), batch_size):
-                idx = order[start : start + batch_size].to(split.images.device)
-                yield embed(augment(split.images[idx].to(device), generator)), split.labels[idx].to(device)
+                idx = order[start : start + batch_size]  # the images may be on the device, their labels on the CPU
+                images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
+                yield embed(augment(images.to(device), generator)), labels.to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=loader_workers(workers))

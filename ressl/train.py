@@ -346,7 +346,7 @@ RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queu
 
 def resume(run: Run, path: Path) -> None:
     """Continue from ``path``; refuse when the configuration differs in what the weights depend on."""
-    saved = checkpoint.load(path, map_location=run.device)
+    saved = checkpoint.load(path)  # on the CPU, where the random-number states must be; the weights are copied over
     missing = {"optimizer", "state", "shuffle_generator", "rng"} - set(saved)
     if missing:
         raise checkpoint.CheckpointError(f"{path} lacks {', '.join(sorted(missing))} (written by another version?): "

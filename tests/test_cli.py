@@ -320,6 +320,20 @@ def test_linear_probe_with_augmentation(npz_dir, tmp_path):
     assert 0 <= json.loads(done.stdout.splitlines()[-1])["top1"] <= 100
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_resumes_and_its_checkpoint_takes_an_augmented_linear_probe(npz_dir, tmp_path):
+    """On CUDA: a run continued from its checkpoint (whose random-number states must reach the CPU generators), and
+    ``linear --augment`` on in-memory images kept on the device with their labels on the CPU."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--device", "cuda"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    assert main([*argv, "--epochs", "2"]) == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 2
+    done = ressl("linear", "--checkpoint", str(out / "checkpoint.pt"), "--epochs", "2", "--augment", "--device", "cuda")
+    assert done.returncode == 0, done.stderr
+    assert 0 <= json.loads(done.stdout.splitlines()[-1])["top1"] <= 100
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
 def test_export_to_an_unwritable_place_is_one_line(untrained_checkpoint, capsys):
     err = bad(["export", "--checkpoint", str(untrained_checkpoint), "--out", "/proc/backbone.safetensors"], capsys)

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,28 @@ def test_linear_probe_with_fresh_batches_each_epoch():
 
     acc = linear_probe(x[:300], y[:300], x[300:], y[300:], 2, epochs=15, lr=0.1, batch_size=64, train_batches=batches)
     assert seen == list(range(15)) and acc["top1"] > 90
+
+
+@pytest.mark.parametrize("given", [512, 100, 64])
+def test_linear_probe_takes_sgd_steps_of_its_batch_size_and_ends_its_schedule_whatever_batches_it_is_given(given, monkeypatch):
+    """``ressl linear --augment`` embeds ``--batch_size`` images per forward pass (512), the probe's SGD batch is
+    its own (256): the learning rate still decays to about 0 by the last step, as on the cached features."""
+    import ressl.evaluate
+
+    x, y = torch.randn(1000, 4), torch.randint(0, 2, (1000,))
+    rates, sizes = [], []
+    schedule, cross_entropy = ressl.evaluate.cosine_lr, F.cross_entropy
+    monkeypatch.setattr(ressl.evaluate, "cosine_lr", lambda *a: rates.append(schedule(*a)) or rates[-1])
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, t: sizes.append(len(t)) or cross_entropy(logits, t))
+
+    def batches(epoch):
+        for start in range(0, 1000, given):
+            yield x[start : start + given], y[start : start + given]
+
+    linear_probe(x, y, x[:10], y[:10], 2, epochs=3, lr=0.4, batch_size=256, train_batches=batches)
+    assert max(sizes) == min(given, 256)
+    assert rates[0] == pytest.approx(0.4) and rates[-1] < 0.4 * 0.02  # at the start of the last step
+    assert sum(sizes) == 3000 and all(a >= b for a, b in itertools.pairwise(rates))
 
 
 def test_linear_probe_is_a_function_of_its_seed():
