@@ -260,7 +260,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     config.check_output(args.out, "--out", file_example="features.npy")
     out, files, (n, dim) = embed(args.checkpoint, args.data, args.out, args.dataset, args.split, args.teacher,
                                  args.device, args.batch_size, args.workers)
-    print(f"wrote {out}: {n} x {dim} float32 features ({args.split} split), row origins in {files}")
+    if dist.is_main():
+        print(f"wrote {out}: {n} x {dim} float32 features ({args.split} split), row origins in {files}")
     return 0
 
 

@@ -480,13 +480,13 @@ def eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,).
 
-    Under ``torchrun`` each process takes every world-th image (padded to equal counts with
-    ``PAD_LABEL`` rows); ``ressl.evaluate.extract_features`` gathers and drops the padding.
+    Under ``torchrun`` each process takes its block of consecutive images, the last padded to equal counts with
+    ``PAD_LABEL`` rows: ``ressl.evaluate.extract_features`` gathers the blocks in rank order, which is the split's
+    (``embed``'s rows name their files in that order), and drops the padding.
     """
-    n, world = len(split), dist.world_size()
-    per_rank = rows_per_rank(n)
-    indices = torch.arange(per_rank * world).remainder(n).view(per_rank, world)[:, dist.rank()]
-    pad = torch.arange(per_rank * world).view(per_rank, world)[:, dist.rank()] >= n
+    per_rank = rows_per_rank(len(split))
+    rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
+    indices, pad = rows.remainder(len(split)), rows >= len(split)
     if split.images is not None:
         labels = torch.where(pad, PAD_LABEL, split.labels_or_unlabeled()[indices])
         for start in range(0, per_rank, batch_size):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ressl import dist
 from ressl.folder import DataError
 from ressl.meter import parse_record
 
@@ -126,6 +127,8 @@ def embed(
     assert len(rows) == feats.shape[0], (len(rows), feats.shape)
     out_path = Path(out).expanduser()
     files_path = files_list_path(out_path)
+    if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
+        return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)

@@ -252,6 +252,26 @@ def test_an_image_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
     assert zero["rows"] == one["rows"] == 8 and zero["labels"] == [0, 0, 1, 1] * 2  # rank 0's rows, then rank 1's
 
 
+def _embed_worker(rank: int, tmp: str) -> None:
+    from ressl.data import Split
+    from ressl.evaluate import split_features
+
+    _join(rank, tmp)
+    n = 7  # not a multiple of the 2 processes: rank 1's block ends with a padding row
+    split = Split(images=torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 4, 4).contiguous(),
+                  labels=torch.arange(n) % 3)
+    brightness = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 3): each image's mean, its index here
+    features, labels = split_features(brightness, split, 4, (0.0,) * 3, (1 / 255,) * 3, 2, torch.device("cpu"), None, workers=0)
+    torch.save(dict(rows=features[:, 0].round().tolist(), labels=labels.tolist()), f"{tmp}/rank{rank}.pt")
+
+
+def test_features_of_every_process_come_back_in_the_splits_order(tmp_path):
+    """Under torchrun each process embeds a share of the images; the gathered rows are in the split's order (embed
+    writes them beside a list of their files), padding dropped."""
+    zero, one = spawn(_embed_worker, tmp_path)
+    assert zero == one == dict(rows=[0, 1, 2, 3, 4, 5, 6], labels=[0, 1, 2, 0, 1, 2, 0])
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = Recorder()
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
