@@ -287,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
             return REPORT_COMMANDS[args.command](args)
         return cmd_evaluate(args)
     except (NonFiniteLoss, CheckpointWriteError) as err:  # not the user's input: exit 1
-        print(f"ressl {args.command}: error: {err}", file=sys.stderr)
+        if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
+            print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
         # under torchrun every process of a machine makes the same mistake; images that break after the scan may fail

@@ -155,8 +155,10 @@ class Meter:
             event.record()
         self.pending = (record, names, values, event)
 
-    def _flush(self) -> None:
-        """Check and write the staged step's numbers (a no-op when none wait)."""
+    def _flush(self, agree: bool = True) -> None:
+        """Check and write the staged step's numbers (a no-op when none wait). Under torchrun the processes agree
+        on a NaN first (``agree``, when all flush at the same step): a loss that broke in one process alone stops
+        them all, instead of the others going on to wait for it in the next step's collectives."""
         if self.pending is None:
             return
         record, names, values, event = self.pending
@@ -164,6 +166,8 @@ class Meter:
         if event is not None:
             event.synchronize()
         *numbers, first_bad = values.tolist()
+        if agree and dist.is_distributed():
+            first_bad = dist.max_rank(int(first_bad), self.run.device)  # -1 on every process: none was bad
         _check_finite(int(first_bad), self.run.out / "checkpoint.pt")
         logged = dict(zip(names, numbers))
         self.run.state.loss = logged_loss = logged["loss"]
@@ -171,9 +175,14 @@ class Meter:
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
 
-    def close(self) -> None:
+    def __enter__(self) -> Meter:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
+        """Write what waits, and close the progress bar. After an error the processes may not all be here: no
+        agreement then."""
         try:
-            self._flush()
+            self._flush(agree=error is None)
         finally:
             if self.progress is not None:
                 self.progress.close()

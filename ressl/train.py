@@ -215,10 +215,9 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     views = epoch_views(run, state.index)
     if dist.is_distributed():
         views = _outlast_data_errors(run, views)
-    meter = Meter(run, first_bad_step=torch.full((), -1, device=run.device))  # logging, progress, NaN watch
     run.model.train()
     stop = False
-    try:
+    with Meter(run, first_bad_step=torch.full((), -1, device=run.device)) as meter:  # logging, progress, NaN watch
         for weak, strong in views:
             lr, momentum = train_step(run, weak, strong, meter.observe)  # health signals on log steps
             state.step += 1
@@ -230,8 +229,6 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
                 save_checkpoint(run)
             if _late(run, deadline, check=meter.at_log_step):
                 break
-    finally:
-        meter.close()
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0
     if stop and run.data_error:  # the processes agreed to stop; _data_failures_saved saves the checkpoint

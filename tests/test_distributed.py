@@ -409,3 +409,41 @@ def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_messa
     finished = torchrun(*args, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert json.loads((out / "final.json").read_text())["epochs"] == 2
+
+
+NAN_ON_RANK_1 = """
+import os
+import sys
+
+import ressl.train
+from ressl.cli import main
+
+relational_loss, calls = ressl.train.relational_loss, []
+
+
+def nan_at_step_2_on_rank_1(*args, **kwargs):
+    calls.append(1)
+    loss = relational_loss(*args, **kwargs)
+    return loss * float("nan") if len(calls) == 2 and os.environ["RANK"] == "1" else loss
+
+
+ressl.train.relational_loss = nan_at_step_2_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_nan_in_one_process_stops_every_process_with_one_message(npz_dir, tmp_path):
+    """A loss that becomes NaN in one process at a logged step (the others' still finite there, their weights NaN
+    only after the gradients' all-reduce): every process stops at that step, and the error is printed once."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "2",
+            "--log_every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
+    done = subprocess.run([*cmd, str(script), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
+    assert len(errors) == 1 and "NaN or infinite at step 2" in errors[0], done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "[rank0]:" not in done.stderr and "[rank1]:" not in done.stderr
