@@ -422,9 +422,14 @@ class _EvalResize:
         return self.t(image)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A generator seed for each (run seed, epoch): the epoch's order, and the draws of its loader's crops."""
+    return seed * 1_000_003 + epoch  # within 64 bits for the seeds config.validate accepts (below 2**32)
+
+
 def pretrain_batches(
     dataset: Dataset, batch_size: int, image_size: int, min_scale: float, workers: int,
-    order: torch.Tensor, start: int, device: torch.device, views: TwoViews | None = None,
+    order: torch.Tensor, start: int, device: torch.device, views: TwoViews | None = None, seed: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's (weak source, strong source) batches for this process, from batch ``start`` on.
 
@@ -432,7 +437,9 @@ def pretrain_batches(
     sources are the same (B, C, H, W) slice, cropped later on the device. Folders: two independent
     crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes its share.
     With ``views`` (``augment_backend torchvision``) loader workers make finished float views instead,
-    image by image, from memory or folder alike.
+    image by image, from memory or folder alike. Their random draws come from ``seed`` (the epoch's), the process's
+    rank and ``start``: each process crops its images its own way (in the main process, with no workers, through the
+    global generator, seeded here).
     """
     world, rank = dist.world_size(), dist.rank()
     local = batch_size // world
@@ -453,8 +460,11 @@ def pretrain_batches(
     else:
         assert split.folder is not None
         ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
+    draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
+    if loader_workers(workers) == 0:
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=draws)))
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
-                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False, generator=draws)
     for pair, _ in loader:
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.data import PAD_LABEL, eval_batches, loader_workers, rows_per_rank
+from ressl.data import PAD_LABEL, epoch_seed, eval_batches, loader_workers, rows_per_rank
 from ressl.folder import DataError, LateDataError, own_message
 from ressl.precision import autocast, autocast_dtype
 from ressl.schedule import cosine_lr
@@ -315,7 +315,7 @@ def augmented_batches(
             return backbone(images.contiguous(memory_format=torch.channels_last)).float()
 
     def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         backbone.eval()
         if split.images is not None:
             assert split.labels is not None

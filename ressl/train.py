@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ressl import checkpoint, config, dist, precision
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.config import Config
-from ressl.data import Dataset, TwoViews, load_dataset, precropped, pretrain_batches, sample_split, to_device
+from ressl.data import Dataset, TwoViews, epoch_seed, load_dataset, precropped, pretrain_batches, sample_split, to_device
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.folder import DataError, LateDataError, own_message
 from ressl.graph import CapturedStep
@@ -96,7 +96,7 @@ class Run:
 
 def epoch_order(run: Run) -> torch.Tensor:
     """The epoch's sample order, from a generator seeded by (seed, epoch): a resumed run redraws it exactly."""
-    generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + run.state.epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(run.cfg.seed, run.state.epoch))
     return torch.randperm(len(run.dataset.train), generator=generator)
 
 
@@ -110,7 +110,7 @@ def epoch_views(run: Run, start: int) -> Iterator[tuple[torch.Tensor, torch.Tens
     """
     cfg = run.cfg
     batches = pretrain_batches(run.dataset, cfg.batch_size, cfg.image_size, cfg.crop_min_scale, cfg.workers,
-                               epoch_order(run), start, run.device, run.loader_views)
+                               epoch_order(run), start, run.device, run.loader_views, epoch_seed(cfg.seed, run.state.epoch))
     if run.augment is None:
         return batches
     return run.augment.stream(batches, run.state.epoch * run.steps_per_epoch + start)

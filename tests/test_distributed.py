@@ -272,6 +272,35 @@ def test_features_of_every_process_come_back_in_the_splits_order(tmp_path):
     assert zero == one == dict(rows=[0, 1, 2, 3, 4, 5, 6], labels=[0, 1, 2, 0, 1, 2, 0])
 
 
+def _loader_views_worker(rank: int, tmp: str) -> None:
+    from ressl.augment import torchvision_pipeline
+    from ressl.data import Dataset, Split, TwoViews, pretrain_batches
+
+    _join(rank, tmp)
+    torch.manual_seed(0)  # as setup seeds every process alike
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    train = Split(images=image.expand(8, 3, 16, 16).contiguous(), labels=torch.zeros(8, dtype=torch.long))
+    ds = Dataset("same image", train, None, None, 1, (0.5,) * 3, (0.25,) * 3)
+    views = TwoViews(torchvision_pipeline(8, strong=False, mean=ds.mean, std=ds.std),
+                     torchvision_pipeline(8, strong=True, mean=ds.mean, std=ds.std))
+    drawn = {}
+    for workers in (0, 1):
+        for seed in (5, 5, 6):
+            weak, strong = next(pretrain_batches(ds, 4, 8, 0.2, workers, torch.arange(8), 0, torch.device("cpu"), views, seed))
+            drawn.setdefault(workers, []).append(torch.cat([weak, strong]))
+    torch.save(drawn, f"{tmp}/rank{rank}.pt")
+
+
+def test_loader_views_are_drawn_apart_on_each_process_and_again_from_the_same_seed(tmp_path):
+    """``augment_backend torchvision``: every process draws its own crops and colours (with loader workers or
+    without), not those of rank 0 for its k-th image; the same epoch seed draws the same views again."""
+    zero, one = spawn(_loader_views_worker, tmp_path)
+    for workers in (0, 1):
+        assert not torch.equal(zero[workers][0], one[workers][0])
+        for views in (zero[workers], one[workers]):
+            assert torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = Recorder()
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
