@@ -145,9 +145,11 @@ class Meter:
         return stop
 
     def _stage(self, record: dict[str, Any]) -> None:
-        """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host."""
+        """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host. The
+        signals are this step's, measured when it was due (a stop between logging steps logs its loss alone)."""
         names = ["loss", *self.signals]
         values = torch.stack([v.detach().double() for v in (self.loss, *self.signals.values(), self.first_bad_step)])
+        self.signals = {}
         event = None
         if values.is_cuda:  # a copy into pinned memory, waited for only when read
             values = values.to("cpu", non_blocking=True)

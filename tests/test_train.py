@@ -234,6 +234,26 @@ def test_a_stop_asked_at_an_epochs_last_step_ends_there_with_a_checkpoint(npz_di
     assert checkpoint.load(run.out / "checkpoint.pt")["state"]["epoch"] == 1
 
 
+def test_a_stop_between_logging_steps_logs_its_loss_without_the_last_logged_steps_signals(npz_dir, tmp_path, monkeypatch):
+    """The health signals are measured at logging steps only: a stop at another step must not log the last logged
+    step's signals as its own."""
+    import ressl.train
+    from ressl.train import Interrupted
+
+    run = tiny_run(npz_dir, tmp_path, log_every=2)
+    step = ressl.train.train_step
+
+    def ctrl_c_during_step_3(run, *args):
+        run.stop_requested = run.state.step == 2
+        return step(run, *args)
+
+    monkeypatch.setattr(ressl.train, "train_step", ctrl_c_during_step_3)
+    with pytest.raises(Interrupted, match="stopped at step 3"):
+        train_one_epoch(run)
+    logged = {r["step"]: r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert "teacher_entropy" in logged[2] and "loss" in logged[3] and "teacher_entropy" not in logged[3]
+
+
 def _views_failing_after(n: int):
     for i in range(n):
         yield torch.full((4, 3, 8, 8), float(i)), torch.full((4, 3, 8, 8), -float(i))
