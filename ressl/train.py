@@ -303,8 +303,7 @@ def setup(cfg: Config) -> Run:
     size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
     common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5 if cfg.flip else 0.0)
     strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
-    weak_aug = (strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common) if cfg.teacher_strong
-                else weak_augment(size, mean, std, **common))
+    weak_aug = strong_aug if cfg.teacher_strong else weak_augment(size, mean, std, **common)  # the views are drawn apart
     # several steps per call for sets in memory; from a folder, loader workers would have to decode them all first
     steps_per_call = cfg.augment_steps if dataset.train.images is not None else 1
     augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()), steps_per_call=steps_per_call)
@@ -350,8 +349,7 @@ def resume(run: Run, path: Path) -> None:
                                          "use another --out for a new run")
     old = saved["config"]
     changed = [k for k in RESUME_KEYS if old.get(k) != getattr(run.cfg, k)]
-    if old.get("data") and run.cfg.data and Path(old["data"]).expanduser().resolve() != Path(run.cfg.data).expanduser().resolve():
-        changed.append("data")
+    moved = bool(old.get("data") and run.cfg.data) and Path(old["data"]).expanduser().resolve() != Path(run.cfg.data).expanduser().resolve()
     if changed:
         raise config.ConfigError(
             f"{path} was trained with a different {', '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}): "
@@ -377,6 +375,9 @@ def resume(run: Run, path: Path) -> None:
     if path == run.out / "checkpoint.pt":
         run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
     if dist.is_main():
+        if moved:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
+            print(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if they "
+                  "held the same images; pass another --out if they do not", flush=True)
         print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
 
 
