@@ -1,8 +1,9 @@
 """Datasets (embedded digits, npz arrays, torchvision sets, image folders) and the batches drawn from them.
 
 Sets that fit in memory are held as one uint8 tensor (N, C, H, W) on the training device and
-batches are sliced from it; image folders are decoded by loader workers. Either way the training
-loop receives uint8 batches and augments them batched (``ressl.augment``).
+batches are sliced from it; image folders are decoded (and cropped) by loader workers. Either way the training
+loop receives uint8 batches and augments them batched (``ressl.views``), except with ``augment_backend
+torchvision``, where loader workers make the finished float views image by image (``TwoViews``).
 """
 
 from __future__ import annotations

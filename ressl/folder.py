@@ -434,7 +434,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     (``i+1, i+2, ...`` wrapping around), together with that sample's label. The
     first failure raises one :class:`DataWarning`; later ones are only recorded.
     :class:`DataError` is raised once more than ``max_bad_fraction`` of the files
-    failed. With DataLoader workers, each worker process keeps its own record.
+    failed. With DataLoader workers, each worker process keeps its own record, and
+    training's workers start afresh each epoch: with W workers up to about W times
+    the fraction may be replaced before one stops the run, each warning once per epoch.
     With ``replace=False`` (evaluations, whose rows stand for their files) the first
     failure raises a :class:`DataError` naming the file instead.
     """

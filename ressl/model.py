@@ -51,7 +51,7 @@ def build_backbone(name: str, small_stem: bool, width: int = 64) -> tuple[nn.Mod
     elif width != 64:
         net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()  # type: ignore[assignment]
-    for m in net.modules():  # torchvision's initialisation, re-applied to the layers we replaced
+    for m in net.modules():  # torchvision's initialisation, applied again to every convolution and BatchNorm (ours too)
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):

@@ -6,7 +6,8 @@ import torch
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware runs it fast (CUDA; CPUs with AMX or AVX512-BF16), else full fp32 (None)."""
+    """The autocast dtype for ``--precision``: ``bf16`` always, ``fp32`` never (None), and ``auto`` bf16 where the
+    hardware runs it fast (CUDA that supports it; CPUs with AMX or AVX512-BF16), else fp32."""
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -37,7 +37,8 @@ class EmbeddingQueue(nn.Module):
         """Write ``embeddings`` (B, D) over the oldest rows; B (times the world size) must divide K.
 
         With ``gather`` (the default) the batches of all processes are concatenated in rank order
-        first, so every rank pushes the same rows and holds the same queue.
+        first, so every rank pushes the same rows and holds the same queue. Pass ``gather=False`` with rows
+        already gathered (the training step pushes the teacher's ``everyone``, gathered for shuffle-BN).
         """
         if gather:
             embeddings = dist.all_gather_cat(embeddings.detach())

@@ -83,11 +83,12 @@ def class_names(ds: Dataset) -> list[str]:
 # --- features ------------------------------------------------------------------------------
 
 
-def split_features(
+def run_features(
     backbone: torch.nn.Module, cfg: Config, ds: Dataset, split: Split, device: torch.device,
     batch_size: int = 512, workers: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them."""
+    """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them
+    (:func:`ressl.evaluate.split_features` with the run's image size, precision and memory format)."""
     from ressl.evaluate import split_features as features
     from ressl.precision import autocast_dtype
 
@@ -122,7 +123,7 @@ def embed(
     if chosen is None:
         raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
     to_device(ds, dev)
-    feats, _ = split_features(backbone, cfg, ds, chosen, dev, batch_size, workers)
+    feats, _ = run_features(backbone, cfg, ds, chosen, dev, batch_size, workers)
     rows = split_rows(chosen, split)
     assert len(rows) == feats.shape[0], (len(rows), feats.shape)
     out_path = Path(out).expanduser()
@@ -250,7 +251,7 @@ def plot_training(records: list[dict[str, Any]]) -> Figure | None:
     return fig
 
 
-def plot_knn(records: list[dict[str, Any]], final_epochs: float | None = None) -> Figure | None:
+def plot_knn(records: list[dict[str, Any]]) -> Figure | None:
     """Weighted-kNN top-1 and top-5 accuracy (%) of the student's backbone on the test split, over epochs."""
     epochs, top1 = series(records, "knn_top1", x="epoch")
     if not len(epochs):
@@ -602,11 +603,11 @@ def _embedding_plots(
     gallery_split = ds.bank if ds.bank is not None else ds.train
     query_split = ds.test if ds.test is not None else gallery_split
     say(f"ressl report: backbone features of {len(gallery_split)} + {len(query_split)} images ...")
-    gallery, gallery_y = split_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers)
+    gallery, gallery_y = run_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers)
     if query_split is gallery_split:
         queries, query_y = gallery, gallery_y
     else:
-        queries, query_y = split_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers)
+        queries, query_y = run_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers)
     what = "test embeddings" if query_split is ds.test else "training embeddings"
 
     rng = np.random.default_rng(0)
@@ -641,4 +642,4 @@ def _embedding_plots(
                        "training images by cosine similarity of the student's backbone features.")))
 
 
-__all__ = ["Report", "class_names", "embed", "make_report", "nearest", "project_2d", "read_metrics", "series", "split_features"]
+__all__ = ["Report", "class_names", "embed", "make_report", "nearest", "project_2d", "read_metrics", "run_features", "series"]
