@@ -42,10 +42,13 @@ _OPS = ("brightness", "contrast", "saturation", "hue")
 CROP_TRIES = 10  # candidate boxes per crop before the centre-crop fallback, as torchvision's RandomResizedCrop
 
 
-def blur_kernel_size(size: int) -> int:
-    """Odd kernel size of about 10% of the image side (23 at 224 px as in MoCo-v2, 3 at 32 px)."""
-    k = max(int(0.1 * size), 3)
-    return k if k % 2 == 1 else k + 1
+def blur_kernel_size(size: int, max_sigma: float = 2.0) -> int:
+    """Odd kernel size: about 10% of the image side (23 at 224 px, as torchvision ports of MoCo-v2 use), and no
+    less than the +-3 sigma that the official code's PIL blur spans at the largest sigma (13 taps at sigma 2, so
+    a 32 or 64 px image is blurred as much as PIL would); within what reflect padding allows (< 2 * size)."""
+    k = max(int(0.1 * size), 2 * math.ceil(3 * max_sigma) + 1)
+    k = k if k % 2 == 1 else k + 1
+    return min(k, 2 * size - 1)
 
 
 # ----------------------------------------------------------------------------- colour kernels
@@ -267,8 +270,8 @@ class BatchAugment:
     ``strong=False`` (teacher view): RandomResizedCrop + horizontal flip only, colours are
     never changed. ``strong=True`` (student view) adds ColorJitter (p=``jitter_p``, per-sample
     random order of the four ops), RandomGrayscale (p=``gray_p``) and GaussianBlur
-    (p=``blur_p``, sigma ~ U(``blur_sigma``), kernel ~10% of ``size``; ``blur=None`` means on
-    iff ``size > 32``). ``crop=False`` skips the crop (the input is expected to be
+    (p=``blur_p``, sigma ~ U(``blur_sigma``) pixels, kernel :func:`blur_kernel_size`; ``blur=None``, the
+    rule of runs before the tenth session, means on iff ``size > 32``). ``crop=False`` skips the crop (the input is expected to be
     ``size x size``; other sizes are resized).
     """
 
@@ -276,7 +279,7 @@ class BatchAugment:
                  crop: bool = True, crop_scale: tuple[float, float] = (0.2, 1.0),
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-                 jitter_p: float = 0.8, gray_p: float = 0.2, blur: bool | None = None,
+                 jitter_p: float = 0.8, gray_p: float = 0.2, blur: bool | None = True,
                  blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
                  flip_p: float = 0.5, jitter_order: str = "batch") -> None:
         if jitter_order not in ("batch", "sample"):
@@ -290,7 +293,7 @@ class BatchAugment:
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
         self.blur = (self.size > 32) if blur is None else bool(blur)
         self.blur_p, self.blur_sigma, self.flip_p = blur_p, blur_sigma, flip_p
-        self.kernel_size = blur_kernel_size(self.size)
+        self.kernel_size = blur_kernel_size(self.size, blur_sigma[1])
 
     def __repr__(self) -> str:
         return (f"BatchAugment(size={self.size}, strong={self.strong}, crop={self.crop}, "
@@ -425,7 +428,7 @@ def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequen
 
 
 def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std: Sequence[float],
-                         blur: bool | None = None,
+                         blur: bool | None = True,
                          crop_scale: tuple[float, float] = (0.2, 1.0), flip: bool = True) -> Callable:
     """Per-sample reference recipe with ``torchvision.transforms.v2`` (official-code style):
     PIL image or uint8 (C, H, W) tensor -> float32 (3, size, size), normalised."""

@@ -54,7 +54,8 @@ class Config:
     ema_momentum: float = 0.99  # teacher EMA: 0.99 small datasets, 0.999 ImageNet (paper)
     ema_cosine: bool = False  # raise the momentum to 1 along a cosine (BYOL); the paper keeps it constant
     teacher_strong: bool = False  # give the teacher the strong recipe too (the paper's ablation, Table 5)
-    blur: bool | None = None  # Gaussian blur in the strong view; None: on above 32 px (the paper turns it off at 32)
+    blur: bool | None = True  # Gaussian blur in the strong view (p 0.5, sigma 0.1-2 px) at every size, as the official
+    #   small-dataset code and solo-learn's ReSSL do on CIFAR; None: only above 32 px (the default before the tenth session)
     crop_min_scale: float = 0.2  # RandomResizedCrop scale range lower end, both views (official code)
     jitter_order: str = "batch"  # colour-jitter order: one random permutation per batch (fast) or per sample
     augment_backend: str = "batched"  # batched (per-sample parameters, whole-batch ops on the device) or torchvision

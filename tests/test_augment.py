@@ -248,12 +248,16 @@ def test_event_probabilities() -> None:
 
 
 def test_blur_default_and_kernel_size() -> None:
-    assert A.blur_kernel_size(224) == 23 and A.blur_kernel_size(32) == 3
-    assert A.blur_kernel_size(96) % 2 == 1
-    assert not strong_augment(32, MEAN, STD).sample_params(500, generator=gen())["blur"].any()
-    assert strong_augment(32, MEAN, STD, blur=True).sample_params(500, generator=gen())["blur"].any()
-    assert strong_augment(64, MEAN, STD).sample_params(500, generator=gen())["blur"].any()
+    """Blur at every size by default (the official small-dataset code blurs CIFAR); ``None``, the older rule, only
+    above 32 px. The kernel spans +-3 sigma at sigma 2 (13 taps), 10% of the side on large images, and fits the image."""
+    assert A.blur_kernel_size(224) == 23 and A.blur_kernel_size(32) == A.blur_kernel_size(64) == 13
+    assert A.blur_kernel_size(32, max_sigma=1.0) == 7 and A.blur_kernel_size(4) == 7 and A.blur_kernel_size(96) % 2 == 1
+    assert strong_augment(32, MEAN, STD).sample_params(500, generator=gen())["blur"].any()
+    assert not strong_augment(32, MEAN, STD, blur=None).sample_params(500, generator=gen())["blur"].any()
+    assert strong_augment(64, MEAN, STD, blur=None).sample_params(500, generator=gen())["blur"].any()
     assert not strong_augment(64, MEAN, STD, blur=False).sample_params(500, generator=gen())["blur"].any()
+    x = torch.rand(2, 3, 4, 4)
+    assert A.gaussian_blur(x, torch.tensor([0.5, 2.0]), A.blur_kernel_size(4)).shape == x.shape  # reflect padding fits
 
 
 def test_jitter_factor_and_sigma_distributions() -> None:
