@@ -1,4 +1,5 @@
-"""SGD for the student: with momentum, weight decay on weights only, and over one flat buffer where it can.
+"""SGD for the student: with momentum, weight decay (on BatchNorm and biases as the config says), and over one flat
+buffer where it can.
 
 ``build_optimizer`` gives :class:`FlatSGD` when the student's parameters are views of one flat buffer
 (``ReSSL.flatten_parameters``, which ``ressl.train.setup`` calls), else ``torch.optim.SGD`` over the tensors.
@@ -19,18 +20,21 @@ from ressl.model import ReSSL
 
 
 def build_optimizer(model: ReSSL, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum for the student; no weight decay on BatchNorm weights and biases (1-D parameters).
+    """SGD with momentum for the student; weight decay on its weights, and on BatchNorm weights and biases (1-D
+    parameters) only with ``cfg.decay_bn_bias``.
 
     :class:`FlatSGD` when the student's parameters are views of its flat buffer, else ``torch.optim.SGD`` over
     the tensors in two groups. Both use PyTorch's fused kernel where it has one for the device (CPU, CUDA).
     """
+    vector_decay = cfg.weight_decay if cfg.decay_bn_bias else 0.0
     flat = model.flat_student()
     if flat is not None:
         buffer, params = flat
-        return FlatSGD(params, buffer, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        return FlatSGD(params, buffer, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay,
+                       vector_weight_decay=vector_decay)
     student = list(model.student.parameters())
     groups = [{"params": [p for p in student if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in student if p.ndim <= 1], "weight_decay": 0.0}]
+              {"params": [p for p in student if p.ndim <= 1], "weight_decay": vector_decay}]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum, fused=_fused(student[0]))
 
 
@@ -39,7 +43,8 @@ def _fused(p: torch.Tensor) -> bool | None:
 
 
 class FlatSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` over the two slices of a flat buffer: weights (decayed), then vectors (not decayed).
+    """``torch.optim.SGD`` over the two slices of a flat buffer: weights (decayed), then vectors (decayed by
+    ``vector_weight_decay``, none by default).
 
     ``params`` are the network's parameters in buffer order, each a view of ``buffer`` (weights, ``ndim > 1``,
     first). The optimiser itself holds two parameters that share memory with the buffer; :meth:`step`
@@ -50,7 +55,7 @@ class FlatSGD(torch.optim.SGD):
     """
 
     def __init__(self, params: Sequence[nn.Parameter], buffer: torch.Tensor, *, lr: float, momentum: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, vector_weight_decay: float = 0.0) -> None:
         self.network_params = list(params)
         kinds = [p.ndim > 1 for p in self.network_params]
         if kinds != sorted(kinds, reverse=True):
@@ -60,7 +65,7 @@ class FlatSGD(torch.optim.SGD):
         self._grad_views = [grad.as_strided(p.shape, p.stride(), p.storage_offset()) for p in self.network_params]
         weights, vectors = nn.Parameter(buffer[:decayed]), nn.Parameter(buffer[decayed:])  # memory shared with the network
         weights.grad, vectors.grad = grad[:decayed], grad[decayed:]
-        groups = [{"params": [weights], "weight_decay": weight_decay}, {"params": [vectors], "weight_decay": 0.0}]
+        groups = [{"params": [weights], "weight_decay": weight_decay}, {"params": [vectors], "weight_decay": vector_weight_decay}]
         super().__init__(groups, lr=lr, momentum=momentum, fused=_fused(buffer))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -55,16 +55,22 @@ def test_flat_sgd_moves_the_parameters_as_sgd_over_the_tensors(channels_last):
     assert_same(tensors, flat)
 
 
-def test_flat_sgd_weight_decay_reaches_weights_only():
-    _, flat = model_pair(False)
-    optimizer = build_optimizer(flat, Config(lr=0.5, sgd_momentum=0.0, weight_decay=0.1))
-    before = {n: p.detach().clone() for n, p in flat.student.named_parameters()}
+@pytest.mark.parametrize("flat_buffer", [True, False], ids=["flat", "per-tensor"])
+@pytest.mark.parametrize("decay_bn_bias", [False, True])
+def test_weight_decay_reaches_bn_and_biases_only_when_asked(decay_bn_bias, flat_buffer):
+    """The official ImageNet code exempts BatchNorm weights and biases from weight decay; its small-dataset code
+    decays every parameter (``decay_bn_bias``)."""
+    tensors, flat = model_pair(False)
+    model = flat if flat_buffer else tensors
+    optimizer = build_optimizer(model, Config(lr=0.5, sgd_momentum=0.0, weight_decay=0.1, decay_bn_bias=decay_bn_bias))
+    assert isinstance(optimizer, FlatSGD) == flat_buffer
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
     optimizer.zero_grad()
-    for p in flat.student.parameters():
+    for p in model.student.parameters():
         p.grad = torch.zeros_like(p)  # no loss: only the decay moves anything
     optimizer.step()
-    for n, p in flat.student.named_parameters():
-        expected = before[n] * (1 - 0.5 * 0.1) if p.ndim > 1 else before[n]
+    for n, p in model.student.named_parameters():
+        expected = before[n] * (1 - 0.5 * 0.1) if p.ndim > 1 or decay_bn_bias else before[n]
         torch.testing.assert_close(p.detach(), expected, msg=n)
 
 

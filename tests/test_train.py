@@ -48,10 +48,11 @@ def test_one_step_follows_the_official_order(npz_dir, tmp_path, graph_body):
             t.copy_(0.9 * t + 0.1 * s)
         z_teacher = teacher(weak)
     relational_loss(z_student, z_teacher, queue_before, cfg.student_temperature, cfg.teacher_temperature).backward()
+    lr = cfg.lr / round(cfg.warmup_epochs * run.steps_per_epoch)  # the first step of the linear warm-up
+    assert cfg.decay_bn_bias and run.steps_per_epoch == 1  # the official small-dataset code decays every parameter
     with torch.no_grad():
         for p in student.parameters():
-            decay = cfg.weight_decay if p.ndim > 1 else 0.0
-            p -= cfg.lr * (p.grad + decay * p)  # first SGD step: the momentum buffer is the gradient
+            p -= lr * (p.grad + cfg.weight_decay * p)  # first SGD step: the momentum buffer is the gradient
 
     for a, b in zip(student.parameters(), run.model.student.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
