@@ -9,6 +9,7 @@ torchvision``, where loader workers make the finished float views image by image
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,10 +466,19 @@ def pretrain_batches(
     if loader_workers(workers) == 0:
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=draws)))
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
-                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False, generator=draws)
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False, generator=draws,
+                        worker_init_fn=ignore_stop_signals)
     for pair, _ in loader:
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's start (``worker_init_fn``): SIGTERM and SIGINT are left to the main process, which stops at a
+    step boundary with a checkpoint. A launcher or scheduler signals the whole process group (torchrun, SLURM,
+    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def loader_workers(asked: int) -> int:
@@ -509,7 +519,7 @@ def eval_batches(
     # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
     ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False)
     loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=loader_workers(workers), pin_memory=device.type == "cuda")
+                        num_workers=loader_workers(workers), pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     start = 0
     for x, y in loader:
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

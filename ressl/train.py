@@ -431,9 +431,10 @@ def _end_of_epoch(run: Run, say: Any) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(run: Run) -> Iterator[None]:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop at the next step boundary."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop at the next step boundary. A second
+    Ctrl-C stops at once; a SIGTERM again does not (SLURM signals every process and torchrun forwards it too)."""
     def request_stop(signum: int, frame: Any) -> None:
-        if run.stop_requested:  # a second Ctrl-C: stop now, the last checkpoint stays as it was
+        if run.stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, the last checkpoint stays
             raise KeyboardInterrupt
         run.stop_requested = True
 

@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,28 @@ def test_linear_probe_is_a_function_of_its_seed():
         torch.manual_seed(noise)  # whatever ran before
         runs.append(linear_probe(x[:150], y[:150], x[150:], y[150:], 2, epochs=1, lr=1e-3, batch_size=32, seed=1))
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_augmented_batches_of_a_folder_without_workers_are_drawn_from_the_seed(tmp_path):
+    """``linear --augment --workers 0`` on an image folder: the crops come from the seed, not from whatever the global
+    generator holds, so one checkpoint gives one accuracy."""
+    from PIL import Image
+
+    from ressl.data import Split
+    from ressl.evaluate import augmented_batches
+    from ressl.folder import scan_folder
+
+    for i in range(6):
+        (tmp_path / str(i % 2)).mkdir(exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / str(i % 2) / f"{i}.png")
+    split = Split(folder=scan_folder(tmp_path))
+    common = dict(image_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=6, device=torch.device("cpu"), dtype=None, workers=0)
+
+    def epoch_features(noise: int, epoch: int = 0) -> torch.Tensor:
+        torch.manual_seed(noise)  # whatever ran before
+        return torch.cat([f for f, _ in augmented_batches(torch.nn.Flatten(), split, **common)(epoch)])
+
+    assert torch.equal(epoch_features(1), epoch_features(2)) and not torch.equal(epoch_features(1), epoch_features(1, epoch=1))
 
 
 def test_augmented_batches_follow_the_runs_crop_scale_and_flip():

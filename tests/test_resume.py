@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import random
 import shlex
 import signal
@@ -91,6 +92,30 @@ def test_sigterm_saves_and_says_how_to_resume(npz_dir, tmp_path):
     assert err.strip().splitlines()[-1].endswith(f"To resume, run the same command again: {shlex.join(command(npz_dir, out, '--checkpoint_every', '0'))}")
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] >= 3 and max(losses(out)) == state["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(tmp_path):
+    """A launcher or scheduler (torchrun, SLURM) signals every process of the job, loader workers too, and may signal
+    again: the workers leave the signals to the main process, which stops at a step boundary with a checkpoint,
+    instead of dying on a killed worker; a second SIGTERM does not cut the stop short as a second Ctrl-C does."""
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    for i in range(64):
+        (data / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (4 * i, 100 * (i % 2), 50)).save(data / str(i % 2) / f"{i}.png")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ressl", "pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out),
+            "--epochs", "50", "--checkpoint_every", "0", "--log_every", "1", *TINY[:-2], "--workers", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_step(out, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the main process and its loader workers
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "stopped at step" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] >= 3
 
 
 def test_torn_write_is_never_visible(tmp_path, monkeypatch):
