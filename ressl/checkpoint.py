@@ -19,7 +19,29 @@ class CheckpointError(Exception):
 
 
 class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (a full disk, no permission); the previous one is intact."""
+    """A checkpoint, or another file of the run directory, could not be written (a full disk, no permission); the
+    previous checkpoint is intact."""
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed, when ``err`` is a write failure: an ``OSError``, or the ``RuntimeError`` that
+    ``torch.save``'s zip writer makes of one (``PytorchStreamWriter failed writing file``, ``unexpected pos``)."""
+    if isinstance(err, OSError):
+        return str(err.strerror or err)
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        return "the write failed (a full disk, or a file size limit)"
+    return None
+
+
+def write_run_file(path: Path, text: str, mode: str = "w") -> None:
+    """Write (``mode`` "w") or append ("a") ``text`` to a file of the run directory; a failure is a one-line
+    :class:`CheckpointWriteError`."""
+    try:
+        with path.open(mode) as f:
+            f.write(text)
+    except OSError as err:
+        raise CheckpointWriteError(f"could not write {path}: {err.strerror or err}; free disk space or choose another --out") from None
 
 
 def new_file_mode() -> int:
@@ -48,8 +70,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointWriteError(f"could not write checkpoint {path}: {err.strerror or err}; free disk space or choose another --out") from None
+        why = write_failure(err)
+        if why is not None:
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {why}; free disk space or choose another --out") from None
         raise
 
 

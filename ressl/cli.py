@@ -290,6 +290,13 @@ def _run(args: argparse.Namespace) -> int:
         if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
             print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        if not dist.peer_lost(err):
+            raise
+        if dist.is_main():  # rank 0 says it once; the process that failed gives the reason
+            print(f"ressl {args.command}: error: another process stopped on an error (its message is above or in its "
+                  "machine's log); this one stopped with it", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         # under torchrun every process of a machine makes the same mistake; images that break after the scan may fail
         # to load in some processes only, which tell all the others why they stop: rank 0 says it for them all

@@ -156,6 +156,15 @@ def messages_of_all(message: str | None) -> list[str]:
     return [f"[rank {r}] {m}" for r, m in enumerate(gathered) if m is not None]
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of the group is gone (it stopped on an error
+    of its own, which it reports): gloo's lost connections, NCCL's aborted communicator."""
+    return isinstance(err, RuntimeError) and is_distributed() and any(text in str(err) for text in _PEER_LOST)
+
+
 def max_rank(value: int, device: torch.device) -> int:
     """The largest of every process's small ``value`` (a collective: call it on every rank at the same step)."""
     if not is_distributed():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ressl import dist
+from ressl.checkpoint import write_run_file
 from ressl.monitor import health, queue_fill
 
 if TYPE_CHECKING:
@@ -35,8 +36,7 @@ class MetricsLog:
     def write(self, **record: Any) -> None:
         if not dist.is_main():
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_run_file(self.path, json.dumps(record) + "\n", mode="a")
         board = self._tensorboard()
         if board is not None:
             for key, value in record.items():

@@ -514,7 +514,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         say(f"kNN {accuracy_text(acc, run.dataset.num_classes)}" + (f"  (random init: {before:.2f}%)" if before is not None else ""),
             flush=True)
     if dist.is_main():
-        (run.out / "final.json").write_text(json.dumps(final, indent=2))
+        checkpoint.write_run_file(run.out / "final.json", json.dumps(final, indent=2))
         say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
 

@@ -476,3 +476,41 @@ def test_torchrun_nan_in_one_process_stops_every_process_with_one_message(npz_di
     errors = [line for line in done.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
     assert len(errors) == 1 and "NaN or infinite at step 2" in errors[0], done.stderr[-3000:]
     assert "Connection closed" not in done.stderr and "[rank0]:" not in done.stderr and "[rank1]:" not in done.stderr
+
+
+FULL_DISK_ON_RANK_0 = """
+import os
+import sys
+
+import torch
+
+from ressl.cli import main
+
+save = torch.save
+
+
+def full_disk_on_rank_0(obj, f, *args, **kwargs):
+    if os.environ["RANK"] == "0":
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0")
+    return save(obj, f, *args, **kwargs)
+
+
+torch.save = full_disk_on_rank_0
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_checkpoint_that_rank_0_cannot_write_stops_every_process_in_one_line_each(npz_dir, tmp_path):
+    """Rank 0 alone writes checkpoints: when it cannot (a full disk), it says so in one line, and the others, whose
+    next collective finds it gone, stop without a traceback."""
+    script = tmp_path / "full_disk_on_rank_0.py"
+    script.write_text(FULL_DISK_ON_RANK_0)
+    args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
+    done = subprocess.run([*cmd, str(script), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0], done.stderr[-3000:]
+    assert "[rank0]:" not in done.stderr and "[rank1]:" not in done.stderr, done.stderr[-3000:]

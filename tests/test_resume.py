@@ -147,6 +147,36 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_a_write_that_torch_save_cannot_finish_is_a_checkpoint_write_error(tmp_path):
+    """A real full disk or file size limit fails inside torch.save's zip writer, which raises a RuntimeError, not an
+    OSError: it is a one-line CheckpointWriteError too, and the previous checkpoint stays."""
+    script = f"""
+import resource, torch
+from pathlib import Path
+from ressl import checkpoint
+path = Path({str(tmp_path / "checkpoint.pt")!r})
+checkpoint.save_atomic({{"model": {{"w": torch.ones(3)}}, "config": {{}}}}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    checkpoint.save_atomic({{"model": {{"w": torch.zeros(1_000_000)}}, "config": {{}}}}, path)
+except checkpoint.CheckpointWriteError as err:
+    print("refused:", err)
+print(checkpoint.load(path)["model"]["w"].tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: could not write checkpoint" in done.stdout and "[1.0, 1.0, 1.0]" in done.stdout, done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path):
+    from ressl.meter import MetricsLog
+
+    with pytest.raises(CheckpointWriteError, match="could not write .*metrics.jsonl: No such file or directory"):
+        MetricsLog(tmp_path / "gone" / "metrics.jsonl").write(step=1, loss=0.5)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(npz_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), "--checkpoint_every", "1",
