@@ -324,10 +324,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun -m ressl ARGS`` on two processes; with ``script``, that Python source (which wraps ``ressl.cli.main``
+    around a fault it injects) runs instead, from a file in ``cwd``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    program = ["-m", "ressl"]
+    if script is not None:
+        path = cwd / "injected_fault.py"
+        path.write_text(script)
+        program = [str(path)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
-           "-m", "ressl", *args]
+           *program, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -418,15 +425,10 @@ def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_messa
         for i in range(64):
             Image.new("RGB", (16, 16), (200 * c, 40 + i, 90)).save(data / f"class{c}" / f"{i:02d}.png")
     broken = data / "class0" / "05.png"
-    script = tmp_path / "break_after_scan.py"
-    script.write_text(BREAK_AFTER_SCAN)
     out = tmp_path / "run"
     args = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--epochs", "2",
             "--max_bad_fraction", "0", "--log_every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
-    failed = subprocess.run([*cmd, str(script), str(broken), *args], capture_output=True, text=True, cwd=tmp_path,
-                            env=env, timeout=300)
+    failed = torchrun(str(broken), *args, cwd=tmp_path, script=BREAK_AFTER_SCAN)
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
     assert len(errors) == 1, failed.stderr[-3000:]
@@ -465,13 +467,9 @@ sys.exit(main(sys.argv[1:]))
 def test_torchrun_nan_in_one_process_stops_every_process_with_one_message(npz_dir, tmp_path):
     """A loss that becomes NaN in one process at a logged step (the others' still finite there, their weights NaN
     only after the gradients' all-reduce): every process stops at that step, and the error is printed once."""
-    script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(NAN_ON_RANK_1)
     args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "2",
             "--log_every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
-    done = subprocess.run([*cmd, str(script), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = torchrun(*args, cwd=tmp_path, script=NAN_ON_RANK_1)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
     assert len(errors) == 1 and "NaN or infinite at step 2" in errors[0], done.stderr[-3000:]
@@ -504,12 +502,8 @@ sys.exit(main(sys.argv[1:]))
 def test_torchrun_checkpoint_that_rank_0_cannot_write_stops_every_process_in_one_line_each(npz_dir, tmp_path):
     """Rank 0 alone writes checkpoints: when it cannot (a full disk), it says so in one line, and the others, whose
     next collective finds it gone, stop without a traceback."""
-    script = tmp_path / "full_disk_on_rank_0.py"
-    script.write_text(FULL_DISK_ON_RANK_0)
     args = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port())]
-    done = subprocess.run([*cmd, str(script), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = torchrun(*args, cwd=tmp_path, script=FULL_DISK_ON_RANK_0)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
     assert len(errors) == 1 and "could not write checkpoint" in errors[0], done.stderr[-3000:]
