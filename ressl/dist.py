@@ -36,6 +36,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_device_index() -> int:
+    """This process's GPU: ``cuda:LOCAL_RANK``, or, where the launcher shows each process only its own GPUs (SLURM's
+    ``--gpus-per-task``), the one it sees."""
+    return local_rank() % max(1, torch.cuda.device_count())
+
+
 def speaks_for_machine() -> bool:
     """Whether this process reports what every process of its machine would report alike (a mistake in the
     command or in the files it names): the first process of each machine under torchrun (``LOCAL_RANK``) or
@@ -45,14 +51,17 @@ def speaks_for_machine() -> bool:
 
 
 def _slurm_to_torchrun_env() -> None:
-    """Under ``srun`` without torchrun, translate SLURM's variables into the ones ``env://`` reads."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    """In a task of ``srun`` without torchrun, translate SLURM's variables into the ones ``env://`` reads. Only srun
+    sets ``SLURM_STEP_NUM_TASKS``: the batch script of a job with several tasks also has ``SLURM_NTASKS`` and
+    ``SLURM_PROCID``, and a process started there alone must not wait for the others."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
         return
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        nodes = next((os.environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if k in os.environ),
+                     "127.0.0.1")
         os.environ["MASTER_ADDR"] = first_host(nodes)
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
@@ -89,7 +98,7 @@ def init_from_env(device_type: str) -> bool:
         return is_distributed()
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(local_device_index())
     torch_dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return True
 

@@ -44,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise config.ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if dist.init_from_env(device.type) and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank())
+        device = torch.device("cuda", dist.local_device_index())
     return device
 
 

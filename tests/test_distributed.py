@@ -310,6 +310,35 @@ def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     torch.testing.assert_close(out[:, 0], torch.arange(8.0))
 
 
+@pytest.mark.parametrize("in_srun", [False, True])
+def test_slurm_variables_start_a_group_only_in_an_srun_task(monkeypatch, in_srun):
+    """The batch script of a job with 2 tasks has SLURM_NTASKS=2 and SLURM_PROCID=0 too: a process started there
+    runs alone; srun's tasks (SLURM_STEP_NUM_TASKS) join a group whose address is the step's first node."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the call sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1" if in_srun else "0")
+    monkeypatch.setenv("SLURM_LOCALID", "1" if in_srun else "0")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-04]")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    if in_srun:
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+        monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[03-04]")
+    dist._slurm_to_torchrun_env()
+    if not in_srun:
+        assert "WORLD_SIZE" not in os.environ
+        return
+    assert [os.environ[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == ["2", "1", "1", "gpu03", "29734"]
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(8, 3), (1, 0)])
+def test_each_process_takes_its_gpu_also_when_it_sees_only_its_own(monkeypatch, visible, expected):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert dist.local_device_index() == expected
+
+
 def test_slurm_node_list():
     assert dist.first_host("gpu[03-05,07],cpu1") == "gpu03"
     assert dist.first_host("node7") == "node7"
