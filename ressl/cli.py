@@ -165,6 +165,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from ressl.export import export_backbone
 
+    if dist.launched_rank() != 0:  # started by torchrun or srun: one process writes the file
+        return 0
     meta = export_backbone(args.checkpoint, args.out, args.teacher)
     print(f"wrote {args.out}: {meta['network']} {meta['architecture']} (width {meta['width']}, small stem {meta['small_stem']})")
     if meta["width"] != "64":  # torchvision's ResNets are width 64: this file loads into ressl's own build of it
@@ -199,7 +201,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_numbers(args)
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
-    say = (lambda message: print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)) if dist.is_main() else None
+    def say(message: str) -> None:  # asked once the process group exists (under torchrun rank 0 speaks)
+        if dist.is_main():
+            print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)
+
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
                                  args.batch_size, args.workers, say=say, **extra)
     if dist.is_main():
@@ -245,6 +250,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ressl.report import make_report
 
     check_numbers(args)
+    if dist.launched_world_size() > 1:
+        raise ConfigError("ressl report runs in one process (its embeddings are a few thousand images): run it without torchrun or srun")
     report = make_report(args.run_dir, args.data, args.dataset, args.embeddings, args.device, args.batch_size,
                          args.workers, args.max_points, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {report.markdown} and {report.html} ({len(report.images)} plots)")

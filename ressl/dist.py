@@ -36,6 +36,19 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun's ``WORLD_SIZE``, an srun step's tasks), read from the
+    environment: known before any process group exists, and by commands that never join one."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``, or ``SLURM_PROCID`` in an srun step); 0 alone."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if "SLURM_STEP_NUM_TASKS" in os.environ else 0
+
+
 def local_device_index() -> int:
     """This process's GPU: ``cuda:LOCAL_RANK``, or, where the launcher shows each process only its own GPUs (SLURM's
     ``--gpus-per-task``), the one it sees."""

@@ -320,18 +320,30 @@ def setup(cfg: Config) -> Run:
               len(dataset.train) // cfg.batch_size)
     run.clock = time.time()
     own = out / "checkpoint.pt"
-    if own.exists():  # the run's own progress comes first: re-running a --resume command after a stop continues it
+    if _exists_everywhere(own, device):  # the run's own progress comes first: re-running a --resume command after a stop continues it
         if cfg.resume and dist.is_main():
             print(f"{out} has its own checkpoint: continuing from it, not from --resume {cfg.resume}", flush=True)
         resume(run, own)
-    elif cfg.resume:
+    elif cfg.resume and _exists_everywhere(Path(cfg.resume), device, "--resume"):
         resume(run, Path(cfg.resume))
+    elif cfg.resume:
+        checkpoint.load(cfg.resume)  # missing everywhere: its one-line error
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
     return run
+
+
+def _exists_everywhere(path: Path, device: torch.device, what: str = "--out") -> bool:
+    """Whether ``path`` exists. Under torchrun every process must see the same, or one would resume while another
+    starts afresh: a run directory (or ``--resume``) that some machines cannot see is refused on all of them."""
+    here = path.exists()
+    if dist.is_distributed() and dist.any_rank(here, device) and dist.any_rank(not here, device):
+        raise config.ConfigError(f"{path} exists for some processes and not for others: {what} must be on a filesystem "
+                                 "that every machine of the job shares")
+    return here
 
 
 # a checkpoint trained with other values of these is meaningless to continue
@@ -475,7 +487,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     say = _printer(run)
     deadline = run.clock + 60 * cfg.max_minutes if cfg.max_minutes else None  # over every invocation of the run
     done = _done(run, deadline)
-    if done and (run.out / "final.json").exists():
+    if done and _exists_everywhere(run.out / "final.json", run.device):
         say(f"{run.out} is already complete ({done}); its results are in {run.out / 'final.json'}. Nothing was changed: "
             "raise --epochs or --max_minutes to train it further, or pass another --out for a new run", flush=True)
         return json.loads((run.out / "final.json").read_text())

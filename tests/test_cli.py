@@ -334,6 +334,21 @@ def test_cuda_run_resumes_and_its_checkpoint_takes_an_augmented_linear_probe(npz
     assert 0 <= json.loads(done.stdout.splitlines()[-1])["top1"] <= 100
 
 
+def test_under_a_launcher_export_is_written_once_and_report_is_refused(untrained_checkpoint, tmp_path, monkeypatch, capsys):
+    """Started by torchrun on several processes: export (which joins no group) writes its file from rank 0 alone, and
+    report, which runs in one process, says so instead of every process writing the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--out", str(out)]) == 0
+    assert not out.exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--out", str(out)]) == 0
+    assert out.exists()
+    assert main(["report", str(untrained_checkpoint.parent)]) == 2
+    assert "ressl report runs in one process" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
 def test_export_to_an_unwritable_place_is_one_line(untrained_checkpoint, capsys):
     err = bad(["export", "--checkpoint", str(untrained_checkpoint), "--out", "/proc/backbone.safetensors"], capsys)

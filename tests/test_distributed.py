@@ -301,6 +301,32 @@ def test_loader_views_are_drawn_apart_on_each_process_and_again_from_the_same_se
             assert torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
 
 
+def _exists_worker(rank: int, tmp: str) -> None:
+    from ressl.config import ConfigError
+    from ressl.train import _exists_everywhere
+
+    _join(rank, tmp)
+    shared, own = Path(tmp) / "shared.pt", Path(tmp) / f"own{rank}.pt"
+    shared.touch()
+    if rank == 0:
+        own.touch()  # as a run directory on rank 0's local disk: the other machine cannot see it
+    torch_dist.barrier()
+    seen = [_exists_everywhere(shared, torch.device("cpu")), _exists_everywhere(Path(tmp) / "nowhere.pt", torch.device("cpu"))]
+    try:
+        _exists_everywhere(own, torch.device("cpu"))
+    except ConfigError as err:
+        seen.append(str(err))
+    torch.save(seen, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_run_directory_that_some_processes_cannot_see_is_refused_on_all(tmp_path):
+    """One process resuming while another starts afresh would train apart: every process sees the checkpoint, or none
+    does, or all refuse (--out on a disk that not every machine shares)."""
+    zero, one = spawn(_exists_worker, tmp_path)
+    assert zero[:2] == one[:2] == [True, False]
+    assert "exists for some processes and not for others" in zero[2] and "every machine of the job shares" in one[2]
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = Recorder()
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
@@ -382,6 +408,7 @@ def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
 
     knn_two = torchrun("knn", "--checkpoint", str(out / "checkpoint.pt"), "--k", "10", cwd=tmp_path)
+    assert knn_two.stderr.count("ressl knn: embedding") == 1, knn_two.stderr  # rank 0 speaks
     assert knn_two.returncode == 0, knn_two.stderr[-2000:]
     knn_one = subprocess.run([sys.executable, "-m", "ressl", "knn", "--checkpoint", str(out / "checkpoint.pt"), "--k", "10"],
                              capture_output=True, text=True, timeout=300)
