@@ -189,11 +189,16 @@ def peer_lost(err: BaseException) -> bool:
 
 def max_rank(value: int, device: torch.device) -> int:
     """The largest of every process's small ``value`` (a collective: call it on every rank at the same step)."""
+    return int(max_each([value], device)[0])
+
+
+def max_each(values: list[float], device: torch.device) -> list[float]:
+    """The largest of every process's value, position by position, in one collective (every rank, the same step)."""
     if not is_distributed():
-        return value
-    agreed = torch.tensor([float(value)], device=device)
+        return values
+    agreed = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MAX)
-    return int(agreed.item())
+    return agreed.tolist()
 
 
 @torch.no_grad()

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from ressl.train import Run
 
 
+STOP_CHECK_SECONDS = 5.0  # torchrun: the longest a stop request waits for the processes to agree on it (a launcher
+#   or scheduler kills them some 30 s after its SIGTERM: torchrun's default grace, a common SLURM KillWait)
+
+
 class MetricsLog:
     """Append-only JSON lines, written by rank 0 only; the same scalars as TensorBoard events when
     ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``."""
@@ -106,7 +110,8 @@ class Meter:
         self.run, self.first_bad_step = run, first_bad_step
         self.progress = _progress(run)
         self.signals: dict[str, torch.Tensor] = {}
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
+        self.check_every = 1  # torchrun: steps between agreements on a stop, from the slowest process's step time
         self.defer = _defer_logs(run.device)
         self.at_log_step = False
         self.pending: tuple[dict[str, Any], list[str], torch.Tensor, torch.cuda.Event | None] | None = None
@@ -126,11 +131,20 @@ class Meter:
             self.signals = health(student.detach(), teacher, self.run.model.queue.queue, cfg.student_temperature, cfg.teacher_temperature)
 
     def end_step(self, lr: float, momentum: float) -> bool:
-        """Log if due; return whether to stop now (a signal arrived, agreed by every process)."""
+        """Log if due; return whether to stop now (a signal arrived, agreed by every process).
+
+        Under torchrun the processes agree on a stop at logging steps, and in between every ``check_every`` steps:
+        as many as run in :data:`STOP_CHECK_SECONDS` on the slowest process (measured at each logging step), so that
+        a scheduler's SIGTERM is answered with a checkpoint before its SIGKILL, whatever ``--log_every``.
+        """
         run, state = self.run, self.run.state
         due = self._due(state.step, state.index)
-        self.at_log_step = due  # where processes can agree on stopping (a collective at every logging step)
-        stop = _stop_agreed(run, due)
+        self.at_log_step = due  # where processes also agree on the time budget (ressl.train._late)
+        self.window_steps += 1
+        seconds = (time.perf_counter() - self.window_start) / self.window_steps
+        stop, slowest = _stop_agreed(run, due or state.step % self.check_every == 0, seconds if due else 0.0)
+        if due:
+            self.check_every = max(1, min(run.cfg.log_every, int(STOP_CHECK_SECONDS / max(slowest, 1e-6))))
         if due or stop:
             rate = self.window_images / (time.perf_counter() - self.window_start)
             record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
@@ -139,7 +153,7 @@ class Meter:
             self._stage(record)
             if not self.defer or stop or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
                 self._flush()  # before anything is saved: a bad step never reaches a checkpoint
-            self.window_start, self.window_images = time.perf_counter(), 0
+            self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
         if self.progress is not None:
             self.progress.update(1)
         return stop
@@ -190,18 +204,18 @@ class Meter:
                 self.progress.close()
 
 
-def _stop_agreed(run: Run, log_due: bool) -> bool:
-    """Whether to stop now; distributed, the processes agree at logging steps so that all stop together. A process
-    whose images failed to load (``run.data_error``) asks for a stop too, and every process then holds the messages
-    of all that did."""
+def _stop_agreed(run: Run, check: bool, step_seconds: float) -> tuple[bool, float]:
+    """Whether to stop now, and the slowest process's ``step_seconds``. Distributed, the processes agree where
+    ``check`` says (the same steps on all) so that all stop together; a process whose images failed to load
+    (``run.data_error``) asks for a stop too, and every process then holds the messages of all that did."""
     if not dist.is_distributed():
-        return run.stop_requested
-    if not log_due:
-        return False
-    asked = dist.max_rank(2 if run.data_error else 1 if run.stop_requested else 0, run.device)
+        return run.stop_requested, step_seconds
+    if not check:
+        return False, step_seconds
+    asked, slowest = dist.max_each([2 if run.data_error else 1 if run.stop_requested else 0, step_seconds], run.device)
     if asked == 2:
         run.data_error = "\n".join(dist.messages_of_all(run.data_error))
-    return asked > 0
+    return asked > 0, slowest
 
 
 def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:

@@ -117,9 +117,9 @@ def epoch_views(run: Run, start: int) -> Iterator[tuple[torch.Tensor, torch.Tens
 
 
 def _outlast_data_errors(run: Run, views: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``views``; under torchrun, when this process's images fail to load, its last views again until the next
-    logging step. It cannot leave alone (the others would wait for it in the step's collectives), so it asks them to
-    stop there with it (``run.data_error``, :func:`ressl.meter._stop_agreed`), with a checkpoint, a few steps later.
+    """``views``; under torchrun, when this process's images fail to load, its last views again until the processes
+    next agree on stopping (:meth:`ressl.meter.Meter.end_step`). It cannot leave alone (the others would wait for it
+    in the step's collectives), so it asks them to stop there with it (``run.data_error``), with a checkpoint.
     Those steps train this process's share of the batch on views it has trained on already (blank ones when the
     failure came before any of the epoch's)."""
     weak = strong = None

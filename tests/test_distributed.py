@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
@@ -325,6 +326,46 @@ def test_a_run_directory_that_some_processes_cannot_see_is_refused_on_all(tmp_pa
     zero, one = spawn(_exists_worker, tmp_path)
     assert zero[:2] == one[:2] == [True, False]
     assert "exists for some processes and not for others" in zero[2] and "every machine of the job shares" in one[2]
+
+
+def _stop_worker(rank: int, tmp: str) -> None:
+    import ressl.meter
+    import ressl.train
+    from ressl import config
+
+    _join(rank, tmp)
+    stopped = {}
+    for case, check_seconds in (("every log step", 1e9), ("every step", 0.0)):
+        ressl.meter.STOP_CHECK_SECONDS = check_seconds  # how long a stop may wait: here, as long as the slowest step
+        values = dict(dataset="npz", data=f"{tmp}/data", out=f"{tmp}/{case}", image_size=16, width=8, hidden_dim=32,
+                      out_dim=16, batch_size=32, queue_size=64, epochs=1, precision="fp32", channels_last=False,
+                      log_every=4, knn_k=10, device="cpu", workers=0, checkpoint_every=0)
+        run = ressl.train.setup(config.resolve(None, values))
+        step = ressl.train.train_step
+
+        def sigterm_on_rank_0_during_step_6(run, *args, step=step):
+            run.stop_requested = run.stop_requested or (rank == 0 and run.state.step == 5)
+            return step(run, *args)
+
+        ressl.train.train_step = sigterm_on_rank_0_during_step_6
+        try:
+            ressl.train.train_one_epoch(run)
+        except ressl.train.Interrupted:
+            stopped[case] = run.state.step
+        ressl.train.train_step = step
+    torch.save(stopped, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_stop_is_agreed_within_seconds_of_steps_not_only_at_logging_steps(tmp_path):
+    """SIGTERM reaches one process during step 6: both stop together, at the next logging step (8) when steps are as
+    long as the allowed wait, at once (6) when they are longer; a launcher's SIGKILL follows its SIGTERM by ~30 s."""
+    from conftest import make_images
+
+    (tmp_path / "data").mkdir()
+    x, y = make_images(512, 16, 4)
+    np.savez(tmp_path / "data" / "train.npz", x=x, y=y)
+    zero, one = spawn(_stop_worker, tmp_path)
+    assert zero == one == {"every log step": 8, "every step": 6}
 
 
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
