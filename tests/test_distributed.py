@@ -197,6 +197,27 @@ def _first_worker(rank: int, tmp: str) -> None:
                     files=[str(p) for p in ds.train.folder.files], labels=ds.train.folder.labels), f"{tmp}/rank{rank}.pt")
 
 
+def _slow_scan_worker(rank: int, tmp: str) -> None:
+    import time
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                                  timeout=timedelta(seconds=2))  # the default group's collectives give up after 2 s
+
+    def slow_scan() -> str:
+        time.sleep(4)
+        return "scanned"
+
+    torch.save(dist.rank_0_first(slow_scan, share=True), f"{tmp}/rank{rank}.pt")
+
+
+def test_the_others_wait_longer_than_the_groups_timeout_while_rank_0_scans(tmp_path):
+    """Rank 0 alone scans a folder (ImageNet on a slow disk may take long): the others wait for it in a group of their
+    own, whose collectives are patient, not in the default group, whose timeout is meant for a training step."""
+    assert spawn(_slow_scan_worker, tmp_path) == ["scanned", "scanned"]
+
+
 def _fails(rank: int) -> None:
     raise DataError(f"raised by rank {rank}")
 
