@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -512,8 +512,8 @@ def eval_batches(
         labels = torch.where(pad, PAD_LABEL, split.labels_or_unlabeled()[indices])
         for start in range(0, per_rank, batch_size):
             idx = indices[start : start + batch_size]
-            x = split.images[idx.to(split.images.device)].to(device, non_blocking=True)
-            yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device)
+            x = split.images[idx.to(split.images.device, non_blocking=True)].to(device, non_blocking=True)
+            yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device, non_blocking=True)
         return
     assert split.folder is not None
     # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
@@ -524,7 +524,7 @@ def eval_batches(
     for x, y in loader:
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
         start += len(y)
-        yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device)
+        yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device, non_blocking=True)
 
 
 def sample_split(split: Split, size: int, seed: int = 0) -> Split:
@@ -542,9 +542,11 @@ def sample_split(split: Split, size: int, seed: int = 0) -> Split:
                                     classes=folder.classes), max_bad_fraction=split.max_bad_fraction)
 
 
-def to_device(dataset: Dataset, device: torch.device) -> None:
-    """Move in-memory images to ``device`` once, so batches never cross the host-device link."""
-    for split in {id(s): s for s in (dataset.train, dataset.bank, dataset.test) if s is not None}.values():
+def to_device(dataset: Dataset, device: torch.device, splits: Iterable[Split | None] | None = None) -> None:
+    """Move the in-memory images of ``splits`` (default: all of ``dataset``'s) to ``device`` once, so batches never
+    cross the host-device link; the others stay where they are (an evaluation does not read the training set)."""
+    chosen = (dataset.train, dataset.bank, dataset.test) if splits is None else splits
+    for split in {id(s): s for s in chosen if s is not None}.values():
         if split.images is not None:
             split.images = split.images.to(device)
 

@@ -300,7 +300,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
         dims = [0] if x.dim() == 2 else [0, 2, 3]
         shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 under autocast -> fp32; fp64 stays
-        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device, dtype=xf.dtype)
+        count = xf.new_full((1,), xf.numel() / xf.shape[1])  # made on the device: no blocking copy from the host
         sums = all_reduce_sum(torch.cat([xf.sum(dims), count]))  # two passes, as exact as one process's
         n = sums[-1]
         mean = sums[:-1] / n

@@ -402,7 +402,7 @@ def evaluate_checkpoint(
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     if say is not None:  # the features take a while on a CPU (CIFAR-10: ~20 s) before anything else is printed
         say(f"embedding {len(bank_split):,} training and {len(test_split):,} test images ...")
-    to_device(ds, dev)
+    to_device(ds, dev, [bank_split, test_split])
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     dtype = autocast_dtype(cfg.precision, dev)

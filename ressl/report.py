@@ -122,7 +122,7 @@ def embed(
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
         raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
-    to_device(ds, dev)
+    to_device(ds, dev, [chosen])
     feats, _ = run_features(backbone, cfg, ds, chosen, dev, batch_size, workers)
     rows = split_rows(chosen, split)
     assert len(rows) == feats.shape[0], (len(rows), feats.shape)
@@ -598,10 +598,10 @@ def _embedding_plots(
         report.notes.append(f"embedding map and retrieval grid left out: {err}")
         say(f"ressl report: embedding plots left out: {err}")
         return
-    to_device(ds, dev)
     names = class_names(ds)
     gallery_split = ds.bank if ds.bank is not None else ds.train
     query_split = ds.test if ds.test is not None else gallery_split
+    to_device(ds, dev, [gallery_split, query_split])
     say(f"ressl report: backbone features of {len(gallery_split)} + {len(query_split)} images ...")
     gallery, gallery_y = run_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers)
     if query_split is gallery_split:

@@ -45,6 +45,9 @@ def resolve_device(name: str) -> torch.device:
         raise config.ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if dist.init_from_env(device.type) and device.type == "cuda":
         device = torch.device("cuda", dist.local_device_index())
+    if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -284,7 +287,8 @@ def setup(cfg: Config) -> Run:
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
-    to_device(dataset, device)
+    if cfg.augment_backend != "torchvision":  # whose loader workers read the images from host memory
+        to_device(dataset, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size,
                         cfg.head_bn, cfg.small_stem).to(device)
