@@ -157,6 +157,16 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_asked_for_becomes_the_current_device():
+    """Streams, events and CUDA graphs are made on the current device: --device cuda:N must make it N."""
+    from ressl.train import resolve_device
+
+    last = torch.cuda.device_count() - 1
+    assert resolve_device(f"cuda:{last}") == torch.device("cuda", last) and torch.cuda.current_device() == last
+    torch.cuda.set_device(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
     """On CUDA training steps (their views' augmentation included) queue their work without a host-device sync."""
     run = tiny_run(npz_dir, tmp_path, device="cuda", precision="bf16", channels_last=True, batch_size=16, augment_steps=2)
