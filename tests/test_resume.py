@@ -229,7 +229,7 @@ def test_resume_accepts_the_same_data_by_another_path_and_a_copy_with_a_note(npz
     monkeypatch.chdir(npz_dir.parent)
     assert main(base + ["--data", f"./{npz_dir.name}/../{npz_dir.name}", "--epochs", "2"]) == 0
     said = capsys.readouterr().out
-    assert "resuming from" in said and "note:" not in said
+    assert "resuming from" in said and "was trained on" not in said
     other = tmp_path / "other"
     other.mkdir()
     for name in ("train.npz", "test.npz"):
