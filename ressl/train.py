@@ -354,6 +354,11 @@ def _exists_everywhere(path: Path, device: torch.device, what: str = "--out") ->
 # (batch_size: the checkpoint's place in its epoch and the step-based schedules count its batches)
 RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn",
                "batch_size")
+# these may change on a resume (the run goes on with the new values), but a resume says which did: a run continued
+# by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently
+RECIPE_KEYS = ("student_temperature", "teacher_temperature", "ema_momentum", "ema_cosine", "teacher_strong", "blur",
+               "crop_min_scale", "jitter_order", "augment_backend", "flip", "teacher_bn", "bn_groups", "lr", "weight_decay",
+               "decay_bn_bias", "sgd_momentum", "warmup_epochs", "precision")
 
 
 def resume(run: Run, path: Path) -> None:
@@ -372,7 +377,10 @@ def resume(run: Run, path: Path) -> None:
             "use another --out for a new run"
         )
     run.model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    asked = [(group["weight_decay"], group["momentum"]) for group in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(saved["optimizer"])  # which also brings back the saved decay and momentum: not those
+    for group, (decay, momentum) in zip(run.optimizer.param_groups, asked):
+        group["weight_decay"], group["momentum"] = decay, momentum
     run.state = TrainState(**saved["state"])
     if run.state.epoch + (run.state.index > 0) > run.cfg.epochs:  # the schedule would end before where the run is
         raise config.ConfigError(f"{path} is at epoch {run.state.epoch} (+{run.state.index} steps), past --epochs "
@@ -390,7 +398,12 @@ def resume(run: Run, path: Path) -> None:
         _restart_epoch(run, path, images)
     if path == run.out / "checkpoint.pt":
         run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
+    recipe = [f"{k} {old[k]!r} -> {getattr(run.cfg, k)!r}" if k in old else f"{k} -> {getattr(run.cfg, k)!r} (new since)"
+              for k in RECIPE_KEYS if old.get(k, "unset") != getattr(run.cfg, k)]
     if dist.is_main():
+        if recipe:
+            print(f"note: {path} was trained with another recipe; the run goes on with this one: {', '.join(recipe)}",
+                  flush=True)
         if moved:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
             print(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if they "
                   "held the same images; pass another --out if they do not", flush=True)

@@ -240,6 +240,24 @@ def test_resume_accepts_the_same_data_by_another_path_and_a_copy_with_a_note(npz
     assert checkpoint.load(out / "checkpoint.pt")["state"]["epoch"] == 3
 
 
+def test_a_resume_with_another_recipe_says_so_and_trains_with_it(npz_dir, tmp_path, capsys):
+    """A run continued with other training values (or by a newer ressl whose defaults moved) names each change and
+    trains with the new values: the optimiser's weight decay too, which its saved state would otherwise bring back."""
+    out = tmp_path / "run"
+    base = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY]
+    assert main([*base, "--epochs", "1"]) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["config"]["decay_bn_bias"]  # as a checkpoint written before the field existed
+    torch.save(saved, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--weight_decay", "0.001"]) == 0
+    said = capsys.readouterr().out
+    assert "weight_decay 0.0005 -> 0.001" in said and "decay_bn_bias -> True (new since)" in said
+    assert [g["weight_decay"] for g in checkpoint.load(out / "checkpoint.pt")["optimizer"]["param_groups"]] == [0.001, 0.001]
+    assert main([*base, "--epochs", "3", "--weight_decay", "0.001"]) == 0
+    assert "another recipe" not in capsys.readouterr().out
+
+
 def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
