@@ -51,6 +51,12 @@ def blur_kernel_size(size: int, max_sigma: float = 2.0) -> int:
     return min(k, 2 * size - 1)
 
 
+def _older_kernel_size(size: int) -> int:
+    """The kernel of runs before the tenth session (``blur None`` in their config): 10% of the side, at least 3."""
+    k = max(int(0.1 * size), 3)
+    return k if k % 2 == 1 else k + 1
+
+
 # ----------------------------------------------------------------------------- colour kernels
 @functools.lru_cache(maxsize=64)
 def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -293,7 +299,8 @@ class BatchAugment:
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
         self.blur = (self.size > 32) if blur is None else bool(blur)
         self.blur_p, self.blur_sigma, self.flip_p = blur_p, blur_sigma, flip_p
-        self.kernel_size = blur_kernel_size(self.size, blur_sigma[1])
+        # blur None: the older rule in full, on/off by size and its kernel of 10% of the side (a run's config.yaml of then)
+        self.kernel_size = _older_kernel_size(self.size) if blur is None else blur_kernel_size(self.size, blur_sigma[1])
 
     def __repr__(self) -> str:
         return (f"BatchAugment(size={self.size}, strong={self.strong}, crop={self.crop}, "
@@ -438,7 +445,7 @@ def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std:
     if strong:
         ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
         if (size > 32) if blur is None else blur:
-            k = blur_kernel_size(size)
+            k = _older_kernel_size(size) if blur is None else blur_kernel_size(size)
             ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
     ops += [v2.RandomHorizontalFlip(0.5 if flip else 0.0), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std))]

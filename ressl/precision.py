@@ -14,7 +14,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         with torch.cuda.device(device):  # the run's GPU; emulated bf16 (V100, T4) is slower than fp32
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+            try:
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.4, whose answer never counted emulation
+                native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else None
     fast_cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if device.type == "cpu" and fast_cpu else None
 

@@ -254,6 +254,7 @@ def test_blur_default_and_kernel_size() -> None:
     assert A.blur_kernel_size(32, max_sigma=1.0) == 7 and A.blur_kernel_size(4) == 7 and A.blur_kernel_size(96) % 2 == 1
     assert strong_augment(32, MEAN, STD).sample_params(500, generator=gen())["blur"].any()
     assert not strong_augment(32, MEAN, STD, blur=None).sample_params(500, generator=gen())["blur"].any()
+    assert strong_augment(64, MEAN, STD, blur=None).kernel_size == 7  # the older rule in full: its kernel too
     assert strong_augment(64, MEAN, STD, blur=None).sample_params(500, generator=gen())["blur"].any()
     assert not strong_augment(64, MEAN, STD, blur=False).sample_params(500, generator=gen())["blur"].any()
     x = torch.rand(2, 3, 4, 4)

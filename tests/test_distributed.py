@@ -402,9 +402,9 @@ def test_grouped_forward_emulates_shuffle_bn_on_one_device():
 def test_slurm_variables_start_a_group_only_in_an_srun_task(monkeypatch, in_srun):
     """The batch script of a job with 2 tasks has SLURM_NTASKS=2 and SLURM_PROCID=0 too: a process started there
     runs alone; srun's tasks (SLURM_STEP_NUM_TASKS) join a group whose address is the step's first node."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(name, "")  # recorded, so that what the call sets is undone after the test
-        monkeypatch.delenv(name)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the call sets is undone after the test (and run in an
+        monkeypatch.delenv(name)  # srun step of its own, the test starts from none of its variables)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1" if in_srun else "0")
     monkeypatch.setenv("SLURM_LOCALID", "1" if in_srun else "0")
