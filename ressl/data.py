@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -468,17 +469,38 @@ def pretrain_batches(
     loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False, generator=draws,
                         worker_init_fn=ignore_stop_signals)
-    for pair, _ in loader:
+    for pair, _ in started(loader):
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
     """A loader worker's start (``worker_init_fn``): SIGTERM and SIGINT are left to the main process, which stops at a
     step boundary with a checkpoint. A launcher or scheduler signals the whole process group (torchrun, SLURM,
-    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly. The
+    worker was started with them blocked (:func:`started`): ignored now, they are unblocked, and one sent meanwhile
+    is dropped."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def started(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, its worker processes started with SIGTERM and SIGINT blocked, which they inherit until
+    :func:`ignore_stop_signals` runs in them: PyTorch gives a new worker a SIGTERM handler of its own first, and a
+    signal in that window killed it (a launcher's SIGTERM as an epoch's workers started). In this process a signal
+    sent meanwhile arrives once they are started."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def loader_workers(asked: int) -> int:
@@ -521,7 +543,7 @@ def eval_batches(
     loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=loader_workers(workers), pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     start = 0
-    for x, y in loader:
+    for x, y in started(loader):
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
         start += len(y)
         yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device, non_blocking=True)

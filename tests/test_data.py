@@ -41,6 +41,32 @@ def test_to_device_moves_only_the_splits_asked_for(npz_dir):
     assert (ds.train.images.device.type, ds.bank.images.device.type, ds.test.images.device.type) == ("cpu", "meta", "meta")
 
 
+class _SignalsSeen(torch.utils.data.Dataset):
+    """What a loader worker does with SIGTERM: its handler, and whether it is blocked."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[bool, bool]:
+        import signal
+
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_loader_workers_ignore_stop_signals_and_start_with_them_blocked():
+    """A launcher's SIGTERM to the process group leaves the workers alone (they ignore it, unblocked once that is
+    so); this process's signal mask is as it was after the workers started."""
+    import signal
+
+    from ressl.data import ignore_stop_signals, started
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = torch.utils.data.DataLoader(_SignalsSeen(), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals)
+    seen = [(bool(ignored), bool(blocked)) for ignored, blocked in started(loader)]
+    assert seen == [(True, False), (True, False)]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def test_eval_batches_in_order(npz_dir):
     ds = load_dataset("npz", str(npz_dir))
     labels = torch.cat([y for _, y in eval_batches(ds.test, 16, ds.mean, ds.std, 20, torch.device("cpu"))])
