@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -276,18 +276,31 @@ def linear_probe(
         epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False)
     seen = 0
     for epoch in epoch_iter:
-        for given_x, given_y in (train_batches or cached)(epoch):
-            for start in range(0, given_x.shape[0], batch_size):
-                x, y = given_x[start : start + batch_size], given_y[start : start + batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(min(seen, total - 1), total, lr)
-                loss = F.cross_entropy(classifier((x.float() - mean) / std), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen += x.shape[0]
+        for x, y in _rebatched((train_batches or cached)(epoch), batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(min(seen, total - 1), total, lr)
+            loss = F.cross_entropy(classifier((x.float() - mean) / std), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += x.shape[0]
     with torch.no_grad():
         return topk_accuracy(classifier((test_features.float() - mean) / std), test_labels)
+
+
+def _rebatched(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` of any sizes, as batches of ``size`` (the epoch's last one what remains)."""
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    count = 0
+    for x, y in batches:
+        held.append((x, y))
+        count += x.shape[0]
+        while count >= size:
+            xs, ys = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+            yield xs[:size], ys[:size]
+            held, count = [(xs[size:], ys[size:])], count - size
+    if count:
+        yield torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
 
 
 def augmented_batches(
