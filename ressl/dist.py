@@ -177,7 +177,7 @@ def _portable(err: Exception) -> Exception:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is set on any process (a collective: call it on every rank at the same step)."""
-    return bool(max_rank(int(flag), device))
+    return bool(max_each([float(flag)], device)[0])
 
 
 def messages_of_all(message: str | None) -> list[str]:
@@ -197,11 +197,6 @@ def peer_lost(err: BaseException) -> bool:
     """Whether ``err`` is a collective failing because another process of the group is gone (it stopped on an error
     of its own, which it reports): gloo's lost connections, NCCL's aborted communicator."""
     return isinstance(err, RuntimeError) and is_distributed() and any(text in str(err) for text in _PEER_LOST)
-
-
-def max_rank(value: int, device: torch.device) -> int:
-    """The largest of every process's small ``value`` (a collective: call it on every rank at the same step)."""
-    return int(max_each([value], device)[0])
 
 
 def max_each(values: list[float], device: torch.device) -> list[float]:

@@ -111,7 +111,6 @@ class Meter:
         self.progress = _progress(run)
         self.signals: dict[str, torch.Tensor] = {}
         self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
-        self.check_every = 1  # torchrun: steps between agreements on a stop, from the slowest process's step time
         self.defer = _defer_logs(run.device)
         self.at_log_step = False
         self.pending: tuple[dict[str, Any], list[str], torch.Tensor, torch.cuda.Event | None] | None = None
@@ -133,7 +132,7 @@ class Meter:
     def end_step(self, lr: float, momentum: float) -> bool:
         """Log if due; return whether to stop now (a signal arrived, agreed by every process).
 
-        Under torchrun the processes agree on a stop at logging steps, and in between every ``check_every`` steps:
+        Under torchrun the processes agree on a stop at logging steps, and in between every ``run.stop_check_every`` steps:
         as many as run in :data:`STOP_CHECK_SECONDS` on the slowest process (measured at each logging step), so that
         a scheduler's SIGTERM is answered with a checkpoint before its SIGKILL, whatever ``--log_every``.
         """
@@ -142,9 +141,9 @@ class Meter:
         self.at_log_step = due  # where processes also agree on the time budget (ressl.train._late)
         self.window_steps += 1
         seconds = (time.perf_counter() - self.window_start) / self.window_steps
-        stop, slowest = _stop_agreed(run, due or state.step % self.check_every == 0, seconds if due else 0.0)
+        stop, slowest = _stop_agreed(run, due or state.step % run.stop_check_every == 0, seconds if due else 0.0)
         if due:
-            self.check_every = max(1, min(run.cfg.log_every, int(STOP_CHECK_SECONDS / max(slowest, 1e-6))))
+            run.stop_check_every = max(1, min(run.cfg.log_every, int(STOP_CHECK_SECONDS / max(slowest, 1e-6))))
         if due or stop:
             rate = self.window_images / (time.perf_counter() - self.window_start)
             record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
@@ -182,8 +181,10 @@ class Meter:
         if event is not None:
             event.synchronize()
         *numbers, first_bad = values.tolist()
-        if agree and dist.is_distributed():
-            first_bad = dist.max_rank(int(first_bad), self.run.device)  # -1 on every process: none was bad
+        if agree and dist.is_distributed():  # the earliest bad step of any process (-1: none was)
+            none = float(2**53)
+            earliest = -dist.max_each([-(first_bad if first_bad >= 0 else none)], self.run.device)[0]
+            first_bad = -1 if earliest >= none else earliest
         _check_finite(int(first_bad), self.run.out / "checkpoint.pt")
         logged = dict(zip(names, numbers))
         self.run.state.loss = logged_loss = logged["loss"]
