@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -480,13 +481,24 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def ignore_stop_signals(worker_id: int) -> None:
     """A loader worker's start (``worker_init_fn``): SIGTERM and SIGINT are left to the main process, which stops at a
     step boundary with a checkpoint. A launcher or scheduler signals the whole process group (torchrun, SLURM,
-    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly. The
-    worker was started with them blocked (:func:`started`): ignored now, they are unblocked, and one sent meanwhile
-    is dropped."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly.
+
+    SIGINT is ignored. SIGTERM stays blocked (the worker was started so, :func:`started`) and a thread takes each
+    one: from the main process, which ends a worker that did not stop by itself (a loader closed early, the
+    interpreter's exit), the worker exits as PyTorch's own handler would make it; from anyone else it is dropped.
+    Where a thread cannot wait for a signal (no ``sigwaitinfo``), PyTorch's handler stays."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    parent = os.getppid()
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo([signal.SIGTERM]).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="ressl-sigterm", daemon=True).start()
 
 
 def started(loader: DataLoader) -> Iterator[Any]:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -41,30 +43,46 @@ def test_to_device_moves_only_the_splits_asked_for(npz_dir):
     assert (ds.train.images.device.type, ds.bank.images.device.type, ds.test.images.device.type) == ("cpu", "meta", "meta")
 
 
-class _SignalsSeen(torch.utils.data.Dataset):
-    """What a loader worker does with SIGTERM: its handler, and whether it is blocked."""
+class _WorkerPids(torch.utils.data.Dataset):
+    """Each item: the loader worker's process id, a little later."""
 
     def __len__(self) -> int:
-        return 2
+        return 6
 
-    def __getitem__(self, i: int) -> tuple[bool, bool]:
-        import signal
+    def __getitem__(self, i: int) -> int:
+        import os
+        import time
 
-        return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        time.sleep(0.2)
+        return os.getpid()
 
 
-def test_loader_workers_ignore_stop_signals_and_start_with_them_blocked():
-    """A launcher's SIGTERM to the process group leaves the workers alone (they ignore it, unblocked once that is
-    so); this process's signal mask is as it was after the workers started."""
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="sigwaitinfo: Linux")
+def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loaders():
+    """A SIGTERM from another process (a launcher signalling the process group) leaves the worker working; one from
+    its own main process, which ends workers that did not stop by themselves, ends it (else the interpreter's exit,
+    which terminates and joins its children, waited for ever)."""
+    import os
     import signal
+    import subprocess
+    import time
 
     from ressl.data import ignore_stop_signals, started
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    loader = torch.utils.data.DataLoader(_SignalsSeen(), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals)
-    seen = [(bool(ignored), bool(blocked)) for ignored, blocked in started(loader)]
-    assert seen == [(True, False), (True, False)]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    loader = torch.utils.data.DataLoader(_WorkerPids(), batch_size=None, num_workers=1, worker_init_fn=ignore_stop_signals,
+                                         prefetch_factor=1)
+    batches = started(loader)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # this process's mask as it was
+    worker = int(next(batches))
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # not the worker's parent
+    assert [int(pid) for pid in batches] == [worker] * 5  # it lived on, and served the rest
+    batches = started(loader)
+    worker = int(next(batches))
+    os.kill(worker, signal.SIGTERM)  # from its parent
+    time.sleep(1)
+    assert Path(f"/proc/{worker}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")  # exited
+    del batches
 
 
 def test_eval_batches_in_order(npz_dir):

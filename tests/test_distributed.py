@@ -325,7 +325,7 @@ def test_loader_views_are_drawn_apart_on_each_process_and_again_from_the_same_se
 
 def _exists_worker(rank: int, tmp: str) -> None:
     from ressl.config import ConfigError
-    from ressl.train import _exists_everywhere
+    from ressl.resume import exists_everywhere
 
     _join(rank, tmp)
     shared, own = Path(tmp) / "shared.pt", Path(tmp) / f"own{rank}.pt"
@@ -333,9 +333,9 @@ def _exists_worker(rank: int, tmp: str) -> None:
     if rank == 0:
         own.touch()  # as a run directory on rank 0's local disk: the other machine cannot see it
     torch_dist.barrier()
-    seen = [_exists_everywhere(shared, torch.device("cpu")), _exists_everywhere(Path(tmp) / "nowhere.pt", torch.device("cpu"))]
+    seen = [exists_everywhere(shared, torch.device("cpu")), exists_everywhere(Path(tmp) / "nowhere.pt", torch.device("cpu"))]
     try:
-        _exists_everywhere(own, torch.device("cpu"))
+        exists_everywhere(own, torch.device("cpu"))
     except ConfigError as err:
         seen.append(str(err))
     torch.save(seen, f"{tmp}/rank{rank}.pt")

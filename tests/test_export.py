@@ -9,7 +9,7 @@ from test_train import tiny_run
 from torch import nn
 
 from ressl.cli import main
-from ressl.train import save_checkpoint
+from ressl.resume import save_checkpoint
 
 
 def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_dir, tmp_path):

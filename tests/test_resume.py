@@ -324,7 +324,7 @@ def test_resume_flag_yields_to_the_runs_own_newer_checkpoint(npz_dir, tmp_path, 
 
 
 def test_the_printed_resume_command_is_the_command_that_ran(monkeypatch, tmp_path):
-    from ressl.train import resume_command
+    from ressl.resume import resume_command
 
     monkeypatch.setattr(sys, "argv", [".venv/bin/ressl", "pretrain", "--epochs", "20", "--data", "my photos"])
     assert resume_command(tmp_path) == f"run the same command again: .venv/bin/ressl pretrain --epochs 20 --data 'my photos' --out {tmp_path}"
@@ -439,7 +439,8 @@ def test_a_resume_onto_a_training_set_of_another_size_restarts_the_epoch(npz_dir
     import numpy as np
 
     from ressl import config
-    from ressl.train import save_checkpoint, setup, train_one_epoch
+    from ressl.resume import save_checkpoint
+    from ressl.train import setup, train_one_epoch
 
     out = tmp_path / "run"
     flags = ["--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "2", "--log_every", "1"]
