@@ -355,14 +355,9 @@ def augmented_batches(
 Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std) on the 0..1 scale
 
 
-def load_backbone(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, Config]:
-    """The student's (or teacher's) backbone of a checkpoint, in eval mode, and the run's configuration."""
-    backbone, cfg, _ = load_trained(path, teacher, device)
-    return backbone, cfg
-
-
 def load_trained(path: str, teacher: bool = False, device: torch.device | None = None) -> tuple[nn.Module, Config, Normalisation | None]:
-    """:func:`load_backbone`, and the normalisation of the run's training images (None in checkpoints before it was kept)."""
+    """The student's (or teacher's) backbone of a checkpoint, in eval mode, the run's configuration, and the
+    normalisation of its training images (None in checkpoints before it was kept)."""
     from ressl import checkpoint, config
     from ressl.model import build_model
 

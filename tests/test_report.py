@@ -16,7 +16,7 @@ from PIL import Image
 from ressl.augment import eval_transform
 from ressl.cli import main
 from ressl.data import Dataset, Split
-from ressl.evaluate import load_backbone
+from ressl.evaluate import load_trained
 from ressl.folder import FolderIndex
 from ressl.report import (
     class_names,
@@ -189,7 +189,7 @@ def test_project_2d_uses_umap_when_importable(monkeypatch):
 
 def direct_features(checkpoint: Path, images: torch.Tensor, mean, std) -> torch.Tensor:
     """Backbone features of uint8 images (B, C, H, W), without ressl.data's batching."""
-    backbone, cfg = load_backbone(str(checkpoint))
+    backbone, cfg, _ = load_trained(str(checkpoint))
     with torch.no_grad():
         return backbone(eval_transform(images, cfg.image_size, mean, std))
 
