@@ -51,10 +51,14 @@ def blur_kernel_size(size: int, max_sigma: float = 2.0) -> int:
     return min(k, 2 * size - 1)
 
 
-def _older_kernel_size(size: int) -> int:
-    """The kernel of runs before the tenth session (``blur None`` in their config): 10% of the side, at least 3."""
+def blur_rule(size: int, blur: bool | None, max_sigma: float = 2.0) -> tuple[bool, int]:
+    """Whether the strong view is blurred at ``size`` px, and its kernel size: ``blur`` as given, with
+    :func:`blur_kernel_size`; ``None``, the rule of runs before the tenth session (their ``config.yaml``): on above
+    32 px, with a kernel of 10% of the side, at least 3."""
+    if blur is not None:
+        return bool(blur), blur_kernel_size(size, max_sigma)
     k = max(int(0.1 * size), 3)
-    return k if k % 2 == 1 else k + 1
+    return size > 32, k if k % 2 == 1 else k + 1
 
 
 # ----------------------------------------------------------------------------- colour kernels
@@ -276,8 +280,7 @@ class BatchAugment:
     ``strong=False`` (teacher view): RandomResizedCrop + horizontal flip only, colours are
     never changed. ``strong=True`` (student view) adds ColorJitter (p=``jitter_p``, per-sample
     random order of the four ops), RandomGrayscale (p=``gray_p``) and GaussianBlur
-    (p=``blur_p``, sigma ~ U(``blur_sigma``) pixels, kernel :func:`blur_kernel_size`; ``blur=None``, the
-    rule of runs before the tenth session, means on iff ``size > 32``). ``crop=False`` skips the crop (the input is expected to be
+    (p=``blur_p``, sigma ~ U(``blur_sigma``) pixels; on and its kernel as :func:`blur_rule` says). ``crop=False`` skips the crop (the input is expected to be
     ``size x size``; other sizes are resized).
     """
 
@@ -297,10 +300,8 @@ class BatchAugment:
             raise ValueError("mean and std need 1 or 3 entries")
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
-        self.blur = (self.size > 32) if blur is None else bool(blur)
+        self.blur, self.kernel_size = blur_rule(self.size, blur, blur_sigma[1])
         self.blur_p, self.blur_sigma, self.flip_p = blur_p, blur_sigma, flip_p
-        # blur None: the older rule in full, on/off by size and its kernel of 10% of the side (a run's config.yaml of then)
-        self.kernel_size = _older_kernel_size(self.size) if blur is None else blur_kernel_size(self.size, blur_sigma[1])
 
     def __repr__(self) -> str:
         return (f"BatchAugment(size={self.size}, strong={self.strong}, crop={self.crop}, "
@@ -444,8 +445,8 @@ def torchvision_pipeline(size: int, *, strong: bool, mean: Sequence[float], std:
     ops: list = [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(size, scale=crop_scale, antialias=True)]
     if strong:
         ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
-        if (size > 32) if blur is None else blur:
-            k = _older_kernel_size(size) if blur is None else blur_kernel_size(size)
+        blurred, k = blur_rule(size, blur)
+        if blurred:
             ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
     ops += [v2.RandomHorizontalFlip(0.5 if flip else 0.0), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std))]
