@@ -465,12 +465,7 @@ def pretrain_batches(
         assert split.folder is not None
         ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
     draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
-    if loader_workers(workers) == 0:
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=draws)))
-    loader = DataLoader(torch.utils.data.Subset(ds, mine), batch_size=local, shuffle=False, num_workers=loader_workers(workers),
-                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False, generator=draws,
-                        worker_init_fn=ignore_stop_signals)
-    for pair, _ in started(loader):
+    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True):
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]
 
@@ -515,6 +510,18 @@ def started(loader: DataLoader) -> Iterator[Any]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def worker_batches(ds: torch.utils.data.Dataset, batch_size: int, workers: int, device: torch.device,
+                   generator: torch.Generator | None = None, **loader_args: Any) -> Iterator[Any]:
+    """The batches of ``ds``, made by up to ``workers`` loader processes (:func:`loader_workers`) that leave stop
+    signals to this one (:func:`ignore_stop_signals`, :func:`started`), pinned for a copy to CUDA. Their random draws
+    come from ``generator``; without workers they are made here, from the global generator, seeded from it."""
+    processes = loader_workers(workers)
+    if generator is not None and processes == 0:
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return started(DataLoader(ds, batch_size=batch_size, num_workers=processes, pin_memory=device.type == "cuda",
+                              generator=generator, worker_init_fn=ignore_stop_signals, **loader_args))
+
+
 def loader_workers(asked: int) -> int:
     """``--workers``, but no more than the CPUs this process may use (more only queue up, and PyTorch warns)."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -552,10 +559,8 @@ def eval_batches(
     assert split.folder is not None
     # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
     ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False)
-    loader = DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=loader_workers(workers), pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     start = 0
-    for x, y in started(loader):
+    for x, y in worker_batches(torch.utils.data.Subset(ds, indices.tolist()), batch_size, workers, device):
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
         start += len(y)
         yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device, non_blocking=True)

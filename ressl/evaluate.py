@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.data import PAD_LABEL, epoch_seed, eval_batches, ignore_stop_signals, loader_workers, rows_per_rank, started
+from ressl.data import PAD_LABEL, epoch_seed, eval_batches, rows_per_rank, worker_batches
 from ressl.folder import DataError, LateDataError, own_message
 from ressl.precision import autocast, autocast_dtype
 from ressl.schedule import cosine_lr
@@ -339,11 +339,7 @@ def augmented_batches(
                 yield embed(augment(images.to(device), generator)), labels.to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
-        if loader_workers(workers) == 0:  # the crops are drawn in this process, from the global generator: seeded too
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator,
-                                             num_workers=loader_workers(workers), worker_init_fn=ignore_stop_signals)
-        for x, y in started(loader):
+        for x, y in worker_batches(ds, batch_size, workers, device, generator, shuffle=True):
             yield embed(eval_transform(x.to(device), image_size, mean, std)), y.to(device)
 
     return epoch_batches
