@@ -83,7 +83,7 @@ class Run:
     log: MetricsLog
     steps_per_epoch: int
     stop_requested: bool = False  # set by the SIGTERM/SIGINT handler, honoured at the next step boundary
-    data_error: str | None = None  # torchrun: images failed to load here (then anywhere), honoured at a logging step
+    data_error: str | None = None  # torchrun: images failed to load here (then anywhere), honoured at the next agreement
     stop_check_every: int = 1  # torchrun: steps between agreements on stopping (ressl.meter.Meter), kept across epochs
     graph: CapturedStep | None = None  # network_step replayed as a CUDA graph (--cuda_graph), else None: eager
     clock: float = 0.0  # time.time() at which the run would have started had it never stopped (--max_minutes)
