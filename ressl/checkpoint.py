@@ -2,46 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or unsafe; the message is one line that names the fix."""
 
 
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint, or another file of the run directory, could not be written (a full disk, no permission); the
-    previous checkpoint is intact."""
+class WriteError(Exception):
+    """A file a command writes (a checkpoint, config.yaml, metrics.jsonl, final.json, an export, embeddings, a
+    report) could not be written: a full disk, no permission. The message is one line that names the fix; what the
+    file held before is intact."""
+
+
+WRITE_FIX = "free disk space or choose another --out"
 
 
 def write_failure(err: BaseException) -> str | None:
-    """Why a write failed, when ``err`` is a write failure: an ``OSError``, or the ``RuntimeError`` that
-    ``torch.save``'s zip writer makes of one (``PytorchStreamWriter failed writing file``, ``unexpected pos``)."""
+    """Why a write failed, when ``err`` is a write failure: an ``OSError``, the ``RuntimeError`` that
+    ``torch.save``'s zip writer makes of one (``PytorchStreamWriter failed writing file``, ``unexpected pos``), or
+    safetensors' own error."""
     if isinstance(err, OSError):
         return str(err.strerror or err)
+    if isinstance(err, SafetensorError):
+        return str(err).splitlines()[0][:160] if str(err) else "the write failed"
     text = str(err)
     if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
         return "the write failed (a full disk, or a file size limit)"
     return None
 
 
+@contextlib.contextmanager
+def writing(what: str, fix: str = WRITE_FIX) -> Iterator[None]:
+    """A write failure inside the block becomes one :class:`WriteError`: ``could not write {what}: {why}; {fix}``."""
+    try:
+        yield
+    except Exception as err:
+        why = write_failure(err)
+        if why is None:
+            raise
+        raise WriteError(f"could not write {what}: {why}; {fix}") from None
+
+
 def write_run_file(path: Path, text: str, mode: str = "w") -> None:
     """Write (``mode`` "w") or append ("a") ``text`` to a file of the run directory; a failure is a one-line
-    :class:`CheckpointWriteError`."""
-    try:
-        with path.open(mode) as f:
-            f.write(text)
-    except OSError as err:
-        raise CheckpointWriteError(f"could not write {path}: {err.strerror or err}; free disk space or choose another --out") from None
+    :class:`WriteError`."""
+    with writing(str(path)), path.open(mode) as f:
+        f.write(text)
 
 
 def new_file_mode() -> int:
@@ -58,22 +77,20 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     A crash at any instant leaves either the previous file or the new one, never a torn one. If the
     write fails (a full disk), the temporary file is removed and the previous checkpoint stays.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        why = write_failure(err)
-        if why is not None:
-            raise CheckpointWriteError(f"could not write checkpoint {path}: {why}; free disk space or choose another --out") from None
-        raise
+    with writing(f"checkpoint {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, new_file_mode())
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def remove_stale_temporaries(path: Path) -> None:

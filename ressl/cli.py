@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import ressl
 from ressl import allocator, checkpoint, config, dist
-from ressl.checkpoint import CheckpointError, CheckpointWriteError
+from ressl.checkpoint import CheckpointError, WriteError
 from ressl.config import FIELDS, ConfigError
 from ressl.folder import DataError, LateDataError, own_message
 from ressl.meter import NonFiniteLoss
@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command in REPORT_COMMANDS:
             return REPORT_COMMANDS[args.command](args)
         return cmd_evaluate(args)
-    except (NonFiniteLoss, CheckpointWriteError) as err:  # not the user's input: exit 1
+    except (NonFiniteLoss, WriteError) as err:  # not the user's input: exit 1
         if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
             print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1

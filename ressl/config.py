@@ -360,7 +360,7 @@ def check_output(path: str | Path, flag: str, file_example: str | None = None) -
 
 
 def save(cfg: Config, path: Path) -> None:
-    """``cfg`` as YAML in ``path`` (a run's ``config.yaml``); a failed write is a one-line ``CheckpointWriteError``."""
+    """``cfg`` as YAML in ``path`` (a run's ``config.yaml``); a failed write is a one-line ``WriteError``."""
     from ressl.checkpoint import write_run_file
 
     write_run_file(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

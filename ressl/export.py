@@ -7,16 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ressl.checkpoint import new_file_mode
-from ressl.config import ConfigError, check_output
+from ressl.checkpoint import new_file_mode, writing
+from ressl.config import check_output
 from ressl.evaluate import load_trained
-
-
-class ExportError(ConfigError):
-    """The export's output cannot be written where the user asked; the message is one line that names the fix."""
 
 
 def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False) -> dict[str, str]:
@@ -26,7 +21,7 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
     or ``backbone.`` prefix and no ``fc``: load it into ``torchvision.models.resnet18()`` after setting
     ``fc = nn.Identity()`` (and the small-image stem where the run used it). The run's configuration
     is stored as JSON in the file's metadata. An ``out`` that cannot be written raises :class:`ConfigError`
-    before the checkpoint is read, or :class:`ExportError` (a ``ConfigError``) when the write itself fails.
+    before the checkpoint is read, or :class:`ressl.checkpoint.WriteError` when the write itself fails.
     """
     out = check_output(out, "--out", file_example="backbone.safetensors")  # before the (slow) load
     backbone, cfg, normalisation = load_trained(checkpoint_path, teacher)
@@ -42,11 +37,8 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
     }
     if normalisation is not None:  # what inputs the backbone expects: (x / 255 - mean) / std per channel
         metadata.update(mean=json.dumps(list(normalisation[0])), std=json.dumps(list(normalisation[1])))
-    try:
+    with writing(f"--out {out}", "choose another --out"):
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out), metadata=metadata)
         os.chmod(out, new_file_mode())  # readable as the user's other files are (the writer may leave 0600)
-    except (OSError, SafetensorError) as err:
-        detail = getattr(err, "strerror", None) or str(err).splitlines()[0][:160]
-        raise ExportError(f"could not write --out {out}: {detail}; choose another --out") from None
     return metadata

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ressl import dist
-from ressl.checkpoint import write_run_file
+from ressl.checkpoint import write_run_file, writing
 from ressl.monitor import health, queue_fill
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ class MetricsLog:
         kept = [line for line, record in zip(lines, records, strict=True) if record is not None and record.get("step", 0) <= step]
         if len(kept) < len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            with writing(str(self.path)):
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.path)
 
     def _tensorboard(self) -> Any:
         if self._board is None:

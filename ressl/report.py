@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ressl import dist
+from ressl.checkpoint import writing
 from ressl.folder import DataError
 from ressl.meter import parse_record
 
@@ -130,13 +131,11 @@ def embed(
     files_path = files_list_path(out_path)
     if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
         return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
-    try:
+    with writing(f"--out {out}", "choose another --out"):
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
             np.save(f, feats.cpu().numpy().astype(np.float32))
         files_path.write_text("".join(r + "\n" for r in rows))
-    except OSError as err:
-        raise DataError(f"could not write --out {out}: {err.strerror or err}; choose another --out") from None
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 
@@ -377,9 +376,14 @@ def plot_retrieval(
     return fig
 
 
+REPORT_WRITE_FIX = "make the run directory writable, or free disk space"
+
+
 def save_png(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100, facecolor="white")
+    """``fig`` as a PNG at ``path``; a failed write is a one-line :class:`ressl.checkpoint.WriteError`."""
+    with writing(str(path), REPORT_WRITE_FIX):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", dpi=100, facecolor="white")
     return path
 
 
@@ -494,14 +498,14 @@ def make_report(
     try:
         return _make_report(run_dir, data, dataset, embeddings, device, batch_size, workers, max_points, n_queries,
                             n_neighbours, say)
-    except OSError as err:  # a read-only run directory, a report.md that is a directory, a full disk
+    except OSError as err:  # the writes raise WriteError: this is a file of the run that cannot be read
         where = f"{err.filename}: " if err.filename else ""
-        raise RunDirError(f"could not write the report in {run_dir}: {where}{err.strerror or err}") from None
+        raise RunDirError(f"could not read the run in {run_dir}: {where}{err.strerror or err}; make it readable") from None
 
 
 def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, embeddings: bool, device: str, batch_size: int,
                  workers: int, max_points: int, n_queries: int, n_neighbours: int, say: Any) -> Report:
-    """:func:`make_report`'s work; an ``OSError`` from it becomes that function's one-line error."""
+    """:func:`make_report`'s work; an ``OSError`` from it (a file it cannot read) becomes that function's one-line error."""
     import yaml
 
     run = Path(run_dir).expanduser()
@@ -576,8 +580,9 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         doc.add("ul", report.notes)
     doc.add("h2", "Configuration")
     doc.add("table", [["field", "value"], *[[k, _fmt(v)] for k, v in cfg.items()]])
-    report.markdown.write_text(doc.markdown(run))
-    report.html.write_text(doc.html(f"ReSSL run report: {run.name}"))
+    with writing(f"the report in {run}", REPORT_WRITE_FIX):
+        report.markdown.write_text(doc.markdown(run))
+        report.html.write_text(doc.html(f"ReSSL run report: {run.name}"))
     return report
 
 

@@ -246,8 +246,9 @@ def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
 
 
 def test_damaged_or_unwritable_run_files_give_notes_or_one_line_errors(tmp_path):
-    """A hand-broken config.yaml or final.json becomes a note; a report that cannot be written, a RunDirError."""
-    from ressl.report import RunDirError, make_report
+    """A hand-broken config.yaml or final.json becomes a note; a report that cannot be written, a WriteError."""
+    from ressl.checkpoint import WriteError
+    from ressl.report import make_report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -261,5 +262,5 @@ def test_damaged_or_unwritable_run_files_give_notes_or_one_line_errors(tmp_path)
     make_report(run, embeddings=False)  # values of the wrong kind: a note, not a traceback
     (run / "report.md").unlink()
     (run / "report.md").mkdir()
-    with pytest.raises(RunDirError, match="could not write the report in"):
+    with pytest.raises(WriteError, match="could not write the report in .*; make the run directory writable"):
         make_report(run, embeddings=False)

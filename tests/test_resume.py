@@ -16,7 +16,7 @@ import torch
 from test_cli import TINY
 
 from ressl import checkpoint
-from ressl.checkpoint import CheckpointWriteError
+from ressl.checkpoint import WriteError
 from ressl.cli import main
 
 
@@ -141,7 +141,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.os, "fsync", no_space)
-    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+    with pytest.raises(WriteError, match="No space left on device"):
         checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}}, path)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
@@ -150,7 +150,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
 def test_a_write_that_torch_save_cannot_finish_is_a_checkpoint_write_error(tmp_path):
     """A real full disk or file size limit fails inside torch.save's zip writer, which raises a RuntimeError, not an
-    OSError: it is a one-line CheckpointWriteError too, and the previous checkpoint stays."""
+    OSError: it is a one-line WriteError too, and the previous checkpoint stays."""
     script = f"""
 import resource, torch
 from pathlib import Path
@@ -160,7 +160,7 @@ checkpoint.save_atomic({{"model": {{"w": torch.ones(3)}}, "config": {{}}}}, path
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 try:
     checkpoint.save_atomic({{"model": {{"w": torch.zeros(1_000_000)}}, "config": {{}}}}, path)
-except checkpoint.CheckpointWriteError as err:
+except checkpoint.WriteError as err:
     print("refused:", err)
 print(checkpoint.load(path)["model"]["w"].tolist())
 """
@@ -173,8 +173,26 @@ print(checkpoint.load(path)["model"]["w"].tolist())
 def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path):
     from ressl.meter import MetricsLog
 
-    with pytest.raises(CheckpointWriteError, match="could not write .*metrics.jsonl: No such file or directory"):
+    with pytest.raises(WriteError, match="could not write .*metrics.jsonl: No such file or directory"):
         MetricsLog(tmp_path / "gone" / "metrics.jsonl").write(step=1, loss=0.5)
+    # a resume rewrites metrics.jsonl through a temporary file: one that cannot be made is one line too, the log intact
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write(step=step, loss=0.5)
+    (tmp_path / ".metrics.jsonl.tmp").mkdir()
+    with pytest.raises(WriteError, match="could not write .*metrics.jsonl: Is a directory; free disk space"):
+        log.keep_until(2)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_writing_names_the_file_and_the_fix_and_lets_other_errors_through(tmp_path):
+    from safetensors.torch import save_file
+
+    expected = r"^could not write --out x: Error while serializing.*; choose another --out$"
+    with pytest.raises(WriteError, match=expected), checkpoint.writing("--out x", "choose another --out"):
+        save_file({"w": torch.ones(2)}, str(tmp_path / "gone" / "x.safetensors"))  # safetensors' own error
+    with pytest.raises(ValueError, match="not a write"), checkpoint.writing("y"):
+        raise ValueError("not a write")  # a bug, not a failed write: its traceback stays
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(npz_dir, tmp_path, capsys):
