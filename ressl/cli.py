@@ -261,7 +261,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ressl.report import embed
+    from ressl.embed import embed
 
     check_numbers(args)
     config.check_output(args.out, "--out", file_example="features.npy")

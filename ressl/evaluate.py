@@ -387,6 +387,19 @@ def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset:
     return backbone, cfg, ds
 
 
+def checkpoint_features(
+    backbone: nn.Module, cfg: Config, ds: Dataset, split: Split, device: torch.device, batch_size: int = 512,
+    workers: int = 4, store_dtype: torch.dtype | Literal["auto"] = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (N, F) and labels (N,) of ``split``, in its order, as the run's kNN checks compute them: at its
+    image size, normalised with ``ds``'s statistics, in its precision and memory format. ``store_dtype``: see
+    :func:`split_features` (float32 for features written to disk or fitted by the linear probe)."""
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return split_features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device,
+                          autocast_dtype(cfg.precision, device), workers, store_dtype)
+
+
 def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
@@ -407,17 +420,15 @@ def evaluate_checkpoint(
     if say is not None:  # the features take a while on a CPU (CIFAR-10: ~20 s) before anything else is printed
         say(f"embedding {len(bank_split):,} training and {len(test_split):,} test images ...")
     to_device(ds, dev, [bank_split, test_split])
-    if cfg.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    dtype = autocast_dtype(cfg.precision, dev)
     store: torch.dtype | Literal["auto"] = "auto" if protocol == "knn" else torch.float32  # the probe trains on fp32 features
-    bank, bank_y = split_features(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
-    test, test_y = split_features(backbone, test_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers, store)
+    bank, bank_y = checkpoint_features(backbone, cfg, ds, bank_split, dev, batch_size, workers, store)
+    test, test_y = checkpoint_features(backbone, cfg, ds, test_split, dev, batch_size, workers, store)
     if protocol == "knn":
         k = cfg.knn_k if k is None else k
         temperature = cfg.knn_temperature if temperature is None else temperature
         return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature,
                 "classes": ds.num_classes}
+    dtype = autocast_dtype(cfg.precision, dev)
     train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers=workers,
                                       crop_min_scale=cfg.crop_min_scale, flip=cfg.flip) if augment else None
     probe = linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,

@@ -83,6 +83,13 @@ def parse_record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    return [record for line in path.read_text().splitlines() if (record := parse_record(line)) is not None]
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 

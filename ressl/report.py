@@ -1,14 +1,11 @@
-"""What a run learned: a Markdown + HTML report of a run directory, and backbone embeddings of any data.
+"""What a run learned: a Markdown + HTML report of a run directory (``ressl report``).
 
 ``make_report(run_dir)`` reads ``config.yaml``, ``metrics.jsonl`` and ``final.json`` and writes
 ``report.md`` (PNGs beside it in ``report_files/``) and ``report.html`` (the same PNGs embedded as
 base64 data URIs: one file that opens offline). With the checkpoint and the run's data it adds a
 2-D map of the test embeddings (t-SNE, or UMAP when ``umap-learn`` is installed) and a retrieval
-grid (test images and their nearest training images by backbone features).
-
-``embed(...)`` writes the backbone features (N, F) of a split as ``.npy`` and, line by line in the
-same order, where each row came from (``FILE.files.txt``). Both reuse ``ressl.evaluate`` and
-``ressl.data``: the features are exactly those the kNN evaluation sees.
+grid (test images and their nearest training images by backbone features, computed as the run's kNN
+checks compute them: :func:`ressl.evaluate.checkpoint_features`). The figures are drawn in ``ressl.plots``.
 """
 
 from __future__ import annotations
@@ -26,48 +23,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ressl import dist
 from ressl.checkpoint import writing
 from ressl.folder import DataError
-from ressl.meter import parse_record
+from ressl.meter import read_metrics
+from ressl.plots import (
+    HEALTH_KEYS,
+    REPORT_WRITE_FIX,
+    plot_embedding_map,
+    plot_health,
+    plot_knn,
+    plot_retrieval,
+    plot_training,
+    save_png,
+    series,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ressl.config import Config
     from ressl.data import Dataset, Split
 
 CLASS_NAMES: dict[str, list[str]] = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
 }
-HEALTH_KEYS = ("teacher_entropy", "student_entropy", "student_std", "teacher_std", "queue_fill")
 FILES_DIR = "report_files"  # PNGs beside report.md
 
 
 class RunDirError(DataError):
     """RUN_DIR is not a run directory; the message names the fix."""
-
-
-# --- reading a run ------------------------------------------------------------------------
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    return [record for line in path.read_text().splitlines() if (record := parse_record(line)) is not None]
-
-
-def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
-    """``(x, value)`` of every record holding a finite number under ``key`` (and ``x``), sorted by x."""
-    points = [(float(r[x]), float(r[key])) for r in records
-              if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float)) and math.isfinite(r[key])]
-    points.sort(key=lambda p: p[0])
-    if not points:
-        return np.zeros(0), np.zeros(0)
-    xs, ys = zip(*points)
-    return np.asarray(xs), np.asarray(ys)
 
 
 def class_names(ds: Dataset) -> list[str]:
@@ -81,67 +65,7 @@ def class_names(ds: Dataset) -> list[str]:
     return [str(i) for i in range(ds.num_classes)]
 
 
-# --- features ------------------------------------------------------------------------------
-
-
-def run_features(
-    backbone: torch.nn.Module, cfg: Config, ds: Dataset, split: Split, device: torch.device,
-    batch_size: int = 512, workers: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (N, F) float32 and labels (N,) of ``split``, in its order, as the kNN evaluation computes them
-    (:func:`ressl.evaluate.split_features` with the run's image size, precision and memory format)."""
-    from ressl.evaluate import split_features as features
-    from ressl.precision import autocast_dtype
-
-    if cfg.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device, autocast_dtype(cfg.precision, device), workers,
-                    store_dtype=torch.float32)  # written to .npy and projected with numpy: never bf16
-
-
-def split_rows(split: Split, name: str) -> list[str]:
-    """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory)."""
-    if split.folder is not None:
-        return [str(p) for p in split.folder.files]
-    return [f"{name}:{i}" for i in range(len(split))]
-
-
-def embed(
-    checkpoint: str, data: str, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
-    device: str = "auto", batch_size: int = 512, workers: int = 4,
-) -> tuple[Path, Path, tuple[int, int]]:
-    """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
-    ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
-    from ressl.data import to_device
-    from ressl.evaluate import load_for_evaluation
-    from ressl.train import resolve_device
-
-    if split not in ("train", "test"):
-        raise DataError(f"--split must be train or test, got {split!r}")
-    dev = resolve_device(device)
-    backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
-    chosen = ds.train if split == "train" else ds.test
-    if chosen is None:
-        raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
-    to_device(ds, dev, [chosen])
-    feats, _ = run_features(backbone, cfg, ds, chosen, dev, batch_size, workers)
-    rows = split_rows(chosen, split)
-    assert len(rows) == feats.shape[0], (len(rows), feats.shape)
-    out_path = Path(out).expanduser()
-    files_path = files_list_path(out_path)
-    if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
-        return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
-    with writing(f"--out {out}", "choose another --out"):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
-            np.save(f, feats.cpu().numpy().astype(np.float32))
-        files_path.write_text("".join(r + "\n" for r in rows))
-    return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
-
-
-def files_list_path(out: Path) -> Path:
-    """``emb.npy`` -> ``emb.files.txt``; any other name gets ``.files.txt`` appended."""
-    return out.with_suffix(".files.txt") if out.suffix == ".npy" else out.with_name(out.name + ".files.txt")
+# --- neighbours and maps of the features ------------------------------------------------------
 
 
 @torch.no_grad()
@@ -211,180 +135,6 @@ def pick_queries(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
                 chosen.append(int(i))
                 seen.add(int(labels[i]))
     return chosen
-
-
-# --- figures (matplotlib's object API: no pyplot, no global backend; PNGs are drawn by Agg) ---
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def plot_training(records: list[dict[str, Any]]) -> Figure | None:
-    """Two panels over optimiser steps: the relational loss (nats) and the learning rate (EMA momentum on a right axis)."""
-    steps, loss = series(records, "loss")
-    if not len(steps):
-        return None
-    lr_steps, lr = series(records, "lr")
-    fig = _figure(7.5, 5.2)
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    top.plot(steps, loss, color="tab:blue", marker="." if len(steps) < 50 else None, label="relational loss")
-    top.set_ylabel("loss (nats)")
-    top.set_title("Training loss: cross-entropy of the student's relation to the teacher's")
-    top.grid(alpha=0.3)
-    bottom.plot(lr_steps, lr, color="tab:orange", label="learning rate")
-    bottom.set_ylabel("learning rate")
-    bottom.set_xlabel("optimiser step")
-    bottom.grid(alpha=0.3)
-    m_steps, momentum = series(records, "ema_momentum")
-    handles, labels = bottom.get_legend_handles_labels()
-    if len(m_steps):
-        right = bottom.twinx()
-        right.plot(m_steps, momentum, color="tab:green", linestyle="--", label="teacher EMA momentum")
-        right.set_ylabel("EMA momentum")
-        h, lab = right.get_legend_handles_labels()
-        handles, labels = handles + h, labels + lab
-    bottom.legend(handles, labels, loc="best", fontsize="small")
-    return fig
-
-
-def plot_knn(records: list[dict[str, Any]]) -> Figure | None:
-    """Weighted-kNN top-1 and top-5 accuracy (%) of the student's backbone on the test split, over epochs."""
-    epochs, top1 = series(records, "knn_top1", x="epoch")
-    if not len(epochs):
-        return None
-    epochs5, top5 = series(records, "knn_top5", x="epoch")
-    fig = _figure(7.5, 3.8)
-    ax = fig.subplots()
-    ax.plot(epochs, top1, marker="o", color="tab:blue", label="top-1")
-    if len(epochs5):
-        ax.plot(epochs5, top5, marker="s", linestyle="--", color="tab:gray", label="top-5")
-    for e, v in zip(epochs, top1):
-        ax.annotate(f"{v:.1f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small")
-    ax.set_xlabel("epochs completed (0: random initialisation)")
-    ax.set_ylabel("kNN accuracy (%)")
-    ax.set_title("Weighted kNN on the test split (training images as the bank)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    return fig
-
-
-def plot_health(records: list[dict[str, Any]], queue_size: int | None, out_dim: int | None) -> Figure | None:
-    """Relation entropies (nats) with ``log K`` marked, and the embeddings' spread with ``1/sqrt(D)`` marked
-    (queue fill on a right axis); only the panels whose keys were logged."""
-    data = {key: series(records, key) for key in HEALTH_KEYS}
-    entropy_keys = [k for k in ("teacher_entropy", "student_entropy") if len(data[k][0])]
-    spread_keys = [k for k in ("student_std", "teacher_std", "queue_fill") if len(data[k][0])]
-    panels = [p for p in (entropy_keys, spread_keys) if p]
-    if not panels:
-        return None
-    fig = _figure(7.5, 2.8 + 2.6 * len(panels))
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    colours = {"teacher_entropy": "tab:red", "student_entropy": "tab:blue", "student_std": "tab:blue",
-               "teacher_std": "tab:red", "queue_fill": "tab:gray"}
-    labels = {"teacher_entropy": "teacher (weak view)", "student_entropy": "student (strong view)",
-              "student_std": "student", "teacher_std": "teacher", "queue_fill": "queue fill (right axis)"}
-    for ax, keys in zip(axes, panels):
-        handles = []
-        if keys is entropy_keys:
-            for k in keys:
-                handles += ax.plot(*data[k], color=colours[k], label=labels[k])
-            if queue_size:
-                handles.append(ax.axhline(math.log(queue_size), color="black", linestyle=":",
-                                          label=f"log K = {math.log(queue_size):.2f} (uniform relation)"))
-            ax.set_ylim(bottom=0)
-            ax.set_ylabel("relation entropy (nats)")
-            ax.set_title("Entropy of the relation to the queue (log K: no structure, 0: one-hot)")
-        else:
-            for k in keys:
-                if k != "queue_fill":
-                    handles += ax.plot(*data[k], color=colours[k], label=labels[k])
-            if out_dim and any(k != "queue_fill" for k in keys):
-                handles.append(ax.axhline(1 / math.sqrt(out_dim), color="black", linestyle=":",
-                                          label=f"1/sqrt(D) = {1 / math.sqrt(out_dim):.3f} (uniform on the sphere)"))
-            ax.set_ylim(bottom=0)
-            ax.set_ylabel("std of unit embeddings")
-            ax.set_title("Spread of the embeddings across the batch (0: collapse)")
-            if "queue_fill" in keys:
-                right = ax.twinx()
-                handles += right.plot(*data["queue_fill"], color=colours["queue_fill"], linestyle="--", label=labels["queue_fill"])
-                right.set_ylabel("fraction of the queue filled")
-                right.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(handles=handles, loc="best", fontsize="small")
-    axes[-1].set_xlabel("optimiser step")
-    return fig
-
-
-def plot_embedding_map(points: np.ndarray, labels: np.ndarray, names: list[str], method: str, what: str) -> Figure:
-    """Scatter of ``points`` (N, 2) coloured by class, one legend entry per class name."""
-    fig = _figure(7.5, 6.2)
-    ax = fig.subplots()
-    classes = sorted(int(c) for c in np.unique(labels))
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo"]
-    for j, c in enumerate(classes):
-        sel = labels == c
-        name = names[c] if 0 <= c < len(names) else ("unlabelled" if c < 0 else str(c))
-        colour = cmap(j % cmap.N) if cmap.N <= 20 else cmap(j / max(1, len(classes) - 1))
-        ax.scatter(points[sel, 0], points[sel, 1], s=8 if len(points) > 500 else 18, color=colour, label=name, alpha=0.8, linewidths=0)
-    ax.set_title(f"{method} of {what} ({len(points)} images), coloured by class")
-    ax.set_xlabel(f"{method} 1")
-    ax.set_ylabel(f"{method} 2")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if len(classes) <= 30:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", markerscale=2, title="class")
-    return fig
-
-
-def plot_retrieval(
-    queries: list[np.ndarray], query_labels: list[int], neighbours: list[list[np.ndarray]],
-    neighbour_labels: list[list[int]], sims: list[list[float]], names: list[str],
-) -> Figure:
-    """One row per query: the query image, then its nearest training images with class and cosine similarity;
-    a green frame marks a neighbour of the query's class, red another class."""
-    rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
-    fig = _figure(1.35 * cols + 0.3, 1.55 * rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    name = lambda c: names[c] if 0 <= c < len(names) else ("?" if c < 0 else str(c))
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                image, title, colour, width = queries[r], f"query\n{name(query_labels[r])}", "black", 2.5
-            elif c - 1 < len(neighbours[r]):
-                y = neighbour_labels[r][c - 1]
-                image, title = neighbours[r][c - 1], f"{name(y)}\ncos {sims[r][c - 1]:.2f}"
-                labelled = y >= 0 and query_labels[r] >= 0
-                colour, width = ("tab:green" if y == query_labels[r] else "tab:red") if labelled else "gray", 2.5
-            else:
-                ax.set_axis_off()
-                continue
-            ax.imshow(image, interpolation="nearest" if max(image.shape[:2]) <= 64 else "antialiased")
-            ax.set_title(title, fontsize=8)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(width)
-    fig.suptitle("Nearest training images by backbone features (cosine); green: same class, red: another", fontsize=10)
-    return fig
-
-
-REPORT_WRITE_FIX = "make the run directory writable, or free disk space"
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    """``fig`` as a PNG at ``path``; a failed write is a one-line :class:`ressl.checkpoint.WriteError`."""
-    with writing(str(path), REPORT_WRITE_FIX):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100, facecolor="white")
-    return path
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -593,7 +343,7 @@ def _embedding_plots(
     """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
     from ressl.checkpoint import CheckpointError
     from ressl.data import to_device
-    from ressl.evaluate import load_for_evaluation
+    from ressl.evaluate import checkpoint_features, load_for_evaluation
     from ressl.train import resolve_device
 
     try:
@@ -608,11 +358,11 @@ def _embedding_plots(
     query_split = ds.test if ds.test is not None else gallery_split
     to_device(ds, dev, [gallery_split, query_split])
     say(f"ressl report: backbone features of {len(gallery_split)} + {len(query_split)} images ...")
-    gallery, gallery_y = run_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers)
+    gallery, gallery_y = checkpoint_features(backbone, run_cfg, ds, gallery_split, dev, batch_size, workers, torch.float32)
     if query_split is gallery_split:
         queries, query_y = gallery, gallery_y
     else:
-        queries, query_y = run_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers)
+        queries, query_y = checkpoint_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers, torch.float32)
     what = "test embeddings" if query_split is ds.test else "training embeddings"
 
     rng = np.random.default_rng(0)
@@ -647,4 +397,4 @@ def _embedding_plots(
                        "training images by cosine similarity of the student's backbone features.")))
 
 
-__all__ = ["Report", "class_names", "embed", "make_report", "nearest", "project_2d", "read_metrics", "run_features", "series"]
+__all__ = ["Report", "class_names", "make_report", "nearest", "project_2d"]

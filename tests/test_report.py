@@ -18,17 +18,9 @@ from ressl.cli import main
 from ressl.data import Dataset, Split
 from ressl.evaluate import load_trained
 from ressl.folder import FolderIndex
-from ressl.report import (
-    class_names,
-    nearest,
-    pick_queries,
-    plot_embedding_map,
-    plot_health,
-    plot_knn,
-    plot_training,
-    project_2d,
-    read_metrics,
-)
+from ressl.meter import read_metrics
+from ressl.plots import plot_embedding_map, plot_health, plot_knn, plot_training
+from ressl.report import class_names, nearest, pick_queries, project_2d
 
 TINY = ["--image_size", "16", "--width", "8", "--hidden_dim", "32", "--out_dim", "16", "--batch_size", "32",
         "--queue_size", "64", "--knn_k", "10", "--precision", "fp32", "--workers", "0"]

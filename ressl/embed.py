@@ -1,0 +1,61 @@
+"""``ressl embed``: the backbone features (N, F) of a split as ``.npy``, and where each row came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ressl import dist
+from ressl.checkpoint import writing
+from ressl.folder import DataError
+
+if TYPE_CHECKING:
+    from ressl.data import Split
+
+
+def split_rows(split: Split, name: str) -> list[str]:
+    """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory)."""
+    if split.folder is not None:
+        return [str(p) for p in split.folder.files]
+    return [f"{name}:{i}" for i in range(len(split))]
+
+
+def embed(
+    checkpoint: str, data: str, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
+    device: str = "auto", batch_size: int = 512, workers: int = 4,
+) -> tuple[Path, Path, tuple[int, int]]:
+    """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
+    ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
+    from ressl.data import to_device
+    from ressl.evaluate import checkpoint_features, load_for_evaluation
+    from ressl.train import resolve_device
+
+    if split not in ("train", "test"):
+        raise DataError(f"--split must be train or test, got {split!r}")
+    dev = resolve_device(device)
+    backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
+    chosen = ds.train if split == "train" else ds.test
+    if chosen is None:
+        raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
+    to_device(ds, dev, [chosen])
+    feats, _ = checkpoint_features(backbone, cfg, ds, chosen, dev, batch_size, workers, torch.float32)  # .npy: never bf16
+    rows = split_rows(chosen, split)
+    assert len(rows) == feats.shape[0], (len(rows), feats.shape)
+    out_path = Path(out).expanduser()
+    files_path = files_list_path(out_path)
+    if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
+        return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
+    with writing(f"--out {out}", "choose another --out"):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
+            np.save(f, feats.cpu().numpy().astype(np.float32))
+        files_path.write_text("".join(r + "\n" for r in rows))
+    return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
+
+
+def files_list_path(out: Path) -> Path:
+    """``emb.npy`` -> ``emb.files.txt``; any other name gets ``.files.txt`` appended."""
+    return out.with_suffix(".files.txt") if out.suffix == ".npy" else out.with_name(out.name + ".files.txt")
