@@ -26,8 +26,8 @@ from ressl import allocator, config
 from ressl.cli import USER_ERRORS
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset
+from ressl.dist import resolve_device
 from ressl.model import ReSSL
-from ressl.train import resolve_device
 
 SHARED_CIFAR10 = Path("/work/shared/data/cifar10")
 DATA_ENV = "RESSL_BENCH_DATA"  # "random" forces generated images, a directory points at a train.npz

@@ -117,6 +117,22 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device for ``--device``; under torchrun/SLURM it also joins the process group, and CUDA
+    processes take ``cuda:LOCAL_RANK``."""
+    from ressl.config import ConfigError  # config imports nothing of ressl's at module level: no cycle
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if init_from_env(device.type) and device.type == "cuda":
+        device = torch.device("cuda", local_device_index())
+    if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @torch.no_grad()
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (B, ...) from every rank in rank order -> (world * B, ...); no gradient."""

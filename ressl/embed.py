@@ -31,11 +31,10 @@ def embed(
     ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
-    from ressl.train import resolve_device
 
     if split not in ("train", "test"):
         raise DataError(f"--split must be train or test, got {split!r}")
-    dev = resolve_device(device)
+    dev = dist.resolve_device(device)
     backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:

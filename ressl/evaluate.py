@@ -412,9 +412,8 @@ def evaluate_checkpoint(
     hold the number of ``classes``.
     ``say`` hears what is under way (the CLI prints it to stderr)."""
     from ressl.data import to_device
-    from ressl.train import resolve_device
 
-    dev = resolve_device(device)
+    dev = dist.resolve_device(device)
     backbone, cfg, ds = load_for_evaluation(path, teacher, dev, dataset, data)
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     if say is not None:  # the features take a while on a CPU (CIFAR-10: ~20 s) before anything else is printed

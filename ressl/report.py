@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ressl import dist
 from ressl.checkpoint import writing
 from ressl.folder import DataError
 from ressl.meter import read_metrics
@@ -344,10 +345,9 @@ def _embedding_plots(
     from ressl.checkpoint import CheckpointError
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
-    from ressl.train import resolve_device
 
     try:
-        dev = resolve_device(device)
+        dev = dist.resolve_device(device)
         backbone, run_cfg, ds = load_for_evaluation(str(run / "checkpoint.pt"), False, dev, dataset, data, download=False)
     except (CheckpointError, DataError) as err:
         report.notes.append(f"embedding map and retrieval grid left out: {err}")

@@ -36,20 +36,6 @@ from ressl.schedule import cosine_lr, ema_momentum
 from ressl.views import ViewAugment
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device for ``--device``; under torchrun/SLURM it also joins the process group, and CUDA
-    processes take ``cuda:LOCAL_RANK``."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise config.ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if dist.init_from_env(device.type) and device.type == "cuda":
-        device = torch.device("cuda", dist.local_device_index())
-    if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it
-        torch.cuda.set_device(device)
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 @dataclass
 class TrainState:
     step: int = 0  # optimiser steps taken
@@ -281,7 +267,7 @@ def default_out(cfg: Config) -> Path:
 def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists, else from
     ``cfg.resume`` if given. :func:`pretrain` writes ``config.yaml`` once it knows the run has training left."""
-    device = resolve_device(cfg.device)
+    device = dist.resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
     graphed = use_cuda_graph(cfg, device)
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)

@@ -159,7 +159,7 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_asked_for_becomes_the_current_device():
     """Streams, events and CUDA graphs are made on the current device: --device cuda:N must make it N."""
-    from ressl.train import resolve_device
+    from ressl.dist import resolve_device
 
     last = torch.cuda.device_count() - 1
     assert resolve_device(f"cuda:{last}") == torch.device("cuda", last) and torch.cuda.current_device() == last
