@@ -268,7 +268,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ["weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.seed >= 2**32:  # generators are seeded with seed * 1_000_003 + epoch (data.epoch_seed), within 64 bits
+    if cfg.seed >= 2**32:  # generators are seeded with seed * 1_000_003 + epoch (batches.epoch_seed), within 64 bits
         raise ConfigError(f"seed must be below 2**32 = {2**32}, got {cfg.seed}")
     if cfg.max_minutes is not None and cfg.max_minutes < 0:
         raise ConfigError(f"max_minutes must be 0 or more (0 or none: no limit), got {cfg.max_minutes}")

@@ -1,35 +1,25 @@
-"""Datasets (embedded digits, npz arrays, torchvision sets, image folders) and the batches drawn from them.
+"""Datasets (embedded digits, npz arrays, torchvision sets, image folders): what a run trains and evaluates on.
 
-Sets that fit in memory are held as one uint8 tensor (N, C, H, W) on the training device and
-batches are sliced from it; image folders are decoded (and cropped) by loader workers. Either way the training
-loop receives uint8 batches and augments them batched (``ressl.views``), except with ``augment_backend
-torchvision``, where loader workers make the finished float views image by image (``TwoViews``).
+Sets that fit in memory are held as one uint8 tensor (N, C, H, W), moved once to the training device; image folders
+are an index of files with their labels, decoded by loader workers. The batches drawn from either: ``ressl.batches``.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ressl import config, dist
-from ressl.augment import eval_transform
 from ressl.folder import (
     DataError,
     FileList,
     FolderIndex,
-    ImageFolderDataset,
     holds_images,
     listed,
-    load_rgb,
     readable,
     scan_folder,
     take,
@@ -368,204 +358,6 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 
 
-# --- batches ---------------------------------------------------------------------------------
-
-
-def precropped(dataset: Dataset) -> bool:
-    """Whether training views arrive already cropped (folders: crops are cut by loader workers)."""
-    return dataset.train.images is None
-
-
-class TwoViews:
-    """A per-image (weak, strong) pair made by loader workers: (C, H, W) -> (2, 3, S, S).
-
-    With ``ressl.augment.torchvision_pipeline`` for both (``augment_backend torchvision``, the official
-    code's loader) the views are finished float images; folders otherwise get two uint8 crops here.
-    """
-
-    def __init__(self, weak: Callable[[torch.Tensor], torch.Tensor], strong: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.weak, self.strong = weak, strong
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.weak(image), self.strong(image)])
-
-
-def _two_crops(size: int, min_scale: float) -> TwoViews:
-    """Two independent RandomResizedCrops of a decoded image (weak, strong sources): uint8 (2, 3, S, S)."""
-    from torchvision.transforms import v2
-
-    crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
-    return TwoViews(crop, crop)
-
-
-class _InMemoryImages(torch.utils.data.Dataset):
-    """``(transform(images[i]), labels[i])`` of an in-memory split, for loader workers (a CPU copy of the images)."""
-
-    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        assert split.images is not None
-        self.images, self.transform = split.images.cpu(), transform
-        self.labels = split.labels_or_unlabeled().cpu()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[i]), self.labels[i]
-
-
-class _EvalResize:
-    """Resize (shorter side to size/0.875 above 64 px, as torchvision's ImageNet protocol) and centre-crop."""
-
-    def __init__(self, size: int) -> None:
-        from torchvision.transforms import v2
-
-        resize = size if size <= 64 else round(size / 0.875)
-        self.t = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.t(image)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A generator seed for each (run seed, epoch): the epoch's order, and the draws of its loader's crops."""
-    return seed * 1_000_003 + epoch  # within 64 bits for the seeds config.validate accepts (below 2**32)
-
-
-def pretrain_batches(
-    dataset: Dataset, batch_size: int, image_size: int, min_scale: float, workers: int,
-    order: torch.Tensor, start: int, device: torch.device, views: TwoViews | None = None, seed: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's (weak source, strong source) batches for this process, from batch ``start`` on.
-
-    ``order`` (N,) is the epoch's permutation; the last partial batch is dropped. In memory: both
-    sources are the same (B, C, H, W) slice, cropped later on the device. Folders: two independent
-    crops (B, 3, S, S) cut by the workers. ``batch_size`` is global; each process takes its share.
-    With ``views`` (``augment_backend torchvision``) loader workers make finished float views instead,
-    image by image, from memory or folder alike. Their random draws come from ``seed`` (the epoch's), the process's
-    rank and ``start``: each process crops its images its own way (in the main process, with no workers, through the
-    global generator, seeded here).
-    """
-    world, rank = dist.world_size(), dist.rank()
-    local = batch_size // world
-    split = dataset.train
-    steps = len(split) // batch_size
-    if split.images is not None and views is None:
-        images = split.images
-        order = order.to(images.device)  # once per epoch: a copy per step from pageable memory would wait for the GPU
-        for step in range(start, steps):
-            idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
-            batch = images.index_select(0, idx).to(device, non_blocking=True)  # 10x faster than images[idx] on CPU
-            yield batch, batch
-        return
-    mine = order[: steps * batch_size].view(steps, world, local)[start:, rank].reshape(-1).tolist()
-    if split.images is not None:
-        assert views is not None
-        ds: torch.utils.data.Dataset = _InMemoryImages(split, views)
-    else:
-        assert split.folder is not None
-        ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
-    draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
-    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True):
-        pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
-        yield pair[:, 0], pair[:, 1]
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A loader worker's start (``worker_init_fn``): SIGTERM and SIGINT are left to the main process, which stops at a
-    step boundary with a checkpoint. A launcher or scheduler signals the whole process group (torchrun, SLURM,
-    Ctrl-C): a worker killed by it would break the main process's next batch before it could stop cleanly.
-
-    SIGINT is ignored. SIGTERM stays blocked (the worker was started so, :func:`started`) and a thread takes each
-    one: from the main process, which ends a worker that did not stop by itself (a loader closed early, the
-    interpreter's exit), the worker exits as PyTorch's own handler would make it; from anyone else it is dropped.
-    Where a thread cannot wait for a signal (no ``sigwaitinfo``), PyTorch's handler stays."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
-    parent = os.getppid()
-
-    def take_sigterm() -> None:
-        while True:
-            if signal.sigwaitinfo([signal.SIGTERM]).si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take_sigterm, name="ressl-sigterm", daemon=True).start()
-
-
-def started(loader: DataLoader) -> Iterator[Any]:
-    """``iter(loader)``, its worker processes started with SIGTERM and SIGINT blocked, which they inherit until
-    :func:`ignore_stop_signals` runs in them: PyTorch gives a new worker a SIGTERM handler of its own first, and a
-    signal in that window killed it (a launcher's SIGTERM as an epoch's workers started). In this process a signal
-    sent meanwhile arrives once they are started."""
-    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
-        return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def worker_batches(ds: torch.utils.data.Dataset, batch_size: int, workers: int, device: torch.device,
-                   generator: torch.Generator | None = None, **loader_args: Any) -> Iterator[Any]:
-    """The batches of ``ds``, made by up to ``workers`` loader processes (:func:`loader_workers`) that leave stop
-    signals to this one (:func:`ignore_stop_signals`, :func:`started`), pinned for a copy to CUDA. Their random draws
-    come from ``generator``; without workers they are made here, from the global generator, seeded from it."""
-    processes = loader_workers(workers)
-    if generator is not None and processes == 0:
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    return started(DataLoader(ds, batch_size=batch_size, num_workers=processes, pin_memory=device.type == "cuda",
-                              generator=generator, worker_init_fn=ignore_stop_signals, **loader_args))
-
-
-def loader_workers(asked: int) -> int:
-    """``--workers``, but no more than the CPUs this process may use (more only queue up, and PyTorch warns)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(asked, available))
-
-
-PAD_LABEL = -100  # rows added so that every process gets as many evaluation images; dropped after gathering
-
-
-def rows_per_rank(n: int) -> int:
-    """Evaluation rows each process takes of ``n`` images (the last ones padded with ``PAD_LABEL``)."""
-    return -(-n // dist.world_size())
-
-
-def eval_batches(
-    split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
-    device: torch.device, workers: int = 4,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,).
-
-    Under ``torchrun`` each process takes its block of consecutive images, the last padded to equal counts with
-    ``PAD_LABEL`` rows: ``ressl.evaluate.extract_features`` gathers the blocks in rank order, which is the split's
-    (``embed``'s rows name their files in that order), and drops the padding.
-    """
-    per_rank = rows_per_rank(len(split))
-    rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
-    indices, pad = rows.remainder(len(split)), rows >= len(split)
-    if split.images is not None:
-        labels = torch.where(pad, PAD_LABEL, split.labels_or_unlabeled()[indices])
-        for start in range(0, per_rank, batch_size):
-            idx = indices[start : start + batch_size]
-            x = split.images[idx.to(split.images.device, non_blocking=True)].to(device, non_blocking=True)
-            yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device, non_blocking=True)
-        return
-    assert split.folder is not None
-    # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False)
-    start = 0
-    for x, y in worker_batches(torch.utils.data.Subset(ds, indices.tolist()), batch_size, workers, device):
-        y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
-        start += len(y)
-        yield eval_transform(x.to(device, non_blocking=True), image_size, mean, std), y.to(device, non_blocking=True)
-
-
 def sample_split(split: Split, size: int, seed: int = 0) -> Split:
     """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order."""
     if len(split) <= size:
@@ -590,4 +382,4 @@ def to_device(dataset: Dataset, device: torch.device, splits: Iterable[Split | N
             split.images = split.images.to(device)
 
 
-__all__ = ["DataError", "Dataset", "Split", "eval_batches", "load_dataset", "load_rgb", "pretrain_batches", "to_device"]
+__all__ = ["Dataset", "Split", "evaluation_source", "load_dataset", "sample_split", "to_device"]

@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ressl import checkpoint, config, dist, precision
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
+from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
-from ressl.data import Dataset, TwoViews, epoch_seed, load_dataset, precropped, pretrain_batches, sample_split, to_device
+from ressl.data import Dataset, load_dataset, sample_split, to_device
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.folder import DataError, LateDataError, own_message
 from ressl.graph import CapturedStep

@@ -36,7 +36,7 @@ def draw_seed(seed: Sequence[int], draw: int) -> int:
 
 class ViewAugment:
     """The teacher's weak view and the student's strong view of batch number ``step`` (uint8 sources, see
-    ``ressl.data.pretrain_batches``), each image with its own parameters.
+    ``ressl.batches.pretrain_batches``), each image with its own parameters.
 
     ``seed``: integers that identify the run and the process, e.g. ``(cfg.seed, rank)``. Parameters are drawn for
     ``max(1, images_per_draw // B)`` steps at a time, on the CPU, for the batch shape of the step asked for.

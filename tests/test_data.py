@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ressl.data import DataError, eval_batches, load_dataset, pretrain_batches
+from ressl.batches import eval_batches, pretrain_batches
+from ressl.data import DataError, load_dataset
 
 
 def test_digits_embedded():
@@ -67,7 +68,7 @@ def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loa
     import subprocess
     import time
 
-    from ressl.data import ignore_stop_signals, started
+    from ressl.batches import ignore_stop_signals, started
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     loader = torch.utils.data.DataLoader(_WorkerPids(), batch_size=None, num_workers=1, worker_init_fn=ignore_stop_signals,
@@ -168,7 +169,7 @@ def test_torchvision_backend_batches_are_finished_per_image_views(npz_dir):
     """augment_backend torchvision: workers hand over normalised float (weak, strong) pairs, one epoch's
     images exactly once, each view cut on its own (the official loader's design)."""
     from ressl.augment import torchvision_pipeline
-    from ressl.data import TwoViews
+    from ressl.batches import TwoViews
 
     ds = load_dataset("npz", str(npz_dir))
     kw = dict(mean=ds.mean, std=ds.std, crop_scale=(0.2, 1.0))
@@ -183,7 +184,7 @@ def test_torchvision_backend_batches_are_finished_per_image_views(npz_dir):
 
 def test_torchvision_backend_on_a_folder(tmp_path):
     from ressl.augment import torchvision_pipeline
-    from ressl.data import TwoViews
+    from ressl.batches import TwoViews
 
     for i in range(8):
         Image.new("RGB", (20 + i, 24), (40 * i, 0, 200)).save(tmp_path / f"{i}.png")

@@ -296,7 +296,8 @@ def test_features_of_every_process_come_back_in_the_splits_order(tmp_path):
 
 def _loader_views_worker(rank: int, tmp: str) -> None:
     from ressl.augment import torchvision_pipeline
-    from ressl.data import Dataset, Split, TwoViews, pretrain_batches
+    from ressl.batches import TwoViews, pretrain_batches
+    from ressl.data import Dataset, Split
 
     _join(rank, tmp)
     torch.manual_seed(0)  # as setup seeds every process alike
