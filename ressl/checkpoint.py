@@ -57,10 +57,21 @@ def writing(what: str, fix: str = WRITE_FIX) -> Iterator[None]:
 
 
 def write_run_file(path: Path, text: str, mode: str = "w") -> None:
-    """Write (``mode`` "w") or append ("a") ``text`` to a file of the run directory; a failure is a one-line
-    :class:`WriteError`."""
-    with writing(str(path)), path.open(mode) as f:
-        f.write(text)
+    """Write (``mode`` "w": whole, through a temporary file renamed over ``path``, so that a full disk never leaves it
+    cut short) or append ("a") ``text`` to a file of the run directory; a failure is a one-line :class:`WriteError`."""
+    with writing(str(path)):
+        if mode == "a":
+            with path.open("a") as f:
+                f.write(text)
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 def new_file_mode() -> int:
@@ -108,6 +119,18 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"checkpoint {path} does not exist: pass a run's checkpoint, RUN_DIR/checkpoint.pt")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"cannot read checkpoint {path}: not a file written by torch.save; is it a ressl checkpoint.pt?")
+    try:  # torch.load checks no checksum: a flipped bit in a tensor would load as silently wrong weights
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # every entry's CRC-32 (about 0.1 s per 300 MB)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as err:  # cut short, an unknown compression
+        why = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged ({why}): copy it again from where it was written, "
+                              "or use another checkpoint") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged (entry {bad} fails its checksum): its bytes changed after "
+                              "it was written (a disk or copy fault); copy it again from where it was written, or use another checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

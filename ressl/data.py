@@ -6,6 +6,7 @@ are an index of files with their labels, decoded by loader workers. The batches 
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,37 @@ class Dataset:
         raise DataError(f"nothing to evaluate on: {self.describe()}; kNN and the linear probe need {need}")
 
 
+def _to_uint8_advice(x: np.ndarray) -> str:
+    """How to turn images ``x`` of another dtype into uint8 0..255, judged by their values (a bare
+    ``x.astype(np.uint8)`` makes 0..1 floats black and wraps larger integers modulo 256)."""
+    if x.dtype == np.bool_:
+        return "; convert with x.astype(np.uint8) * 255"
+    if x.dtype.kind not in "iuf" or x.size == 0:
+        return "; convert them to uint8 values 0..255"
+    low, high = x.min().item(), x.max().item()
+    if x.dtype.kind == "f" and not np.isfinite([low, high]).all():
+        finite = x[np.isfinite(x)]  # a copy, made only on this error path
+        if finite.size == 0:
+            return " with no finite value"
+        low, high = finite.min().item(), finite.max().item()
+    span = f" values in [{low:g}, {high:g}]"
+    if low < 0:
+        return f"{span}: rescale them to 0..255 first (undo any normalisation), then .round().astype(np.uint8)"
+    if x.dtype.kind in "iu" and high <= 255:
+        return f"{span}, within 0..255: x.astype(np.uint8) keeps them"
+    if x.dtype.kind == "u":  # 16-bit images: white is the dtype's maximum; astype alone would wrap modulo 256
+        top = np.iinfo(x.dtype).max
+        return f"{span}: scale them to 0..255, e.g. (x * (255 / {top})).round().astype(np.uint8) if {top} is white"
+    if x.dtype.kind == "f" and high <= 1:
+        return f"{span}: convert with (x * 255).round().astype(np.uint8)"
+    if x.dtype.kind == "f" and high <= 255:
+        return f"{span}: convert with x.round().astype(np.uint8)"
+    return f"{span}: rescale them to 0..255 first, then .round().astype(np.uint8)"
+
+
 def _to_nchw(x: np.ndarray, where: str) -> torch.Tensor:
     if x.dtype != np.uint8:
-        raise DataError(f"{where}: images must be uint8 (N, H, W, C), got {x.dtype}; convert with x.astype(np.uint8)")
+        raise DataError(f"{where}: images must be uint8 (N, H, W, C) in 0..255, got {x.dtype}{_to_uint8_advice(x)}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -146,26 +175,63 @@ def load_digits() -> Dataset:
     return Dataset("digits", train, train, Split(x[te], y[te]), 10, mean, std)
 
 
+def _npz_files(root: Path) -> list[str]:
+    """The names of the ``.npz`` files directly in ``root``, sorted."""
+    return sorted(p.name for p in root.iterdir() if p.suffix.lower() == ".npz" and p.is_file())
+
+
+def _no_train_npz(root: Path) -> DataError:
+    """What to do about a directory read as npz arrays that lacks train.npz: name the .npz files it holds, or point
+    at ``--dataset folder`` when it holds images."""
+    found = _npz_files(root)
+    expected = "expected train.npz (and test.npz) with images x and labels y"
+    if found:
+        rename = "; rename the file of training images to train.npz" if set(found) - {"test.npz"} else ""
+        return DataError(f"{root} has no train.npz (found {listed(found)}): {expected}{rename}")
+    if holds_images(root):
+        return DataError(f"{root} holds images but no train.npz: read it with --dataset folder (npz data: {expected})")
+    return DataError(f"{root} has no train.npz (nor any .npz file): {expected}")
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images ``x`` and labels ``y`` (None when absent) of an .npz file, or :class:`DataError` saying why not."""
+    save = "save it with np.savez(path, x=images, y=labels)"
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # np.save's one array under an .npz name
+            raise DataError(f"{path} is a single .npy array, not an .npz file of named arrays: {save}")
+        with f:
+            if "x" not in f:
+                raise DataError(f"{path} has no array 'x' (found {', '.join(f.files)}); save images as x=..., labels as y=...")
+            return f["x"], f.get("y")
+    except (zipfile.BadZipFile, EOFError) as err:  # a zip cut short or damaged (a bad checksum), an empty file
+        why = "an empty file" if path.stat().st_size == 0 else f"cut short or damaged: {err}"
+        raise DataError(f"{path} is not a readable .npz file ({why}); write it again: {save}") from None
+    except ValueError as err:  # numpy's advice, allow_pickle=True, would run whatever code the file holds
+        if "pickled" in str(err):  # neither a zip nor an .npy array: numpy takes it for a pickle
+            raise DataError(f"{path} is not a numpy .npz file; {save}") from None
+        if "Object arrays" in str(err):
+            raise DataError(f"{path} holds an object array; images and labels must be numeric arrays: {save}") from None
+        raise DataError(f"cannot read {path}: {err}") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
 def load_npz(root: Path, name: str) -> Dataset:
     """``root/train.npz`` and optionally ``root/test.npz``, each with ``x`` uint8 (N, H, W, C) and ``y`` labels."""
+    if not (root / "train.npz").is_file():
+        raise _no_train_npz(root)
     splits: dict[str, Split] = {}
     for part in ("train", "test"):
         path = root / f"{part}.npz"
         if not path.exists():
             continue
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f:
-                    raise DataError(f"{path} has no array 'x' (found {', '.join(f.files)}); save images as x=..., labels as y=...")
-                x = _to_nchw(f["x"], str(path))
-                y = _npz_labels(f["y"], path) if "y" in f else None
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {path}: {err}") from None
+        raw_x, raw_y = _read_npz(path)
+        x = _to_nchw(raw_x, str(path))
+        y = _npz_labels(raw_y, path) if raw_y is not None else None
         if y is not None and len(y) != len(x):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
         splits[part] = Split(x, y)
-    if "train" not in splits:
-        raise DataError(f"{root} has no train.npz: expected train.npz (and test.npz) with arrays x and y")
     train, test = splits["train"], splits.get("test")
     bank, held_out = _labelled_rows(train), _labelled_rows(test)  # -1 marks an unlabelled image
     if bank is not None and held_out is not None:
@@ -206,7 +272,9 @@ def _labelled_rows(split: Split | None) -> Split | None:
     return Split(split.images[keep], split.labels[keep])
 
 
-def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
+def load_torchvision(name: str, root: Path, download: bool, can_download: bool = True) -> Dataset:
+    """CIFAR-10/100 or STL-10 from torchvision's files in ``root``, downloaded first when ``download``.
+    ``can_download``: whether the command has a ``--download`` flag to suggest."""
     import torchvision
 
     cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
@@ -214,8 +282,10 @@ def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
     def get(**kw: object) -> Split:
         try:
             ds = cls(str(root), download=download, **kw)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise DataError(f"{name} not found in {root} ({err}); add --download to fetch it, or point --data at it") from None
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            why = str(err).split(" You can use download=True")[0].rstrip(".")  # that advice is the Python API's
+            fix = "add --download to fetch it, or point --data at it" if can_download else "point --data at a directory that holds it"
+            raise DataError(f"{name} not found in {root} ({why}); {fix}") from None
         except OSError as err:  # no network (URLError), a full disk ...
             if root.is_dir() and not any(root.iterdir()):
                 root.rmdir()  # made for the download: leave nothing behind
@@ -321,40 +391,47 @@ def evaluation_source(run_dataset: str, run_data: str | None, dataset: str | Non
 
     ``--dataset`` alone names another dataset, read from the run's directory only if it is the run's own (digits needs
     none; the others then ask for ``--data``). ``--data`` alone is read as the run's dataset, except a directory of
-    images after a run on a torchvision set (CIFAR, STL-10), which is read as an image folder.
+    images (and no train.npz) after a run on npz arrays or a torchvision set (CIFAR, STL-10), read as an image folder.
     """
     if dataset is not None:
         config.check_dataset(dataset)
         return dataset, data if data is not None else run_data if dataset == run_dataset else None
     if data is None:
         return run_dataset, run_data
-    if run_dataset in TORCHVISION_SETS and not (Path(data).expanduser() / "train.npz").exists() and holds_images(Path(data).expanduser()):
+    root = Path(data).expanduser()
+    if (run_dataset in TORCHVISION_SETS or run_dataset == "npz") and not (root / "train.npz").exists() and holds_images(root):
         return "folder", data
     return run_dataset, data
 
 
-def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01) -> Dataset:
-    """Resolve ``dataset`` and ``data`` into splits; raises :class:`DataError` with a one-line fix."""
+def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad_fraction: float = 0.01, *,
+                 can_download: bool = True) -> Dataset:
+    """Resolve ``dataset`` and ``data`` into splits; raises :class:`DataError` with a one-line fix.
+
+    ``can_download``: whether the command has a ``--download`` flag (``pretrain``) that the fixes may suggest.
+    A directory is read as npz arrays when ``dataset`` is npz, or it holds train.npz, or it holds other .npz files
+    and no images (so the error names what is missing rather than saying it found no images)."""
+    can_download = can_download and dataset in TORCHVISION_SETS
     if data is None:
         if dataset == "digits":
             return load_digits()
         if dataset in TORCHVISION_SETS and download:
             return dist.rank_0_first(lambda: load_torchvision(dataset, Path("data") / dataset, True))
         raise DataError(f"dataset {dataset!r} needs --data PATH (a directory of images or train.npz/test.npz)"
-                        + (" or --download" if dataset in TORCHVISION_SETS else ""))
+                        + (" or --download" if can_download else ""))
     root = Path(data).expanduser()
     if dataset in TORCHVISION_SETS and download:
         root.mkdir(parents=True, exist_ok=True)  # torchvision downloads into it
     if not root.exists():
         raise DataError(f"data directory {root} does not exist: pass --data PATH pointing at your images"
-                        + (" (or add --download)" if dataset in TORCHVISION_SETS else ""))
+                        + (" (or add --download)" if can_download else ""))
     if not root.is_dir():
         raise DataError(f"--data {root} is a file; give the directory that holds it")
-    if (root / "train.npz").exists():
+    if dataset == "npz" or (root / "train.npz").exists() or (_npz_files(root) and not holds_images(root)):
         return load_npz(root, dataset)
     # under torchrun: rank 0 downloads before the others read, and scans a folder for all of them
     if dataset in TORCHVISION_SETS:
-        return dist.rank_0_first(lambda: load_torchvision(dataset, root, download))
+        return dist.rank_0_first(lambda: load_torchvision(dataset, root, download, can_download))
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 
 

@@ -317,6 +317,117 @@ def test_npz_test_labels_that_train_lacks_are_named(tmp_path):
         load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 1_000_000]))))
 
 
+def _damage(path: Path, how: str) -> None:
+    """``path``, a good .npz file, made into what a user might hand over instead."""
+    raw = path.read_bytes()
+    if how == "cut short":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    elif how == "text":
+        path.write_text("x,y\n0,1\n")
+    elif how == "a flipped byte":  # inside x.npy's data, past its header: only the zip's checksum can tell
+        with __import__("zipfile").ZipFile(path) as z:
+            info = z.getinfo("x.npy")
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
+    elif how == "an .npy array":
+        np.save(path.with_suffix(".npy"), np.zeros((8, 8, 8, 3), dtype=np.uint8))
+        path.with_suffix(".npy").replace(path)
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+@pytest.mark.parametrize("how, match", [
+    ("cut short", r"is not a readable \.npz file \(cut short or damaged: File is not a zip file\)"),
+    ("empty", r"is not a readable \.npz file \(an empty file\)"),
+    ("random bytes", r"is not a numpy \.npz file"),
+    ("text", r"is not a numpy \.npz file"),
+    ("a flipped byte", r"is not a readable \.npz file \(cut short or damaged: Bad CRC-32 for file 'x.npy'\)"),
+    ("an .npy array", r"is a single \.npy array, not an \.npz file"),
+])
+def test_a_damaged_npz_file_is_a_one_line_error(tmp_path, part, how, match):
+    """Never numpy's traceback (BadZipFile, EOFError), nor its advice to load the file with allow_pickle=True."""
+    _npz(tmp_path, np.arange(8) % 2, np.array([0, 1]))
+    _damage(tmp_path / f"{part}.npz", how)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset("npz", str(tmp_path))
+    text = str(err.value)
+    assert text.startswith(str(tmp_path / f"{part}.npz")) and "\n" not in text
+    assert "allow_pickle" not in text and "np.savez(path, x=images, y=labels)" in text
+
+
+def test_an_npz_object_array_is_refused_without_allow_pickle_advice(tmp_path):
+    images = np.empty(2, dtype=object)
+    images[:] = [np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)]
+    np.savez(tmp_path / "train.npz", x=images, y=np.array([0, 1]))
+    with pytest.raises(DataError, match="holds an object array") as err:
+        load_dataset("npz", str(tmp_path))
+    assert "allow_pickle" not in str(err.value)
+
+
+N = 8 * 8 * 8 * 3
+
+
+@pytest.mark.parametrize("x, advice", [
+    (np.linspace(0, 1, N, dtype=np.float32), "(x * 255).round().astype(np.uint8)"),
+    (np.linspace(0, 255, N), "x.round().astype(np.uint8)"),
+    (np.linspace(0, 65535, N).round().astype(np.uint16), "(x * (255 / 65535)).round().astype(np.uint8)"),
+    (np.linspace(0, 255, N).round().astype(np.int64), "x.astype(np.uint8)"),
+    (np.linspace(-2, 2, N), "rescale them to 0..255 first (undo any normalisation)"),
+])
+def test_npz_images_of_another_dtype_get_advice_that_keeps_their_values(tmp_path, x, advice):
+    """A bare x.astype(np.uint8) would make 0..1 floats black and wrap 16-bit values modulo 256; the expression the
+    error gives, run on the images, keeps black black, white white and the order of the shades between."""
+    x = x.reshape(8, 8, 8, 3)
+    np.savez(tmp_path / "train.npz", x=x, y=np.arange(8) % 2)
+    with pytest.raises(DataError, match="images must be uint8") as err:
+        load_dataset("npz", str(tmp_path))
+    assert advice in str(err.value) and "\n" not in str(err.value)
+    if advice.startswith("rescale"):
+        return
+    fixed = eval(advice, {"np": np, "x": x}).ravel().astype(np.int64)  # the expression the error gives
+    assert fixed[0] == 0 and fixed[-1] == 255 and (np.diff(fixed) >= 0).all()
+
+
+@pytest.mark.parametrize("dataset", ["npz", "folder", "cifar10"])
+def test_a_directory_without_train_npz_names_the_npz_files_it_holds(tmp_path, dataset):
+    """test.npz alone, or misnamed arrays: the error says train.npz is missing (not that no images were found),
+    whatever dataset name the directory arrived with (--dataset npz, --data alone, a preset)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar_train.npz", x=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y=np.arange(8) % 2)
+    np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"has no train\.npz \(found cifar_train\.npz, test\.npz\)") as err:
+        load_dataset(dataset, str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_dataset_npz_on_a_folder_of_images_points_at_dataset_folder(tmp_path):
+    """--dataset npz asked for arrays: a folder of images is refused, not read as images behind the user's back."""
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError, match=r"holds images but no train\.npz: read it with --dataset folder"):
+        load_dataset("npz", str(tmp_path))
+    assert len(load_dataset("folder", str(tmp_path)).train) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"has no train\.npz \(nor any \.npz file\)"):
+        load_dataset("npz", str(empty))
+
+
+def test_download_is_suggested_only_where_the_command_has_the_flag(tmp_path):
+    """pretrain has --download; knn, linear and embed do not, so their errors must not suggest it."""
+    (tmp_path / "empty").mkdir()
+    cases = [None, str(tmp_path / "missing"), str(tmp_path / "empty")]
+    for data in cases:
+        with pytest.raises(DataError, match="--download"):
+            load_dataset("cifar10", data)
+        with pytest.raises(DataError) as err:
+            load_dataset("cifar10", data, can_download=False)
+        assert "--download" not in str(err.value) and "--data" in str(err.value)
+
+
 def test_evaluation_source_reads_the_runs_data_unless_told_otherwise(tmp_path):
     from PIL import Image
 
@@ -333,6 +444,7 @@ def test_evaluation_source_reads_the_runs_data_unless_told_otherwise(tmp_path):
     assert evaluation_source("npz", arrays, "digits", None) == ("digits", None)  # not the run's arrays read as digits
     assert evaluation_source("npz", arrays, "npz", None) == ("npz", arrays)
     assert evaluation_source("cifar10", root, None, photos) == ("folder", photos)  # images, not torchvision's files
+    assert evaluation_source("npz", arrays, None, photos) == ("folder", photos)  # images, not arrays
     assert evaluation_source("cifar10", root, None, arrays) == ("cifar10", arrays)
     assert evaluation_source("cifar10", None, None, root) == ("cifar10", root)
     assert evaluation_source("folder", photos, None, arrays) == ("folder", arrays)  # train.npz is read first anyway

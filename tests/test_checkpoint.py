@@ -1,0 +1,54 @@
+"""checkpoint.load: what it refuses (damaged files) and what it lets through (a checkpoint as torch.save wrote it)."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ressl import checkpoint
+from ressl.checkpoint import CheckpointError
+
+
+def _save(path: Path) -> dict:
+    """A small checkpoint of the shape ressl writes: weights, configuration and loop state."""
+    state = {"model": {"weight": torch.arange(4096, dtype=torch.float32), "bias": torch.zeros(16)},
+             "config": {"dataset": "npz", "epochs": 2}, "state": {"epoch": 1}}
+    checkpoint.save_atomic(state, path)
+    return state
+
+
+def _data_offset(path: Path, entry: str) -> tuple[str, int, int]:
+    """(name, offset in the file, size) of the stored bytes of the first entry whose name ends with ``entry``."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(entry))
+    with path.open("rb") as f:  # the local header's own name and extra lengths (they may differ from the central one's)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    assert info.compress_type == zipfile.ZIP_STORED  # torch.save stores tensors uncompressed
+    return info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_checkpoint_as_written_passes_its_checksums(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = _save(path)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # torch.save writes each entry's CRC-32
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"]) and loaded["state"] == {"epoch": 1}
+
+
+@pytest.mark.parametrize("entry", ["data/0", "data.pkl"])
+def test_flipped_bytes_inside_a_checkpoint_are_refused(tmp_path, entry):
+    """torch.load itself checks no checksum: flipped bytes inside a tensor load silently as wrong weights (kNN then
+    reports a garbage accuracy). The zip's CRC-32 catches them, in a one-line error naming the damaged entry."""
+    path = tmp_path / "checkpoint.pt"
+    _save(path)
+    name, start, size = _data_offset(path, entry)
+    raw = bytearray(path.read_bytes())
+    middle = start + size // 2
+    raw[middle:middle + 4] = bytes(b ^ 0xFF for b in raw[middle:middle + 4])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} is damaged \(entry {name} fails its checksum\)") as err:
+        checkpoint.load(path)
+    assert "\n" not in str(err.value)
