@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def auto_store_dtype(rows: int, feature_dim: int, device: torch.device) -> torch
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None,
-    store_dtype: StoreDtype = None, rows: int | None = None,
+    store_dtype: StoreDtype = None, rows: int | None = None, progress: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) and labels (N,) of every batch, in order.
 
@@ -49,7 +49,8 @@ def extract_features(
     gathered, in ``store_dtype`` (default float32); a callable is given the feature dim F at the first
     batch and returns the dtype. ``rows``, the number of rows the batches hold, lets the features go
     straight into one (rows, F) tensor: the bank's memory once, not a list plus its concatenation.
-    Under ``torchrun`` each rank extracts its own batches and the results are gathered.
+    Under ``torchrun`` each rank extracts its own batches and the results are gathered. ``progress``, the number of
+    images all processes embed together, shows a progress bar over them (:func:`_embedding_bar`).
     """
     was_training = backbone.training
     backbone.eval()
@@ -57,6 +58,7 @@ def extract_features(
     labels: list[torch.Tensor] = []
     store, bank, filled = store_dtype, None, 0
     failure: DataError | None = None
+    bar = None if progress is None else _embedding_bar(progress)
     try:
         for images, y in batches:
             with autocast(images.device, dtype):
@@ -71,12 +73,16 @@ def extract_features(
                 feats.append(f.to(store or torch.float32))
             filled += f.shape[0]
             labels.append(y)
+            if bar is not None:  # rank 0 counts for all: the processes take equal shares (only the last one padded)
+                bar.update(min(filled * dist.world_size(), bar.total) - bar.n)
     except DataError as err:  # an image that broke after the scan
         if not dist.is_distributed():
             raise
         failure = err
     finally:
         backbone.train(was_training)
+        if bar is not None:
+            bar.close()
     _agree_on_failure(failure, next(backbone.parameters(), torch.empty(0)).device)
     mine = bank[:filled] if bank is not None else torch.cat(feats)
     features, labels_all = dist.all_gather_cat(mine), dist.all_gather_cat(torch.cat(labels))
@@ -84,6 +90,18 @@ def extract_features(
     if bool(keep.all()):  # one process, or no padding: no copy
         return features, labels_all
     return features[keep], labels_all[keep]
+
+
+def _embedding_bar(images: int) -> Any:
+    """A progress bar over ``images`` being embedded (ImageNet's bank: minutes), on the main process only, and only
+    when stderr is a terminal (``disable=None``): logs and captured output get no bar lines. ``leave=False``: it is
+    gone once the features are, so the line that reports them follows cleanly; none is open beside it (training's
+    bar closes with its epoch, before the kNN check). None on the other processes."""
+    if not dist.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=images, desc=f"embedding {images:,} images", unit="img", leave=False, dynamic_ncols=True, disable=None)
 
 
 def _agree_on_failure(failure: DataError | None, device: torch.device) -> None:
@@ -111,7 +129,7 @@ def split_features(
     else:
         raise ValueError(f"store_dtype: a torch.dtype or 'auto', not {store_dtype!r}")
     batches = eval_batches(split, image_size, mean, std, batch_size, device, workers)
-    return extract_features(backbone, batches, dtype, chosen, rows=rows_per_rank(len(split)))
+    return extract_features(backbone, batches, dtype, chosen, rows=rows_per_rank(len(split)), progress=len(split))
 
 
 @torch.no_grad()
@@ -230,8 +248,10 @@ def knn_accuracy(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
     num_classes: int, k: int = 200, temperature: float = 0.1,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier (:func:`knn_scores`)."""
-    return topk_accuracy(knn_scores(bank, bank_labels, queries, num_classes, k, temperature), query_labels)
+    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier (:func:`knn_scores`), and the ``k`` it used:
+    at most the bank's size (a larger ``k`` takes every row, and saying so keeps results comparable)."""
+    used = min(k, bank.shape[0])
+    return {**topk_accuracy(knn_scores(bank, bank_labels, queries, num_classes, used, temperature), query_labels), "k": used}
 
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features (B, F), labels (B,))
@@ -381,7 +401,8 @@ def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset:
     from ressl.data import evaluation_source, load_dataset
 
     backbone, cfg, normalisation = load_trained(path, teacher, device)
-    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download if download is None else download)
+    ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download if download is None else download,
+                      can_download=False)  # knn, linear, embed and report have no --download to suggest
     if normalisation is not None:
         ds = dataclasses.replace(ds, mean=normalisation[0], std=normalisation[1])
     return backbone, cfg, ds
@@ -408,8 +429,8 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
-    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used; both
-    hold the number of ``classes``.
+    those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used (``k`` at
+    most the bank's size); both hold the number of ``classes``.
     ``say`` hears what is under way (the CLI prints it to stderr)."""
     from ressl.data import to_device
 
@@ -425,7 +446,9 @@ def evaluate_checkpoint(
     if protocol == "knn":
         k = cfg.knn_k if k is None else k
         temperature = cfg.knn_temperature if temperature is None else temperature
-        return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "k": k, "temperature": temperature,
+        if say is not None and k > bank.shape[0]:
+            say(f"k {k:,} is more than the {bank.shape[0]:,} images of the bank: every one is a neighbour (k {bank.shape[0]:,})")
+        return {**knn_accuracy(bank, bank_y, test, test_y, ds.num_classes, k, temperature), "temperature": temperature,
                 "classes": ds.num_classes}
     dtype = autocast_dtype(cfg.precision, dev)
     train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers=workers,

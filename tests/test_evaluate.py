@@ -142,3 +142,24 @@ def test_accuracy_text_leaves_out_a_top5_that_is_always_100():
 
     assert accuracy_text({"top1": 81.234, "top5": 99.5}, 10) == "top-1 81.23%  top-5 99.50%"
     assert accuracy_text({"top1": 90.0, "top5": 100.0}, 3) == "top-1 90.00%  (3 classes: no top-5)"
+
+
+def test_knn_of_a_checkpoint_reports_the_k_it_used(npz_dir, tmp_path):
+    """``ressl knn --k 100000`` on a bank of 128 images votes with all 128: the result says k 128, and ``say`` tells why."""
+    from ressl import config
+    from ressl.evaluate import evaluate_checkpoint
+    from ressl.model import build_model
+
+    cfg = config.resolve(None, {"dataset": "npz", "data": str(npz_dir), "image_size": 16, "width": 8, "hidden_dim": 32,
+                                "out_dim": 16, "batch_size": 32, "queue_size": 64, "precision": "fp32", "workers": 0})
+    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
+                        cfg.small_stem)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    said: list[str] = []
+    common = dict(device="cpu", workers=0, temperature=0.1)
+    result = evaluate_checkpoint(str(path), "knn", k=100_000, say=said.append, **common)
+    assert result == evaluate_checkpoint(str(path), "knn", k=128, **common) and result["k"] == 128
+    assert said[-1] == "k 100,000 is more than the 128 images of the bank: every one is a neighbour (k 128)"
+    quiet: list[str] = []
+    assert evaluate_checkpoint(str(path), "knn", k=5, say=quiet.append, **common)["k"] == 5 and len(quiet) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +79,15 @@ def test_k_larger_than_the_bank_takes_every_row():
     expected, _ = reference_knn(bank, labels, queries, 3, k=9, temperature=0.07)
     scores = knn_scores(bank, labels, queries, 3, k=200, temperature=0.07, chunk_size=2, bank_chunk_size=4)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_knn_accuracy_reports_the_k_it_used_at_most_the_bank():
+    """``--k 100000`` on a bank of 9 takes all 9, and says 9: results name the neighbours that voted."""
+    bank, queries, labels = torch.randn(9, 4), torch.randn(5, 4), torch.randint(0, 3, (9,))
+    query_labels = torch.randint(0, 3, (5,))
+    every = evaluate.knn_accuracy(bank, labels, queries, query_labels, 3, k=100_000)
+    assert every == evaluate.knn_accuracy(bank, labels, queries, query_labels, 3, k=9) and every["k"] == 9
+    assert evaluate.knn_accuracy(bank, labels, queries, query_labels, 3, k=4)["k"] == 4
 
 
 def test_bf16_bank_predicts_as_fp32_and_is_neither_changed_nor_copied():
@@ -157,6 +169,29 @@ def test_split_features_decides_from_the_whole_split(monkeypatch):
     assert feats.dtype == torch.bfloat16 and asked == [(10, 6, torch.device("cpu"))]
     feats, _ = split_features(*args, store_dtype=torch.float32)
     assert feats.dtype == torch.float32 and len(asked) == 1  # an explicit dtype is not second-guessed
+
+
+class Terminal(io.StringIO):
+    """A stderr that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_split_features_shows_a_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    """On a terminal the images being embedded are counted (ImageNet's bank takes minutes); in captured output and
+    logs (not a terminal) nothing is written, and the bar is gone once the features are (``leave=False``)."""
+    split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10))
+    args = (TinyBackbone(), split, 8, (0.5,) * 3, (0.25,) * 3, 4, torch.device("cpu"), None, 0)
+    quiet, _ = split_features(*args)
+    assert capsys.readouterr().err == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    shown, _ = split_features(*args)
+    text = terminal.getvalue()
+    assert "embedding 10 images:" in text and "0/10" in text and "img/s" in text
+    assert text.split("\r")[-1].strip() == ""  # the last thing written clears the line
+    assert torch.equal(shown, quiet)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
