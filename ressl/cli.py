@@ -86,6 +86,13 @@ def _field_help(name: str, demo: dict[str, Any], notes: dict[str, str]) -> str:
     return text
 
 
+def path(text: str) -> str:
+    """An argparse type for paths: an empty one (``--data "$DATA"`` with DATA unset) would read the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a path")
+    return text
+
+
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("configuration fields (override the preset; see ressl/presets/*.yaml)")
     demo, notes = config.load_preset(DEMO_PRESET), config.field_notes()
@@ -110,15 +117,15 @@ def build_parser() -> Parser:
     p = sub.add_parser("pretrain", allow_abbrev=False, help="pretrain an encoder by ReSSL",
                        description="Pretrain by ReSSL. With no arguments: the embedded digits demo, a few minutes on a CPU. "
                                    + PRETRAIN_DEFAULTS)
-    p.add_argument("--preset", help=f"defaults to start from: {', '.join(config.preset_names())} (see Defaults above), "
+    p.add_argument("--preset", type=path, help=f"defaults to start from: {', '.join(config.preset_names())} (see Defaults above), "
                                     "or a .yaml file of fields (one's own, or a run's config.yaml to repeat it in a new --out)")
     add_config_flags(p)
 
     for name, what in (("knn", "weighted kNN accuracy of a checkpoint's frozen backbone"),
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
         e = sub.add_parser(name, allow_abbrev=False, help=what, description=what[0].upper() + what[1:] + ".")
-        e.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
-        e.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
+        e.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
+        e.add_argument("--data", type=path, help="dataset directory (default: the one the run was trained on)")
         e.add_argument("--dataset", help="dataset name (default: the run's)")
         e.add_argument("--teacher", action="store_true", help="evaluate the teacher's backbone instead of the student's")
         e.add_argument("--device", default="auto")
@@ -138,8 +145,8 @@ def build_parser() -> Parser:
                                 "features cached once (the fast default)")
     x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
                        description="Write the student's (or teacher's) backbone with torchvision's key names.")
-    x.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
-    x.add_argument("--out", required=True, help="output file, e.g. backbone.safetensors")
+    x.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
+    x.add_argument("--out", type=path, required=True, help="output file, e.g. backbone.safetensors")
     x.add_argument("--teacher", action="store_true", help="export the teacher's backbone instead of the student's")
     add_report_commands(sub)
     return parser
@@ -176,7 +183,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ressl.train import pretrain
+    from ressl.rundir import check_outside_data
+    from ressl.train import default_out, pretrain
 
     values = overrides(args)
     preset = args.preset
@@ -187,8 +195,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     elif preset is None and "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such
         values["dataset"] = "npz" if (Path(str(values["data"])).expanduser() / "train.npz").is_file() else "folder"
     cfg = config.resolve(preset, values)
-    if cfg.out:
-        config.check_output(cfg.out, "--out")  # before the data and the model are built
+    out = config.check_output(cfg.out or default_out(cfg), "--out")  # before the data and the model are built
+    check_outside_data(out, cfg)
     if cfg.resume and not Path(cfg.resume).is_file():
         checkpoint.load(cfg.resume)  # a missing checkpoint or a directory: its one-line error, before the data loads
     pretrain(cfg)
@@ -222,8 +230,8 @@ def add_report_commands(sub: Any) -> None:
                        description="Write RUN_DIR/report.md and RUN_DIR/report.html (PNGs embedded, opens offline): the "
                                    "configuration, final metrics, loss/learning-rate/kNN/health curves, a 2-D map of the "
                                    "test embeddings and a retrieval grid.")
-    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the --out of ressl pretrain)")
-    r.add_argument("--data", help="dataset directory for the embedding plots (default: the one the run was trained on)")
+    r.add_argument("run_dir", type=path, metavar="RUN_DIR", help="a run directory (the --out of ressl pretrain)")
+    r.add_argument("--data", type=path, help="dataset directory for the embedding plots (default: the one the run was trained on)")
     r.add_argument("--dataset", help="dataset name (default: the run's)")
     r.add_argument("--no-embeddings", dest="embeddings", action="store_false",
                    help="skip the embedding map and retrieval grid (no checkpoint or data needed)")
@@ -235,12 +243,12 @@ def add_report_commands(sub: Any) -> None:
     m = sub.add_parser("embed", allow_abbrev=False, help="write a checkpoint's backbone features of a data set as .npy",
                        description="Backbone features (N, F) float32 of a split, in order, and FILE.files.txt naming each "
                                    "row (the image path for folders, SPLIT:INDEX for in-memory sets).")
-    m.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
-    m.add_argument("--data", required=True, help="dataset directory: an image folder, train.npz/test.npz, or a torchvision root")
+    m.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
+    m.add_argument("--data", type=path, required=True, help="dataset directory: an image folder, train.npz/test.npz, or a torchvision root")
     m.add_argument("--dataset", help="dataset name (default: the run's; 'folder' or 'npz' for other data)")
     m.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
     m.add_argument("--teacher", action="store_true", help="the teacher's backbone instead of the student's")
-    m.add_argument("--out", required=True, help="output file, e.g. features.npy")
+    m.add_argument("--out", type=path, required=True, help="output file, e.g. features.npy")
     m.add_argument("--device", default="auto")
     m.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
     m.add_argument("--workers", type=int, default=4)
@@ -297,7 +305,12 @@ def _run(args: argparse.Namespace) -> int:
         if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
             print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except RuntimeError as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one too
+        if out_of_memory(err):
+            lower = "--batch_size (or --queue_size, --width, --image_size)" if args.command == "pretrain" else "--batch_size"
+            print(f"ressl {args.command}: error: out of memory ({str(err).splitlines()[0][:160]}): lower {lower}",
+                  file=sys.stderr)
+            return 1
         if not dist.peer_lost(err):
             raise
         if dist.is_main():  # rank 0 says it once; the process that failed gives the reason
@@ -323,6 +336,12 @@ def _run(args: argparse.Namespace) -> int:
         note = "" if saved is None else f"; the last checkpoint is {saved}" if saved.is_file() else "; no checkpoint was written yet"
         print(f"\nressl {args.command}: interrupted{note}", file=sys.stderr)
         return 130
+
+
+def out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocation that failed: on a GPU (``torch.OutOfMemoryError``) or in host memory."""
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "CUDA out of memory" in text
 
 
 if __name__ == "__main__":

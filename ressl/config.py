@@ -196,6 +196,8 @@ def coerce(name: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{name} cannot be empty; give a {kinds[0].__name__}")
     kind = typing.get_origin(kinds[0]) or kinds[0]
+    if kind is str and isinstance(value, str) and not value.strip():  # --data "$DATA" with DATA unset
+        raise ConfigError(f"{name} is empty (an unset shell variable?): give a value")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -258,6 +260,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
     check_dataset(cfg.dataset)
+    if cfg.dataset == "digits" and cfg.data is not None:  # it would read the directory as images, with the demo's recipe
+        raise ConfigError(f"dataset digits is scikit-learn's embedded set and reads no --data: for {cfg.data}, pass "
+                          "--dataset folder (images) or --dataset npz (train.npz/test.npz), or leave out --dataset")
     positive = ["epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every", "eval_batch_size"]
     for name in positive:
         if getattr(cfg, name) <= 0:

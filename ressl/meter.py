@@ -9,7 +9,6 @@ process's unreadable images) asked for.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ressl import dist
-from ressl.checkpoint import write_run_file, writing
+from ressl.checkpoint import write_run_file
 from ressl.monitor import health, queue_fill
 
 if TYPE_CHECKING:
@@ -58,10 +57,7 @@ class MetricsLog:
         records = [parse_record(line) for line in lines]
         kept = [line for line, record in zip(lines, records, strict=True) if record is not None and record.get("step", 0) <= step]
         if len(kept) < len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with writing(str(self.path)):
-                tmp.write_text("".join(kept))
-                os.replace(tmp, self.path)
+            write_run_file(self.path, "".join(kept))
 
     def _tensorboard(self) -> Any:
         if self._board is None:

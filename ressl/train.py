@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ressl import checkpoint, config, dist, precision
+from ressl import checkpoint, config, dist, precision, rundir
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
@@ -304,6 +304,9 @@ def setup(cfg: Config) -> Run:
         loader_views = TwoViews(torchvision_pipeline(size, strong=cfg.teacher_strong, **views), torchvision_pipeline(size, strong=True, **views))
         augment = None
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    rundir.check_reusable(out)
+    if exists_everywhere(out, device):
+        rundir.claim(out, device)  # before a resume rewrites its metrics.jsonl
     state = TrainState()
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, augment, loader_views,
@@ -321,9 +324,11 @@ def setup(cfg: Config) -> Run:
         checkpoint.load(cfg.resume)  # missing everywhere: its one-line error
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
+    rundir.claim(out, device)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
+        if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
+            run.log.keep_until(-1)
     return run
 
 
@@ -366,15 +371,26 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     left as it is: its ``final.json`` is returned and nothing is written.
     """
     run = setup(cfg)
-    say = _printer(run)
+    try:
+        return _train_and_measure(run)
+    finally:
+        rundir.release(run.out)
+
+
+def _train_and_measure(run: Run) -> dict[str, Any]:
+    """:func:`pretrain` once the run is set up: train what is left, then the final kNN and ``final.json``."""
+    cfg, say = run.cfg, _printer(run)
     deadline = run.clock + 60 * cfg.max_minutes if cfg.max_minutes else None  # over every invocation of the run
     done = _done(run, deadline)
-    if done and exists_everywhere(run.out / "final.json", run.device):
+    final = rundir.finished(run.out, run.state.step) if done else None
+    if done and not dist.any_rank(final is None, run.device):
         say(f"{run.out} is already complete ({done}); its results are in {run.out / 'final.json'}. Nothing was changed: "
             "raise --epochs or --max_minutes to train it further, or pass another --out for a new run", flush=True)
-        return json.loads((run.out / "final.json").read_text())
+        assert final is not None  # on every process
+        return final
     if dist.is_main():
         config.save(cfg, run.out / "config.yaml")
+        (run.out / "final.json").unlink(missing_ok=True)  # the results of fewer steps: final.json is the run's last word
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)

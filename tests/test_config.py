@@ -125,6 +125,7 @@ def test_check_output(tmp_path):
     ({"seed": 2**32}, "seed must be below 2**32"),
     ({"device": "cpu:1"}, "device must be auto, cpu, cuda or cuda:N"),
     ({"device": "mps"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"data": "/tmp"}, "dataset digits is scikit-learn's embedded set and reads no --data"),  # the demo's recipe on them
 ])
 def test_values_that_would_fail_mid_run_are_refused_up_front(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,0 +1,141 @@
+"""The run directory: what may start or continue in an --out, one ressl pretrain at a time, and its final.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_images
+from PIL import Image
+from test_cli import TINY
+
+from ressl.cli import main
+
+
+def pretrain(npz_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, *extra]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_final_json_older_than_the_checkpoint_is_measured_again(npz_dir, tmp_path, capsys):
+    """A run stopped after its last checkpoint but before its final kNN (Ctrl-C, a scheduler's kill) left the
+    final.json of its previous invocation, or one cut short: the same command measures the final kNN and writes it."""
+    out = tmp_path / "run"
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    older = (out / "final.json").read_text()
+    assert main(pretrain(npz_dir, out, "--epochs", "2")) == 0
+    newer = json.loads((out / "final.json").read_text())
+    assert newer["steps"] == 2 * json.loads(older)["steps"]
+    for stale in (older, ""):  # the previous invocation's results; a write cut short
+        (out / "final.json").write_text(stale)
+        capsys.readouterr()
+        assert main(pretrain(npz_dir, out, "--epochs", "2")) == 0
+        said = capsys.readouterr().out
+        assert "already complete" not in said and "no training left" in said
+        again = json.loads((out / "final.json").read_text())
+        assert again["steps"] == newer["steps"] and again["knn"] == newer["knn"]
+    capsys.readouterr()
+    assert main(pretrain(npz_dir, out, "--epochs", "2")) == 0  # now it is complete
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_training_on_removes_the_final_json_of_fewer_steps(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    argv = [sys.executable, "-m", "ressl", *pretrain(npz_dir, out, "--epochs", "50", "--log_every", "1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while (out / "final.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert not (out / "final.json").exists()  # while it trains, the run has no final results
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_out_holding_something_else_is_refused_and_left_alone(npz_dir, tmp_path, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("learning_rate: 3\n")  # the user's own file
+    assert main(pretrain(npz_dir, mine, "--epochs", "1")) == 2
+    assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+    finished = tmp_path / "finished"
+    assert main(pretrain(npz_dir, finished, "--epochs", "1")) == 0
+    (finished / "checkpoint.pt").unlink()  # its results stay; training again would replace them
+    before = (finished / "final.json").read_text()
+    capsys.readouterr()
+    assert main(pretrain(npz_dir, finished, "--epochs", "1")) == 2
+    assert "holds a finished run's final.json but no checkpoint.pt" in one_line_error(capsys)
+    assert (finished / "final.json").read_text() == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_with_one_log(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    (out / "checkpoint.pt").unlink()
+    (out / "final.json").unlink()  # what a run killed in its first epoch leaves: config.yaml and metrics.jsonl
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(0) == 1  # the random-init kNN once, no record twice
+
+
+def test_a_second_pretrain_on_the_same_out_is_refused_while_the_first_runs(npz_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    hold = ("import sys, time, torch; from pathlib import Path; from ressl import rundir; "
+            "rundir.claim(Path(sys.argv[1]), torch.device('cpu')); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(pretrain(npz_dir, out, "--epochs", "1")) == 2
+        assert f"another ressl pretrain is running with --out {out}" in one_line_error(capsys)
+        assert not (out / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0  # the lock ends with its process
+
+
+def test_empty_paths_are_refused_not_read_as_the_current_directory(capsys):
+    """``--data "$DATA"`` with DATA unset would read (and scan) the current directory."""
+    for argv, said in ((["pretrain", "--data", ""], "data is empty"), (["pretrain", "--out", " "], "out is empty")):
+        assert main(argv) == 2, argv
+        assert said in one_line_error(capsys)
+    for argv, said in ((["pretrain", "--preset", ""], "argument --preset: is empty"),
+                       (["knn", "--checkpoint", "c.pt", "--data", ""], "argument --data: is empty"),
+                       (["embed", "--checkpoint", "", "--data", "d", "--out", "f.npy"], "argument --checkpoint: is empty")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's own errors
+            main(argv)
+        assert exit_.value.code == 2 and said in one_line_error(capsys)
+
+
+def test_a_default_out_that_cannot_be_made_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the default runs/ directory goes")
+    assert main(["pretrain", "--epochs", "1"]) == 2
+    assert "runs is a file, not a directory" in one_line_error(capsys)
+
+
+def test_an_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys):
+    x, _ = make_images(8, 16, 2)
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert "is inside --data" in one_line_error(capsys)
+
+
+def test_memory_that_cannot_be_had_is_one_line_naming_what_to_lower(npz_dir, tmp_path, capsys):
+    assert main(pretrain(npz_dir, tmp_path / "run", "--queue_size", str(2**50))) == 1  # a queue of 2**57 bytes
+    err = one_line_error(capsys)
+    assert "out of memory" in err and "lower --batch_size (or --queue_size" in err
+
