@@ -16,7 +16,7 @@ import ressl
 from ressl import allocator, checkpoint, config, dist
 from ressl.checkpoint import CheckpointError, WriteError
 from ressl.config import FIELDS, ConfigError
-from ressl.folder import DataError, LateDataError, own_message
+from ressl.errors import DataError, LateDataError, own_message
 from ressl.meter import NonFiniteLoss
 from ressl.train import Interrupted
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ressl import config, dist
+from ressl.errors import DataError
 from ressl.folder import (
-    DataError,
     FileList,
     FolderIndex,
     holds_images,

@@ -10,7 +10,7 @@ import torch
 
 from ressl import dist
 from ressl.checkpoint import writing
-from ressl.folder import DataError
+from ressl.errors import DataError
 
 if TYPE_CHECKING:
     from ressl.data import Split

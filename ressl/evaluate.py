@@ -13,7 +13,7 @@ from torch import nn
 
 from ressl import dist
 from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rows_per_rank, worker_batches
-from ressl.folder import DataError, LateDataError, own_message
+from ressl.errors import DataError, LateDataError, own_message
 from ressl.precision import autocast, autocast_dtype
 from ressl.schedule import cosine_lr
 

@@ -32,35 +32,11 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from ressl.dist import speaks_for_machine
+from ressl.errors import DataError, DataWarning
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
 _TRUNCATED_LOCK = threading.Lock()
-
-
-class DataError(Exception):
-    """A user-facing data problem; the message is one line that names the fix."""
-
-
-class LateDataError(DataError):
-    """A data problem met after the scan, while training or evaluating (files that became unreadable since). Under
-    torchrun it may hit one process alone: the processes agree to stop together, and the message, the same on every
-    process, is one line per process that met it, ``[rank R] MESSAGE``."""
-
-
-def own_message(err: Exception) -> str:
-    """``err``'s own message. An error that a loader worker raised comes back with the worker's traceback in its
-    message (``Caught DataError in DataLoader worker process 1. Original Traceback ...``): its last line is the
-    error as raised, ``ressl.folder.DataError: MESSAGE``."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    return last.split(": ", 1)[1] if ": " in last else last
-
-
-class DataWarning(UserWarning):
-    """Warning about skipped or replaced image files (filterable category); shown as one line, without source."""
 
 
 _plain_formatwarning = warnings.formatwarning

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ressl import dist
 from ressl.checkpoint import writing
-from ressl.folder import DataError
+from ressl.errors import DataError
 from ressl.meter import read_metrics
 from ressl.plots import (
     HEALTH_KEYS,

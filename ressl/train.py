@@ -24,8 +24,8 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset, sample_split, to_device
+from ressl.errors import DataError, LateDataError, own_message
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
-from ressl.folder import DataError, LateDataError, own_message
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
 from ressl.meter import Meter, MetricsLog, checkpoint_due

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from ressl.batches import eval_batches, pretrain_batches
-from ressl.data import DataError, load_dataset
+from ressl.data import load_dataset
+from ressl.errors import DataError
 
 
 def test_digits_embedded():
@@ -253,7 +254,7 @@ def test_describe_flat_folder_and_in_memory_sets(tmp_path, npz_dir):
 
 
 def test_a_stray_image_in_train_is_skipped_not_unlabelling_the_set(tmp_path):
-    from ressl.folder import DataWarning
+    from ressl.errors import DataWarning
 
     _classes(tmp_path, {"train": ["class0", "class1", "class2"], "val": ["class0", "class1"]})
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "stray.png")
@@ -463,7 +464,7 @@ def test_an_empty_val_beside_test_leaves_test_as_the_held_out_split(tmp_path):
 def test_tiny_imagenet_layout_with_a_missing_val_image(tmp_path):
     """train/<wnid>/images/*.JPEG and val/images + val_annotations.txt; a listed file that is gone is dropped with a
     warning at load time (it used to stop the first kNN with advice that could not help)."""
-    from ressl.folder import DataWarning
+    from ressl.errors import DataWarning
 
     for c, wnid in enumerate(("n01", "n02")):
         (tmp_path / "train" / wnid / "images").mkdir(parents=True)

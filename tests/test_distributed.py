@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
 from ressl.data import load_dataset
-from ressl.folder import DataError
+from ressl.errors import DataError
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -248,8 +248,8 @@ def _failing_batches(rank: int, fails_on: set[int]):
 
 
 def _extract_worker(rank: int, tmp: str) -> None:
+    from ressl.errors import LateDataError
     from ressl.evaluate import extract_features
-    from ressl.folder import LateDataError
 
     _join(rank, tmp)
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from ressl.errors import DataError, DataWarning
 from ressl.folder import (
     IMAGE_EXTENSIONS,
-    DataError,
-    DataWarning,
     FileList,
     FolderIndex,
     ImageFolderDataset,
@@ -414,10 +413,10 @@ def test_other_warnings_keep_their_format() -> None:
 
 
 def test_own_message_strips_a_loader_workers_traceback() -> None:
-    from ressl.folder import own_message
+    from ressl.errors import own_message
 
     wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
-                        '  File "x.py", line 1, in f\nressl.folder.DataError: 2 of 9 images failed to load (a.png: b)')
+                        '  File "x.py", line 1, in f\nressl.errors.DataError: 2 of 9 images failed to load (a.png: b)')
     assert own_message(wrapped) == "2 of 9 images failed to load (a.png: b)"
     assert own_message(DataError("plain: message")) == "plain: message"
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_images
 
 from ressl import config
-from ressl.folder import DataError
+from ressl.errors import DataError
 from ressl.loss import relational_loss
 from ressl.train import _outlast_data_errors, capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
 from ressl.views import ViewAugment
