@@ -254,7 +254,16 @@ def min_image_size(cfg: Config) -> int:
     return 8 if small else 32  # the last stage must still have at least 1x1 pixels
 
 
+POSITIVE = ("epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every",
+            "eval_batch_size", "lr", "student_temperature", "teacher_temperature", "knn_temperature", "knn_subset")
+NON_NEGATIVE = ("weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed")
+CHOICES = {"teacher_bn": ("shuffle", "sync", "local"), "jitter_order": ("batch", "sample"),
+           "augment_backend": ("batched", "torchvision"), "precision": ("auto", "bf16", "fp32")}
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
+    """Refuse, with one line that names the fix, a configuration that cannot run, or that would fail mid-run
+    (``world_size``: the processes the batch is split over)."""
     from ressl.model import BACKBONES  # local import: config is a lower layer than model
 
     if cfg.backbone not in BACKBONES:
@@ -263,16 +272,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.dataset == "digits" and cfg.data is not None:  # it would read the directory as images, with the demo's recipe
         raise ConfigError(f"dataset digits is scikit-learn's embedded set and reads no --data: for {cfg.data}, pass "
                           "--dataset folder (images) or --dataset npz (train.npz/test.npz), or leave out --dataset")
-    positive = ["epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every", "eval_batch_size"]
-    for name in positive:
+    for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["lr", "student_temperature", "teacher_temperature", "knn_temperature", "knn_subset"]:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed"]:
+    for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {getattr(cfg, name)!r}")
     if cfg.seed >= 2**32:  # generators are seeded with seed * 1_000_003 + epoch (batches.epoch_seed), within 64 bits
         raise ConfigError(f"seed must be below 2**32 = {2**32}, got {cfg.seed}")
     if cfg.max_minutes is not None and cfg.max_minutes < 0:
@@ -299,8 +307,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least {smallest}): "
             "raise --image_size or use --small_stem true"
         )
-    if cfg.teacher_bn not in {"shuffle", "sync", "local"}:
-        raise ConfigError(f"teacher_bn must be shuffle, sync or local, got {cfg.teacher_bn!r}")
     if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
     if cfg.batch_size // world_size // cfg.bn_groups < 2:  # a BatchNorm over one image has nothing to normalise by
@@ -311,14 +317,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "shuffle":
         raise ConfigError(f"bn_groups {cfg.bn_groups} emulates shuffle-BN on one device; with {world_size} processes "
                           "--teacher_bn shuffle shuffles across them instead: drop --bn_groups")
-    if cfg.jitter_order not in {"batch", "sample"}:
-        raise ConfigError(f"jitter_order must be batch or sample, got {cfg.jitter_order!r}")
     if cfg.augment_steps < 1:
         raise ConfigError(f"augment_steps must be at least 1, got {cfg.augment_steps}")
-    if cfg.augment_backend not in {"batched", "torchvision"}:
-        raise ConfigError(f"augment_backend must be batched or torchvision, got {cfg.augment_backend!r}")
-    if cfg.precision not in {"auto", "bf16", "fp32"}:
-        raise ConfigError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 
 
 def check_dataset(name: str) -> None:

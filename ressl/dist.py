@@ -290,6 +290,8 @@ def broadcast_buffers(module: nn.Module) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over every process, differentiable (its gradient is summed too: SyncBatchNorm's
+    statistics); ``tensor`` itself in one process."""
     return _AllReduceSum.apply(tensor) if is_distributed() else tensor
 
 

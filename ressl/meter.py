@@ -125,6 +125,8 @@ class Meter:
         return step % cfg.log_every == 0 or index == self.run.steps_per_epoch or checkpoint_due(cfg, step)
 
     def observe(self, loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """A step's loss (0-dim, kept on the device) and embeddings, student (B, D) and teacher (B, D): the health
+        signals are computed from them at logging steps only."""
         step = self.run.state.step + 1
         self.loss = loss.detach()
         self.first_bad_step = mark_non_finite(self.first_bad_step, self.loss, step)

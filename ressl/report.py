@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -239,7 +240,7 @@ def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: li
 def make_report(
     run_dir: str | Path, data: str | None = None, dataset: str | None = None, embeddings: bool = True,
     device: str = "auto", batch_size: int = 512, workers: int = 4, max_points: int = 2000,
-    n_queries: int = 8, n_neighbours: int = 6, say: Any = None,
+    n_queries: int = 8, n_neighbours: int = 6, say: Callable[[str], None] | None = None,
 ) -> Report:
     """Write ``run_dir/report.md`` and ``run_dir/report.html``; see the module docstring.
 
@@ -255,12 +256,13 @@ def make_report(
 
 
 def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, embeddings: bool, device: str, batch_size: int,
-                 workers: int, max_points: int, n_queries: int, n_neighbours: int, say: Any) -> Report:
+                 workers: int, max_points: int, n_queries: int, n_neighbours: int,
+                 say: Callable[[str], None] | None) -> Report:
     """:func:`make_report`'s work; an ``OSError`` from it (a file it cannot read) becomes that function's one-line error."""
     import yaml
 
     run = Path(run_dir).expanduser()
-    say = say or (lambda *a, **k: None)
+    tell: Callable[[str], None] = say or (lambda message: None)
     if not run.is_dir():
         what = "is a file, not a directory" if run.exists() else "does not exist"
         raise RunDirError(f"run directory {run} {what}: pass the --out of ressl pretrain")
@@ -320,7 +322,7 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
              f"no health signals ({', '.join(HEALTH_KEYS)}) in metrics.jsonl: entropy and spread plot left out")
     if embeddings:
         _embedding_plots(run, cfg, data, dataset, device, batch_size, workers, max_points, n_queries, n_neighbours,
-                         report, plots, files, say)
+                         report, plots, files, tell)
     else:
         report.notes.append("embedding map and retrieval grid skipped (--no-embeddings)")
 
@@ -339,7 +341,8 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
 
 def _embedding_plots(
     run: Path, cfg: dict[str, Any], data: str | None, dataset: str | None, device: str, batch_size: int,
-    workers: int, max_points: int, n_queries: int, n_neighbours: int, report: Report, plots: _Doc, files: Path, say: Any,
+    workers: int, max_points: int, n_queries: int, n_neighbours: int, report: Report, plots: _Doc, files: Path,
+    say: Callable[[str], None],
 ) -> None:
     """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
     from ressl.checkpoint import CheckpointError

@@ -265,6 +265,23 @@ def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def view_makers(cfg: Config, dataset: Dataset) -> tuple[ViewAugment | None, TwoViews | None]:
+    """What makes each step's weak and strong views: batched on the training device (the default), or, with
+    ``augment_backend torchvision``, image by image in loader workers, as the official code does (for comparison)."""
+    size, mean, std = cfg.image_size, dataset.mean, dataset.std
+    if cfg.augment_backend == "torchvision":
+        views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)
+        weak = torchvision_pipeline(size, strong=cfg.teacher_strong, **views)
+        return None, TwoViews(weak, torchvision_pipeline(size, strong=True, **views))
+    common: dict[str, Any] = dict(crop=not precropped(dataset), crop_scale=(cfg.crop_min_scale, 1.0),
+                                  flip_p=0.5 if cfg.flip else 0.0)
+    strong = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
+    weak = strong if cfg.teacher_strong else weak_augment(size, mean, std, **common)  # the views are drawn apart
+    # several steps per call for sets in memory; from a folder, loader workers would have to decode them all first
+    steps_per_call = cfg.augment_steps if dataset.train.images is not None else 1
+    return ViewAugment(weak, strong, seed=(cfg.seed, dist.rank()), steps_per_call=steps_per_call), None
+
+
 def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists, else from
     ``cfg.resume`` if given. :func:`pretrain` writes ``config.yaml`` once it knows the run has training left."""
@@ -291,18 +308,7 @@ def setup(cfg: Config) -> Run:
     teacher_forward: nn.Module = model.teacher
     if cfg.compile:  # the modules keep their parameters: checkpoints and the EMA are unaffected
         student_forward, teacher_forward = torch.compile(student_forward), torch.compile(teacher_forward)  # type: ignore[assignment]
-    size, crop, mean, std = cfg.image_size, not precropped(dataset), dataset.mean, dataset.std
-    common: dict[str, Any] = dict(crop=crop, crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5 if cfg.flip else 0.0)
-    strong_aug = strong_augment(size, mean, std, blur=cfg.blur, jitter_order=cfg.jitter_order, **common)
-    weak_aug = strong_aug if cfg.teacher_strong else weak_augment(size, mean, std, **common)  # the views are drawn apart
-    # several steps per call for sets in memory; from a folder, loader workers would have to decode them all first
-    steps_per_call = cfg.augment_steps if dataset.train.images is not None else 1
-    augment: ViewAugment | None = ViewAugment(weak_aug, strong_aug, seed=(cfg.seed, dist.rank()), steps_per_call=steps_per_call)
-    loader_views = None
-    if cfg.augment_backend == "torchvision":  # the official design, for comparison: per image, in loader workers
-        views = dict(mean=mean, std=std, blur=cfg.blur, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip)
-        loader_views = TwoViews(torchvision_pipeline(size, strong=cfg.teacher_strong, **views), torchvision_pipeline(size, strong=True, **views))
-        augment = None
+    augment, loader_views = view_makers(cfg, dataset)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     rundir.check_reusable(out)
     if exists_everywhere(out, device):
@@ -332,15 +338,16 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def _end_of_epoch(run: Run, say: Any) -> None:
+def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
     cfg, loss = run.cfg, run.state.loss
     summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {run.minutes():.1f} min"
+    acc = None
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
         acc = evaluate_knn(run, cfg.knn_subset)
         if acc is not None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
-    if "kNN" in summary or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
+    if acc is not None or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
         say(summary, flush=True)
 
 
