@@ -308,8 +308,8 @@ def _run(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # torch.OutOfMemoryError is one too
         if out_of_memory(err):
             lower = "--batch_size (or --queue_size, --width, --image_size)" if args.command == "pretrain" else "--batch_size"
-            print(f"ressl {args.command}: error: out of memory ({str(err).splitlines()[0][:160]}): lower {lower}",
-                  file=sys.stderr)
+            if dist.speaks_for_machine():  # every process of a machine asks for as much
+                print(f"ressl {args.command}: error: out of memory{_allocation(err)}: lower {lower}", file=sys.stderr)
             return 1
         if not dist.peer_lost(err):
             raise
@@ -336,6 +336,16 @@ def _run(args: argparse.Namespace) -> int:
         note = "" if saved is None else f"; the last checkpoint is {saved}" if saved.is_file() else "; no checkpoint was written yet"
         print(f"\nressl {args.command}: interrupted{note}", file=sys.stderr)
         return 130
+
+
+def _allocation(err: RuntimeError) -> str:
+    """`` (tried to allocate 64 GB)``, read from PyTorch's message (CPU: "you tried to allocate N bytes"; CUDA: "Tried to
+    allocate 20.00 GiB"); empty when it says no size."""
+    found = re.search(r"tried to allocate (\d+) bytes", str(err)) or re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", str(err))
+    if found is None:
+        return ""
+    size = found.group(1)
+    return f" (tried to allocate {int(size) / 1e9:,.1f} GB)" if size.isdigit() else f" (tried to allocate {size})"
 
 
 def out_of_memory(err: RuntimeError) -> bool:

@@ -28,6 +28,10 @@ STOP_CHECK_SECONDS = 5.0  # torchrun: the longest a stop request waits for the p
 #   or scheduler kills them some 30 s after its SIGTERM: torchrun's default grace, a common SLURM KillWait)
 
 
+def _evaluation_of(record: dict[str, Any] | None, step: int) -> bool:
+    return record is not None and record.get("step") == step and "knn_top1" in record and "loss" not in record
+
+
 class MetricsLog:
     """Append-only JSON lines, written by rank 0 only; the same scalars as TensorBoard events when
     ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``."""
@@ -46,6 +50,15 @@ class MetricsLog:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     board.add_scalar(key, value, record.get("step", 0))
             board.flush()
+
+    def forget_evaluation(self, step: int) -> None:
+        """Drop the kNN records (no loss) of ``step``: a final kNN measured again is logged once."""
+        if not dist.is_main() or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not _evaluation_of(parse_record(line), step)]
+        if len(kept) < len(lines):
+            write_run_file(self.path, "".join(kept))
 
     def keep_until(self, step: int) -> None:
         """Drop the records of steps after ``step`` (logged after the checkpoint a run resumes from, and logged

@@ -165,7 +165,7 @@ class _Doc:
     def add(self, kind: str, value: Any) -> None:
         self.blocks.append((kind, value))
 
-    def markdown(self, base: Path) -> str:
+    def to_markdown(self, base: Path) -> str:
         out = []
         for kind, value in self.blocks:
             if kind in ("h1", "h2"):
@@ -184,7 +184,7 @@ class _Doc:
                 out.append(f"![{path.stem}]({path.relative_to(base).as_posix()})\n\n*{caption}*")
         return "\n\n".join(out) + "\n"
 
-    def html(self, title: str) -> str:
+    def to_html(self, title: str) -> str:
         e = html.escape
         out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>",
                ("<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
@@ -334,8 +334,8 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
     doc.add("h2", "Configuration")
     doc.add("table", [["field", "value"], *[[k, _fmt(v)] for k, v in cfg.items()]])
     with writing(f"the report in {run}", REPORT_WRITE_FIX):
-        report.markdown.write_text(doc.markdown(run))
-        report.html.write_text(doc.html(f"ReSSL run report: {run.name}"))
+        report.markdown.write_text(doc.to_markdown(run))
+        report.html.write_text(doc.to_html(f"ReSSL run report: {run.name}"))
     return report
 
 

@@ -71,7 +71,8 @@ def resume(run: Run, path: Path) -> None:
                                  "or another --out for a new run")
     run.clock = time.time() - 60 * float(saved.get("minutes", 0.0))  # older checkpoints: the clock starts now
     world = saved.get("world_size", len(saved.get("generators", ())) or None)  # older checkpoints: a generator per process
-    if world is not None and world != dist.world_size():
+    trained = run.state.epoch >= run.cfg.epochs or (run.cfg.max_minutes and run.minutes() >= run.cfg.max_minutes)
+    if world is not None and world != dist.world_size() and not trained:  # a finished run only measures its final kNN
         raise config.ConfigError(f"{path} was written by {world} processes, this run has {dist.world_size()}: "
                                  "resume with the same number of processes")
     run.shuffle_generator.set_state(saved["shuffle_generator"])

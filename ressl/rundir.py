@@ -30,19 +30,20 @@ LOCK_NAME = ".lock"
 _HELD: dict[Path, int] = {}  # run directories this process has locked (the Python API may set up a run twice)
 
 
-def check_reusable(out: Path) -> None:
-    """Refuse an ``out`` without a checkpoint whose ``config.yaml`` is not a ressl run's (the user's own file would be
-    replaced) or that holds a ``final.json`` (a finished run whose checkpoint was deleted: its results would be
-    replaced by a new run's). A ressl run stopped before its first checkpoint starts again."""
+def reuse_problem(out: Path) -> str | None:
+    """Why ``out`` may not hold this run (a one-line error), or None. Refused, when it has no checkpoint: a
+    ``config.yaml`` that is not a ressl run's (the user's own file would be replaced), or a ``final.json`` (a finished
+    run whose checkpoint was deleted: its results would be replaced by a new run's). A ressl run stopped before its
+    first checkpoint starts again."""
     if not out.is_dir() or (out / "checkpoint.pt").exists():
-        return
+        return None
     if (out / "final.json").exists():
-        raise ConfigError(f"--out {out} holds a finished run's final.json but no checkpoint.pt: choose another --out "
-                          "(or delete final.json to train a new run there)")
+        return (f"--out {out} holds a finished run's final.json but no checkpoint.pt: choose another --out (or delete "
+                "final.json to train a new run there)")
     own = out / "config.yaml"
     if own.is_file() and not _is_run_config(own):
-        raise ConfigError(f"--out {out} holds a config.yaml that is not a ressl run's: choose another --out, so that it "
-                          "is not overwritten")
+        return f"--out {out} holds a config.yaml that is not a ressl run's: choose another --out, so that it is not overwritten"
+    return None
 
 
 def check_outside_data(out: Path, cfg: Config) -> None:
@@ -75,7 +76,8 @@ def claim(out: Path, device: torch.device) -> None:
     if dist.is_main() and out.resolve() not in _HELD:
         with writing(f"--out {out}"):
             out.mkdir(parents=True, exist_ok=True)
-            if fcntl is not None:
+        if fcntl is not None:
+            with writing(str(out / LOCK_NAME), "remove it, or choose another --out"):
                 fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
                 try:  # a POSIX lock: loader workers forked from this process do not inherit it (flock's would)
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -288,6 +288,27 @@ def setup(cfg: Config) -> Run:
     device = dist.resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
     graphed = use_cuda_graph(cfg, device)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    refused = rundir.reuse_problem(out)  # before the data loads (an ImageNet folder's scan takes minutes)
+    if dist.any_rank(refused is not None, device):
+        raise config.ConfigError(refused or f"--out {out} was refused by another process: see its message")
+    if exists_everywhere(out, device):
+        rundir.claim(out, device)  # before a resume rewrites its metrics.jsonl
+    try:
+        run = _build(cfg, device, out, graphed)
+    except BaseException:
+        rundir.release(out)  # a run that could not start leaves its directory free (the Python API goes on)
+        raise
+    rundir.claim(out, device)  # a new run directory exists from here on
+    if dist.is_main():
+        checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
+        if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
+            run.log.keep_until(-1)
+    return run
+
+
+def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
+    """:func:`setup`'s data, model, optimiser and view makers, resumed where ``out`` (or ``--resume``) has a checkpoint."""
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
@@ -309,10 +330,6 @@ def setup(cfg: Config) -> Run:
     if cfg.compile:  # the modules keep their parameters: checkpoints and the EMA are unaffected
         student_forward, teacher_forward = torch.compile(student_forward), torch.compile(teacher_forward)  # type: ignore[assignment]
     augment, loader_views = view_makers(cfg, dataset)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    rundir.check_reusable(out)
-    if exists_everywhere(out, device):
-        rundir.claim(out, device)  # before a resume rewrites its metrics.jsonl
     state = TrainState()
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, augment, loader_views,
@@ -330,11 +347,6 @@ def setup(cfg: Config) -> Run:
         checkpoint.load(cfg.resume)  # missing everywhere: its one-line error
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
-    rundir.claim(out, device)
-    if dist.is_main():
-        checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
-        if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
-            run.log.keep_until(-1)
     return run
 
 
@@ -404,8 +416,9 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
     if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
         say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {cfg.epochs} epochs, so the learning rate "
             f"never reaches --lr {cfg.lr:g}: pass a smaller --warmup_epochs for a short run", flush=True)
-    if done:  # e.g. --resume from a run whose --max_minutes were already spent
+    if done:  # e.g. --resume from a run whose --max_minutes were already spent, or stopped before its final kNN
         say(f"no training left ({done}): the final kNN and final.json follow", flush=True)
+        run.log.forget_evaluation(run.state.step)  # a final kNN logged before: it is logged again below
     if run.state.step == 0:
         run.state.knn_random_init = evaluate_knn(run)
         if run.state.knn_random_init is not None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_images
 from PIL import Image
 from test_cli import TINY
@@ -43,6 +44,8 @@ def test_a_final_json_older_than_the_checkpoint_is_measured_again(npz_dir, tmp_p
         assert "already complete" not in said and "no training left" in said
         again = json.loads((out / "final.json").read_text())
         assert again["steps"] == newer["steps"] and again["knn"] == newer["knn"]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r["step"] == newer["steps"] and "knn_top1" in r for r in records) == 1  # logged once, not per measure
     capsys.readouterr()
     assert main(pretrain(npz_dir, out, "--epochs", "2")) == 0  # now it is complete
     assert "already complete" in capsys.readouterr().out
@@ -68,6 +71,8 @@ def test_an_out_holding_something_else_is_refused_and_left_alone(npz_dir, tmp_pa
     mine.mkdir()
     (mine / "config.yaml").write_text("learning_rate: 3\n")  # the user's own file
     assert main(pretrain(npz_dir, mine, "--epochs", "1")) == 2
+    assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
+    assert main(pretrain(tmp_path / "nowhere", mine, "--epochs", "1")) == 2  # refused before the data is read
     assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
     finished = tmp_path / "finished"
@@ -134,8 +139,24 @@ def test_an_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys):
     assert "is inside --data" in one_line_error(capsys)
 
 
-def test_memory_that_cannot_be_had_is_one_line_naming_what_to_lower(npz_dir, tmp_path, capsys):
-    assert main(pretrain(npz_dir, tmp_path / "run", "--queue_size", str(2**50))) == 1  # a queue of 2**57 bytes
+def test_memory_that_cannot_be_had_is_one_line_naming_what_to_lower(npz_dir, tmp_path, capsys, monkeypatch):
+    argv = pretrain(npz_dir, tmp_path / "run", "--queue_size", str(2**50))  # a queue of 2**57 bytes
+    assert main(argv) == 1
     err = one_line_error(capsys)
-    assert "out of memory" in err and "lower --batch_size (or --queue_size" in err
+    assert "out of memory (tried to allocate " in err and " GB): lower --batch_size (or --queue_size" in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun, every process of a machine fails alike: the first one says it
+    assert main(argv) == 1 and capsys.readouterr().err == ""
+
+
+def test_a_finished_run_reruns_complete_with_another_number_of_processes(npz_dir, tmp_path, capsys):
+    """The process count must match to go on training (the views depend on the rank), not to find nothing left."""
+    out = tmp_path / "run"
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(saved, world_size=2), out / "checkpoint.pt")  # as a 2-process torchrun job writes it
+    capsys.readouterr()
+    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(pretrain(npz_dir, out, "--epochs", "2")) == 2  # training on would draw other views: refused
+    assert "was written by 2 processes, this run has 1" in one_line_error(capsys)
 
