@@ -321,8 +321,10 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
              "1/sqrt(D) a uniform spread on the sphere.",
              f"no health signals ({', '.join(HEALTH_KEYS)}) in metrics.jsonl: entropy and spread plot left out")
     if embeddings:
-        _embedding_plots(run, cfg, data, dataset, device, batch_size, workers, max_points, n_queries, n_neighbours,
-                         report, plots, files, tell)
+        embedded = _embed_run(run, data, dataset, device, batch_size, workers, report, tell)
+        if embedded is not None:
+            _map_plot(embedded, max_points, report, plots, files, tell)
+            _retrieval_plot(embedded, n_neighbours, n_queries, report, plots, files)
     else:
         report.notes.append("embedding map and retrieval grid skipped (--no-embeddings)")
 
@@ -339,12 +341,25 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
     return report
 
 
-def _embedding_plots(
-    run: Path, cfg: dict[str, Any], data: str | None, dataset: str | None, device: str, batch_size: int,
-    workers: int, max_points: int, n_queries: int, n_neighbours: int, report: Report, plots: _Doc, files: Path,
-    say: Callable[[str], None],
-) -> None:
-    """The 2-D map and the retrieval grid; a missing checkpoint or data set becomes a note."""
+@dataclass
+class _Embedded:
+    """Backbone features of a run's labelled training images (the gallery) and of its test images (the queries; the
+    gallery itself when there is no test split), as the run's kNN checks compute them."""
+
+    gallery: torch.Tensor  # (N, F)
+    gallery_labels: torch.Tensor  # (N,)
+    gallery_split: Split
+    queries: torch.Tensor  # (M, F)
+    query_labels: torch.Tensor  # (M,)
+    query_split: Split
+    names: list[str]  # class names
+    kind: str  # what the queries are: "test" or "training"
+
+
+def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, batch_size: int, workers: int,
+               report: Report, say: Callable[[str], None]) -> _Embedded | None:
+    """The run's checkpoint applied to its data (or ``data``/``dataset``); a missing checkpoint or data set becomes a
+    note and None."""
     from ressl.checkpoint import CheckpointError
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
@@ -355,8 +370,7 @@ def _embedding_plots(
     except (CheckpointError, DataError) as err:
         report.notes.append(f"embedding map and retrieval grid left out: {err}")
         say(f"ressl report: embedding plots left out: {err}")
-        return
-    names = class_names(ds)
+        return None
     gallery_split = ds.bank if ds.bank is not None else ds.train
     query_split = ds.test if ds.test is not None else gallery_split
     to_device(ds, dev, [gallery_split, query_split])
@@ -366,38 +380,45 @@ def _embedding_plots(
         queries, query_y = gallery, gallery_y
     else:
         queries, query_y = checkpoint_features(backbone, run_cfg, ds, query_split, dev, batch_size, workers, torch.float32)
-    what = "test embeddings" if query_split is ds.test else "training embeddings"
+    kind = "test" if query_split is ds.test else "training"
+    return _Embedded(gallery, gallery_y.cpu(), gallery_split, queries, query_y.cpu(), query_split, class_names(ds), kind)
 
-    rng = np.random.default_rng(0)
-    n = queries.shape[0]
-    subset = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
-    if len(subset) >= 5:
-        say(f"ressl report: 2-D map of {len(subset)} embeddings ...")
-        points, method = project_2d(queries[torch.from_numpy(subset)].cpu().numpy())
-        fig = plot_embedding_map(points, query_y.cpu().numpy()[subset], names, method, what)
-        report.images["embedding_map"] = save_png(fig, files / "embedding_map.png")
-        plots.add("img", (report.images["embedding_map"],
-                          (f"{method} of the backbone features of {len(subset)} {what.replace('embeddings', 'images')}"
-                           f"{f' (a random subset of {n})' if len(subset) < n else ''}, one colour per class. Classes that form separate islands are what the kNN and "
-                           "linear probes can read off.")))
-    else:
+
+def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, files: Path, say: Callable[[str], None]) -> None:
+    """A 2-D map of up to ``max_points`` query embeddings, one colour per class."""
+    n = e.queries.shape[0]
+    subset = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_points), replace=False))
+    if len(subset) < 5:
         report.notes.append(f"embedding map left out: only {len(subset)} images")
+        return
+    say(f"ressl report: 2-D map of {len(subset)} embeddings ...")
+    points, method = project_2d(e.queries[torch.from_numpy(subset)].cpu().numpy())
+    fig = plot_embedding_map(points, e.query_labels.numpy()[subset], e.names, method, f"{e.kind} embeddings")
+    report.images["embedding_map"] = save_png(fig, files / "embedding_map.png")
+    sampled = f" (a random subset of {n})" if len(subset) < n else ""
+    plots.add("img", (report.images["embedding_map"],
+                      (f"{method} of the backbone features of {len(subset)} {e.kind} images{sampled}, one colour per class. "
+                      "Classes that form separate islands are what the kNN and linear probes can read off.")))
 
-    exclude = torch.arange(n) if query_split is gallery_split else None
-    sims, idx = nearest(gallery, queries, n_neighbours, exclude=exclude)
-    qy, gy = query_y.cpu(), gallery_y.cpu()
+
+def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, report: Report, plots: _Doc, files: Path) -> None:
+    """A grid of ``n_queries`` query images, each with its ``n_neighbours`` nearest gallery images."""
+    same = e.query_split is e.gallery_split  # a query must not find itself
+    sims, idx = nearest(e.gallery, e.queries, n_neighbours, exclude=torch.arange(e.queries.shape[0]) if same else None)
+    qy, gy = e.query_labels, e.gallery_labels
     if bool((qy >= 0).all()) and bool((gy >= 0).all()):
         precision = (gy[idx.cpu()] == qy[:, None]).float().mean().item() * 100
-        plots.add("p", f"Across all {n} queries, {precision:.1f}% of the {idx.shape[1]} nearest training images share the query's class.")
+        plots.add("p", f"Across all {len(qy)} queries, {precision:.1f}% of the {idx.shape[1]} nearest training images "
+                       "share the query's class.")
     chosen = pick_queries(qy.numpy(), n_queries)
     fig = plot_retrieval(
-        [display_image(query_split, i) for i in chosen], [int(qy[i]) for i in chosen],
-        [[display_image(gallery_split, int(j)) for j in idx[i]] for i in chosen],
-        [[int(gy[int(j)]) for j in idx[i]] for i in chosen], [[float(s) for s in sims[i]] for i in chosen], names)
+        [display_image(e.query_split, i) for i in chosen], [int(qy[i]) for i in chosen],
+        [[display_image(e.gallery_split, int(j)) for j in idx[i]] for i in chosen],
+        [[int(gy[int(j)]) for j in idx[i]] for i in chosen], [[float(s) for s in sims[i]] for i in chosen], e.names)
     report.images["retrieval"] = save_png(fig, files / "retrieval.png")
     plots.add("img", (report.images["retrieval"],
-                      (f"Each row: a {'test' if query_split is ds.test else 'training'} image, then its {idx.shape[1]} nearest "
-                       "training images by cosine similarity of the student's backbone features.")))
+                      (f"Each row: a {e.kind} image, then its {idx.shape[1]} nearest training images by cosine similarity "
+                      "of the student's backbone features.")))
 
 
 __all__ = ["Report", "class_names", "make_report", "nearest", "project_2d"]
