@@ -32,8 +32,8 @@ _HELD: dict[Path, int] = {}  # run directories this process has locked (the Pyth
 
 def reuse_problem(out: Path) -> str | None:
     """Why ``out`` may not hold this run (a one-line error), or None. Refused, when it has no checkpoint: a
-    ``config.yaml`` that is not a ressl run's (the user's own file would be replaced), or a ``final.json`` (a finished
-    run whose checkpoint was deleted: its results would be replaced by a new run's). A ressl run stopped before its
+    ``config.yaml`` that is not a ressl run's or a ``metrics.jsonl`` without one (the user's own files would be
+    replaced), or a ``final.json`` (a finished run whose checkpoint was deleted: its results would be replaced). A ressl run stopped before its
     first checkpoint starts again."""
     if not out.is_dir() or (out / "checkpoint.pt").exists():
         return None
@@ -43,6 +43,8 @@ def reuse_problem(out: Path) -> str | None:
     own = out / "config.yaml"
     if own.is_file() and not _is_run_config(own):
         return f"--out {out} holds a config.yaml that is not a ressl run's: choose another --out, so that it is not overwritten"
+    if (out / "metrics.jsonl").exists() and not own.is_file():  # a run writes its config.yaml before any metric
+        return f"--out {out} holds a metrics.jsonl but no run's config.yaml: choose another --out, so that it is not overwritten"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -408,7 +409,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         assert final is not None  # on every process
         return final
     if dist.is_main():
-        config.save(cfg, run.out / "config.yaml")
+        config.save(dataclasses.replace(cfg, out=str(run.out)), run.out / "config.yaml")  # the default --out, resolved
         (run.out / "final.json").unlink(missing_ok=True)  # the results of fewer steps: final.json is the run's last word
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "

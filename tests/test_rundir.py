@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_images
 from PIL import Image
 from test_cli import TINY
@@ -75,6 +76,12 @@ def test_an_out_holding_something_else_is_refused_and_left_alone(npz_dir, tmp_pa
     assert main(pretrain(tmp_path / "nowhere", mine, "--epochs", "1")) == 2  # refused before the data is read
     assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.jsonl").write_text('{"mine": 1}\n')  # a log of the user's own, no run beside it
+    assert main(pretrain(npz_dir, logs, "--epochs", "1")) == 2
+    assert "holds a metrics.jsonl but no run's config.yaml" in one_line_error(capsys)
+    assert (logs / "metrics.jsonl").read_text() == '{"mine": 1}\n'
     finished = tmp_path / "finished"
     assert main(pretrain(npz_dir, finished, "--epochs", "1")) == 0
     (finished / "checkpoint.pt").unlink()  # its results stay; training again would replace them
@@ -88,6 +95,7 @@ def test_an_out_holding_something_else_is_refused_and_left_alone(npz_dir, tmp_pa
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_with_one_log(npz_dir, tmp_path):
     out = tmp_path / "run"
     assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["out"] == str(out)  # the resolved configuration
     (out / "checkpoint.pt").unlink()
     (out / "final.json").unlink()  # what a run killed in its first epoch leaves: config.yaml and metrics.jsonl
     assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
