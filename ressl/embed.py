@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 
 def split_rows(split: Split, name: str) -> list[str]:
-    """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory)."""
+    """Where each row of the split's features came from: the file path (folders) or ``name:index`` (in memory). A
+    newline or carriage return in a file name is written as ``\\n`` / ``\\r``, so that line i names row i."""
     if split.folder is not None:
-        return [str(p) for p in split.folder.files]
+        return [str(p).replace("\n", "\\n").replace("\r", "\\r") for p in split.folder.files]
     return [f"{name}:{i}" for i in range(len(split))]
 
 
@@ -51,7 +52,8 @@ def embed(
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
             np.save(f, feats.cpu().numpy().astype(np.float32))
-        files_path.write_text("".join(r + "\n" for r in rows))
+        # a name that is not UTF-8 (Latin-1 on an old disk) is written back as the bytes the filesystem holds
+        files_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8", errors="surrogateescape")
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 

@@ -1,6 +1,8 @@
 """``ressl report`` and ``ressl embed`` on a short tiny run; the report's figures and helpers."""
 
+import io
 import json
+import os
 import shutil
 import sys
 import types
@@ -204,6 +206,26 @@ def test_embed_in_memory_split_rows_in_order(trained, tmp_path):
     expected = direct_features(run / "checkpoint.pt", x[pick], mean, std)
     np.testing.assert_allclose(features[pick], expected.numpy(), rtol=1e-3, atol=1e-4)
     assert not np.allclose(features[0], features[1])  # rows differ: a shuffled order would be caught
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes but / and NUL, as on Linux")
+def test_embed_names_every_file_on_its_own_line_whatever_its_name(trained, tmp_path):
+    run, _ = trained
+    x, _ = make_images(3, 16, 1)
+    root = tmp_path / "odd"
+    root.mkdir()
+    names = [b"a\nb.png", b"caf\xe9.png", b"plain.png"]  # a newline; Latin-1, not UTF-8
+    for name, image in zip(names, x):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(buffer.getvalue())
+    out = tmp_path / "f.npy"
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(root), "--dataset", "folder",
+                 "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    lines = (tmp_path / "f.files.txt").read_bytes().split(b"\n")[:-1]
+    assert np.load(out).shape[0] == len(lines) == 3
+    assert sorted(line.rsplit(b"/", 1)[1] for line in lines) == [b"a\\nb.png", b"caf\xe9.png", b"plain.png"]
 
 
 def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
