@@ -104,10 +104,12 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
             raise
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files a killed process left beside ``path`` (the checkpoint itself is never torn)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed process left in the run directory ``out`` (``.checkpoint.pt.*.tmp``,
+    ``.final.json.tmp`` ...): the files they were to replace are never torn."""
+    for tmp in out.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

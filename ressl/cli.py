@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
@@ -197,6 +198,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = config.resolve(preset, values)
     out = config.check_output(cfg.out or default_out(cfg), "--out")  # before the data and the model are built
     check_outside_data(out, cfg)
+    cfg = dataclasses.replace(cfg, out=str(out))  # the default --out, named once
     if cfg.resume and not Path(cfg.resume).is_file():
         checkpoint.load(cfg.resume)  # a missing checkpoint or a directory: its one-line error, before the data loads
     pretrain(cfg)
@@ -308,8 +310,8 @@ def _run(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # torch.OutOfMemoryError is one too
         if out_of_memory(err):
             lower = "--batch_size (or --queue_size, --width, --image_size)" if args.command == "pretrain" else "--batch_size"
-            if dist.speaks_for_machine():  # every process of a machine asks for as much
-                print(f"ressl {args.command}: error: out of memory{_allocation(err)}: lower {lower}", file=sys.stderr)
+            who = f"[rank {dist.launched_rank()}] " if dist.launched_world_size() > 1 else ""  # one GPU may run out alone
+            print(f"ressl {args.command}: error: {who}out of memory{_allocation(err)}: lower {lower}", file=sys.stderr)
             return 1
         if not dist.peer_lost(err):
             raise

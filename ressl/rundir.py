@@ -70,11 +70,12 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(values, dict) and {"backbone", "queue_size", "student_temperature"} <= set(values)
 
 
-def claim(out: Path, device: torch.device) -> None:
+def claim(out: Path, device: torch.device) -> bool:
     """Make ``out`` and hold its lock for as long as this process lives (or until :func:`release`): a second
     ``ressl pretrain`` with the same ``--out`` (started twice, or a requeued job while the first still runs) is
-    refused instead of mixing its checkpoints and logs with this one's. Rank 0 holds it for the whole job."""
-    busy = False
+    refused instead of mixing its checkpoints and logs with this one's. Rank 0 holds it for the whole job. Returns
+    whether this call took the lock (False where this process held it already, and on the other processes)."""
+    busy = taken = False
     if dist.is_main() and out.resolve() not in _HELD:
         with writing(f"--out {out}"):
             out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +89,11 @@ def claim(out: Path, device: torch.device) -> None:
                     busy = err.errno in (errno.EACCES, errno.EAGAIN)  # else a filesystem without locks: run unlocked
                 else:
                     _HELD[out.resolve()] = fd  # an empty file, never rewritten: a finished run's directory stays as it was
+                    taken = True
     if dist.any_rank(busy, device):
         raise ConfigError(f"another ressl pretrain is running with --out {out}: wait for it to end, or choose another "
                           "--out")
+    return taken
 
 
 def release(out: Path) -> None:

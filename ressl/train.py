@@ -293,18 +293,18 @@ def setup(cfg: Config) -> Run:
     refused = rundir.reuse_problem(out)  # before the data loads (an ImageNet folder's scan takes minutes)
     if dist.any_rank(refused is not None, device):
         raise config.ConfigError(refused or f"--out {out} was refused by another process: see its message")
-    if exists_everywhere(out, device):
-        rundir.claim(out, device)  # before a resume rewrites its metrics.jsonl
+    taken = exists_everywhere(out, device) and rundir.claim(out, device)  # before a resume rewrites its metrics.jsonl
     try:
         run = _build(cfg, device, out, graphed)
+        taken = rundir.claim(out, device) or taken  # a new run directory exists from here on
+        if dist.is_main():
+            checkpoint.remove_stale_temporaries(out)
+            if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
+                run.log.keep_until(-1)
     except BaseException:
-        rundir.release(out)  # a run that could not start leaves its directory free (the Python API goes on)
+        if taken:  # a run that could not start leaves its directory free (the Python API goes on)
+            rundir.release(out)
         raise
-    rundir.claim(out, device)  # a new run directory exists from here on
-    if dist.is_main():
-        checkpoint.remove_stale_temporaries(out / "checkpoint.pt")
-        if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
-            run.log.keep_until(-1)
     return run
 
 
