@@ -445,7 +445,8 @@ def free_port() -> int:
 def torchrun(*args: str, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
     """``torchrun -m ressl ARGS`` on two processes; with ``script``, that Python source (which wraps ``ressl.cli.main``
     around a fault it injects) runs instead, from a file in ``cwd``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # TMPDIR: torchrun leaves a log directory (torchelastic_*) in the temporary folder; here it goes with the test's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "TMPDIR": str(cwd)}
     program = ["-m", "ressl"]
     if script is not None:
         path = cwd / "injected_fault.py"
