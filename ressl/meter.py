@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,22 +54,20 @@ class MetricsLog:
 
     def forget_evaluation(self, step: int) -> None:
         """Drop the kNN records (no loss) of ``step``: a final kNN measured again is logged once."""
-        if not dist.is_main() or not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if not _evaluation_of(parse_record(line), step)]
-        if len(kept) < len(lines):
-            write_run_file(self.path, "".join(kept))
+        self._keep(lambda record: not _evaluation_of(record, step))
 
     def keep_until(self, step: int) -> None:
         """Drop the records of steps after ``step`` (logged after the checkpoint a run resumes from, and logged
         again as it retrains them), so that every step has one record, and any line a killed process left torn;
         the file is replaced atomically."""
+        self._keep(lambda record: record is not None and record.get("step", 0) <= step)
+
+    def _keep(self, wanted: Callable[[dict[str, Any] | None], bool]) -> None:
+        """Rewrite the log (rank 0) with the lines whose record (None: a torn line) is ``wanted``, if any is not."""
         if not dist.is_main() or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        records = [parse_record(line) for line in lines]
-        kept = [line for line, record in zip(lines, records, strict=True) if record is not None and record.get("step", 0) <= step]
+        kept = [line for line in lines if wanted(parse_record(line))]
         if len(kept) < len(lines):
             write_run_file(self.path, "".join(kept))
 
