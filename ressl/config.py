@@ -42,7 +42,9 @@ class Config:
     # --- model -------------------------------------------------------------------------------
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
     width: int = 64  # channels of the first stage; 64 is torchvision's network, smaller ones suit a CPU
-    small_stem: bool | None = None  # 3x3/1 stem without max-pool; None: on for images of 64 px or less (the paper)
+    small_stem: bool | None = None  # 3x3/1 stem convolution instead of 7x7/2; None: on for images of 64 px or less (the paper)
+    stem_maxpool: bool | None = None  # the max-pool after the stem; None: kept after the 7x7 stem, dropped after the 3x3
+    #   one (the paper, CIFAR). The official code keeps it after the 3x3 stem for STL-10 and Tiny-ImageNet (their presets)
     hidden_dim: int = 512  # projector hidden width: official code uses 512 for small datasets, 4096 for ImageNet
     out_dim: int = 128  # embedding size compared with the queue: 128 small datasets, 512 ImageNet (official code)
     head_bn: bool = False  # BatchNorm in the projector; off in the official code
@@ -250,8 +252,11 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 
 def min_image_size(cfg: Config) -> int:
+    """The smallest images the network takes: its stem, max-pool and three stride-2 stages must leave the last
+    stage at least 1x1 pixels."""
     small = cfg.small_stem if cfg.small_stem is not None else cfg.image_size <= 64
-    return 8 if small else 32  # the last stage must still have at least 1x1 pixels
+    maxpool = cfg.stem_maxpool if cfg.stem_maxpool is not None else not small
+    return (1 if small else 2) * (2 if maxpool else 1) * 8
 
 
 POSITIVE = ("epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every",

@@ -375,13 +375,12 @@ def load_trained(path: str, teacher: bool = False, device: torch.device | None =
     """The student's (or teacher's) backbone of a checkpoint, in eval mode, the run's configuration, and the
     normalisation of its training images (None in checkpoints before it was kept)."""
     from ressl import checkpoint, config
-    from ressl.model import build_model
+    from ressl.model import model_from_config
 
     state = checkpoint.load(path)
     cfg = config.from_dict(state["config"])
     try:
-        model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
-                            cfg.small_stem)
+        model = model_from_config(cfg)
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, KeyError) as err:  # a checkpoint edited by hand, or of another version
         detail = str(err).strip().splitlines()[0][:200]

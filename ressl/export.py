@@ -19,19 +19,20 @@ def export_backbone(checkpoint_path: str, out: str | Path, teacher: bool = False
 
     Keys are torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), with no ``module.``
     or ``backbone.`` prefix and no ``fc``: load it into ``torchvision.models.resnet18()`` after setting
-    ``fc = nn.Identity()`` (and the small-image stem where the run used it). The run's configuration
+    ``fc = nn.Identity()`` (and the small-image stem, without its max-pool, where the run used them: metadata
+    ``small_stem`` and ``maxpool``). The run's configuration
     is stored as JSON in the file's metadata. An ``out`` that cannot be written raises :class:`ConfigError`
     before the checkpoint is read, or :class:`ressl.checkpoint.WriteError` when the write itself fails.
     """
     out = check_output(out, "--out", file_example="backbone.safetensors")  # before the (slow) load
     backbone, cfg, normalisation = load_trained(checkpoint_path, teacher)
     tensors = {k: v.detach().to(memory_format=torch.contiguous_format).contiguous().cpu() for k, v in backbone.state_dict().items()}
-    small_stem = isinstance(backbone.maxpool, torch.nn.Identity)
     metadata = {
         "format": "pt",
         "architecture": cfg.backbone,
         "width": str(cfg.width),
-        "small_stem": str(small_stem).lower(),
+        "small_stem": str(backbone.conv1.kernel_size == (3, 3)).lower(),  # 3x3/1 instead of torchvision's 7x7/2
+        "maxpool": str(not isinstance(backbone.maxpool, torch.nn.Identity)).lower(),
         "network": "teacher" if teacher else "student",
         "config": json.dumps(cfg.to_dict()),
     }

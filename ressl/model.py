@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torchvision.models import resnet as tv_resnet
 
 from ressl.queue import EmbeddingQueue
 
+if TYPE_CHECKING:
+    from ressl.config import Config
+
 # name -> (block, blocks per stage, feature dim at width 64)
 BACKBONES: dict[str, tuple[type[nn.Module], list[int], int]] = {
     "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2], 512),
@@ -18,18 +22,20 @@ BACKBONES: dict[str, tuple[type[nn.Module], list[int], int]] = {
     "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3], 2048),
 }
 
-# Below this size the paper swaps ImageNet's 7x7/2 stem and max-pool for a 3x3/1 convolution.
+# Up to this size the paper swaps ImageNet's 7x7/2 stem convolution for a 3x3/1 one (and, for CIFAR, drops the max-pool).
 SMALL_IMAGE_MAX = 64
 
 
-def build_backbone(name: str, small_stem: bool, width: int = 64) -> tuple[nn.Module, int]:
+def build_backbone(name: str, small_stem: bool, width: int = 64, maxpool: bool | None = None) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its classifier (``fc`` is the identity).
 
     Args:
         name: ``resnet18``, ``resnet34`` or ``resnet50``.
-        small_stem: the paper's stem for images of 64 px or less: 3x3 stride-1 conv, no max-pool.
+        small_stem: the paper's stem for images of 64 px or less: a 3x3 stride-1 conv instead of 7x7 stride-2.
         width: channels of the first stage (torchvision: 64); other stages scale with it. Only 64
             gives a network that ``torchvision.models.<name>()`` loads key for key *and* shape for shape.
+        maxpool: keep the max-pool after the stem; None: only after the 7x7 stem (the paper drops it for CIFAR;
+            the official code keeps it after the 3x3 stem for STL-10 and Tiny-ImageNet).
 
     Returns:
         The backbone, mapping (B, 3, H, W) -> (B, F), and F.
@@ -47,9 +53,10 @@ def build_backbone(name: str, small_stem: bool, width: int = 64) -> tuple[nn.Mod
         feature_dim = feature_dim * width // 64
     if small_stem:
         net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()  # type: ignore[assignment]
     elif width != 64:
         net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    if not (maxpool if maxpool is not None else not small_stem):
+        net.maxpool = nn.Identity()  # type: ignore[assignment]
     net.fc = nn.Identity()  # type: ignore[assignment]
     for m in net.modules():  # torchvision's initialisation, applied again to every convolution and BatchNorm (ours too)
         if isinstance(m, nn.Conv2d):
@@ -178,9 +185,17 @@ def build_model(
     queue_size: int = 4096,
     head_bn: bool = False,
     small_stem: bool | None = None,
+    stem_maxpool: bool | None = None,
 ) -> ReSSL:
-    """The ReSSL pair for ``image_size`` images; the small stem is chosen for images of 64 px or less."""
+    """The ReSSL pair for ``image_size`` images; the small stem is chosen for images of 64 px or less (see
+    :func:`build_backbone` for ``stem_maxpool``)."""
     if small_stem is None:
         small_stem = image_size <= SMALL_IMAGE_MAX
-    net, feature_dim = build_backbone(backbone, small_stem, width)
+    net, feature_dim = build_backbone(backbone, small_stem, width, stem_maxpool)
     return ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)
+
+
+def model_from_config(cfg: Config) -> ReSSL:
+    """The ReSSL pair that a run's configuration describes (training, resuming and evaluating build the same one)."""
+    return build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
+                       cfg.small_stem, cfg.stem_maxpool)

@@ -35,7 +35,7 @@ def exists_everywhere(path: Path, device: torch.device, what: str = "--out") -> 
 
 # a checkpoint trained with other values of these is meaningless to continue
 # (batch_size: the checkpoint's place in its epoch and the step-based schedules count its batches)
-RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn",
+RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "stem_maxpool", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn",
                "batch_size")
 # these may change on a resume (the run goes on with the new values), but a resume says which did: a run continued
 # by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently

@@ -30,7 +30,7 @@ from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
 from ressl.meter import Meter, MetricsLog, checkpoint_due
-from ressl.model import ReSSL, build_model
+from ressl.model import ReSSL, model_from_config
 from ressl.optim import build_optimizer
 from ressl.precision import autocast_dtype
 from ressl.resume import exists_everywhere, resume, resume_command, save_checkpoint
@@ -316,8 +316,7 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     if cfg.augment_backend != "torchvision":  # whose loader workers read the images from host memory
         to_device(dataset, device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size,
-                        cfg.head_bn, cfg.small_stem).to(device)
+    model = model_from_config(cfg).to(device)
     if cfg.teacher_bn == "sync" and dist.is_distributed():
         dist.convert_sync_batchnorm(model)
     if cfg.channels_last:

@@ -191,14 +191,13 @@ def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
 def untrained_checkpoint(npz_dir, tmp_path, monkeypatch):
     """A checkpoint of an untrained tiny model whose run kept its own kNN settings and a relative --data."""
     from ressl import config
-    from ressl.model import build_model
+    from ressl.model import model_from_config
 
     monkeypatch.chdir(npz_dir.parent)
     cfg = config.resolve(None, {"dataset": "npz", "data": npz_dir.name, "image_size": 16, "width": 8, "hidden_dim": 32,
                                 "out_dim": 16, "batch_size": 32, "queue_size": 64, "knn_k": 7, "knn_temperature": 0.2,
                                 "precision": "fp32", "workers": 0})
-    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
-                        cfg.small_stem)
+    model = model_from_config(cfg)
     path = tmp_path / "run" / "checkpoint.pt"
     path.parent.mkdir()
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)

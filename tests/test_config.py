@@ -2,6 +2,7 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from ressl import config
 from ressl.config import ConfigError
@@ -22,6 +23,16 @@ def test_paper_defaults_in_presets():
     assert (i.backbone, i.image_size, i.queue_size, i.ema_momentum, i.lr, i.warmup_epochs) == ("resnet50", 224, 131072, 0.999, 0.05, 5)
 
 
+def test_the_stem_of_each_preset_is_the_official_codes():
+    """3x3/1 stem everywhere below ImageNet; its max-pool dropped for CIFAR, kept for STL-10 and Tiny-ImageNet."""
+    from ressl.model import model_from_config
+
+    for name, small, pooled in [("cifar10", True, False), ("cifar100", True, False), ("stl10", True, True),
+                                ("tinyimagenet", True, True), ("imagenet", False, True)]:
+        net = model_from_config(config.resolve(name, {"width": 8, "hidden_dim": 16})).student.backbone
+        assert (net.conv1.kernel_size == (3, 3), not isinstance(net.maxpool, torch.nn.Identity)) == (small, pooled), name
+
+
 def test_command_line_strings_are_typed():
     c = config.resolve("cifar10", {"epochs": "3", "lr": "0.1", "head_bn": "true", "small_stem": "none"})
     assert c.epochs == 3 and c.lr == 0.1 and c.head_bn is True and c.small_stem is None
@@ -37,6 +48,7 @@ def test_command_line_strings_are_typed():
         ("cifar10", {"queue_size": 1000}, "queue_size 1000 is not a multiple"),
         ("cifar10", {"image_size": 4}, "too small"),
         ("imagenet", {"image_size": 16, "small_stem": "false"}, "too small"),
+        ("stl10", {"image_size": 8}, "too small"),  # its max-pool after the 3x3 stem halves the images once more
         ("cifar10", {"teacher_temperature": 0}, "must be positive"),
         ("cifar10", {"augment_backend": "pil"}, "augment_backend must be batched or torchvision"),
         ("cifar10", {"augment_steps": 0}, "augment_steps must be at least 1"),

@@ -148,12 +148,11 @@ def test_knn_of_a_checkpoint_reports_the_k_it_used(npz_dir, tmp_path):
     """``ressl knn --k 100000`` on a bank of 128 images votes with all 128: the result says k 128, and ``say`` tells why."""
     from ressl import config
     from ressl.evaluate import evaluate_checkpoint
-    from ressl.model import build_model
+    from ressl.model import model_from_config
 
     cfg = config.resolve(None, {"dataset": "npz", "data": str(npz_dir), "image_size": 16, "width": 8, "hidden_dim": 32,
                                 "out_dim": 16, "batch_size": 32, "queue_size": 64, "precision": "fp32", "workers": 0})
-    model = build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
-                        cfg.small_stem)
+    model = model_from_config(cfg)
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
     said: list[str] = []

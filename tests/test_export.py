@@ -42,7 +42,7 @@ def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_di
         torch.testing.assert_close(other.eval()(x), net(x), rtol=1e-4, atol=1e-5)
     with safe_open(out, "pt") as f:
         meta = f.metadata()
-    assert meta["network"] == "student" and meta["small_stem"] == "true"
+    assert meta["network"] == "student" and meta["small_stem"] == "true" and meta["maxpool"] == "false"
     assert json.loads(meta["config"])["width"] == 64
     # the inputs it expects: normalised as the run's training images (x / 255 - mean) / std
     assert json.loads(meta["mean"]) == pytest.approx(list(run.dataset.mean))

@@ -125,6 +125,15 @@ def test_small_stem_chosen_for_small_images():
     assert build_model("resnet18", 96, width=8).student.backbone.conv1.stride == (2, 2)
 
 
+@pytest.mark.parametrize("small_stem,maxpool,reduction", [(True, None, 1), (True, True, 2), (False, None, 4), (False, False, 2)])
+def test_stem_and_max_pool_set_the_resolution_of_the_first_stage(small_stem, maxpool, reduction):
+    """The 3x3/1 stem drops the max-pool unless it is asked for (the official code keeps it for STL-10 and
+    Tiny-ImageNet); the 7x7/2 stem keeps it unless asked not to."""
+    net, _ = build_backbone("resnet18", small_stem, width=8, maxpool=maxpool)
+    stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    assert stem(torch.randn(1, 3, 64, 64)).shape[-2:] == (64 // reduction, 64 // reduction)
+
+
 def test_width_scales_every_stage():
     net, feature_dim = build_backbone("resnet18", small_stem=True, width=16)
     assert feature_dim == 128
