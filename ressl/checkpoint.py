@@ -16,16 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or unsafe; the message is one line that names the fix."""
-
-
-class WriteError(Exception):
-    """A file a command writes (a checkpoint, config.yaml, metrics.jsonl, final.json, an export, embeddings, a
-    report) could not be written: a full disk, no permission. The message is one line that names the fix; what the
-    file held before is intact."""
-
+from ressl.errors import CheckpointError, WriteError
 
 WRITE_FIX = "free disk space or choose another --out"
 

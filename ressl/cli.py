@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import ressl
-from ressl import allocator, checkpoint, config, dist
-from ressl.checkpoint import CheckpointError, WriteError
+from ressl import allocator, config, launcher
 from ressl.config import FIELDS, ConfigError
-from ressl.errors import DataError, LateDataError, own_message
-from ressl.meter import NonFiniteLoss
-from ressl.train import Interrupted
+from ressl.errors import CheckpointError, DataError, Interrupted, LateDataError, NonFiniteLoss, WriteError, own_message
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# Only what parses the command line is imported above: torch and the modules that use it load once the command is
+# known to be well formed, so --help and a mistyped flag answer at once.
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)  # the user's input: one line, exit code 2
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,7 +64,7 @@ class Parser(argparse.ArgumentParser):
             hint = difflib.get_close_matches(value, choices, n=1)
             what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
             message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if dist.speaks_for_machine() else None)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if launcher.speaks_for_machine() else None)
 
 
 DEMO_PRESET = "digits"  # what `ressl pretrain` starts from with no --preset, --dataset or --data
@@ -141,9 +141,12 @@ def build_parser() -> Parser:
             e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
             e.add_argument("--weight_decay", type=float, default=0.0)
             e.add_argument("--augment", action="store_true",
-                           help="random crops and flips of the training images every epoch, as the run's weak view "
-                                "(its crop_min_scale; flips only if it flipped), a backbone pass per epoch, instead of "
-                                "features cached once (the fast default)")
+                           help="random crops (see --crop_min_scale) and flips (if the run flipped) of the training "
+                                "images every epoch, a backbone pass per epoch, instead of features cached once (the "
+                                "fast default)")
+            e.add_argument("--crop_min_scale", type=float, default=0.08,
+                           help="with --augment: the crops' smallest share of the image (default 0.08: the linear "
+                                "protocol of MoCo and of the official ReSSL code; pretraining's crops start at 0.2)")
     x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
                        description="Write the student's (or teacher's) backbone with torchvision's key names.")
     x.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
@@ -160,6 +163,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name} must be at least {low}, got {value}")
+    scale = getattr(args, "crop_min_scale", None)
+    if scale is not None and not 0 < scale <= 1:
+        raise ConfigError(f"--crop_min_scale must be in (0, 1], got {scale}")
     for name in ("temperature", "lr", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
@@ -173,20 +179,18 @@ def check_numbers(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from ressl.export import export_backbone
 
-    if dist.launched_rank() != 0:  # started by torchrun or srun: one process writes the file
+    if launcher.launched_rank() != 0:  # started by torchrun or srun: one process writes the file
         return 0
     meta = export_backbone(args.checkpoint, args.out, args.teacher)
-    print(f"wrote {args.out}: {meta['network']} {meta['architecture']} (width {meta['width']}, small stem {meta['small_stem']})")
+    print(f"wrote {args.out}: {meta['network']} {meta['architecture']} (width {meta['width']}, small stem "
+          f"{meta['small_stem']}, max-pool {meta['maxpool']})")
     if meta["width"] != "64":  # torchvision's ResNets are width 64: this file loads into ressl's own build of it
         print(f"  width {meta['width']} is not torchvision's 64: load it into ressl.build_backbone({meta['architecture']!r}, "
-              f"{meta['small_stem'].title()}, {meta['width']})[0]")
+              f"{meta['small_stem'].title()}, {meta['width']}, maxpool={meta['maxpool'].title()})[0]")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ressl.rundir import check_outside_data
-    from ressl.train import default_out, pretrain
-
     values = overrides(args)
     preset = args.preset
     if preset is None and values.get("dataset") in config.preset_names():
@@ -196,7 +200,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     elif preset is None and "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such
         values["dataset"] = "npz" if (Path(str(values["data"])).expanduser() / "train.npz").is_file() else "folder"
     cfg = config.resolve(preset, values)
-    out = config.check_output(cfg.out or default_out(cfg), "--out")  # before the data and the model are built
+    out = config.check_output(cfg.out or config.default_out(cfg), "--out")  # before torch, the data and the model load
+    from ressl import checkpoint
+    from ressl.rundir import check_outside_data
+    from ressl.train import pretrain
+
     check_outside_data(out, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the default --out, named once
     if cfg.resume and not Path(cfg.resume).is_file():
@@ -206,11 +214,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before torch loads
+    from ressl import dist
     from ressl.evaluate import accuracy_text, evaluate_checkpoint
 
-    check_numbers(args)
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
-        "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment}
+        "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment,
+        "crop_min_scale": args.crop_min_scale}
     def say(message: str) -> None:  # asked once the process group exists (under torchrun rank 0 speaks)
         if dist.is_main():
             print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)
@@ -257,11 +267,11 @@ def add_report_commands(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before torch loads
+    if launcher.launched_world_size() > 1:
+        raise ConfigError("ressl report runs in one process (its embeddings are a few thousand images): run it without torchrun or srun")
     from ressl.report import make_report
 
-    check_numbers(args)
-    if dist.launched_world_size() > 1:
-        raise ConfigError("ressl report runs in one process (its embeddings are a few thousand images): run it without torchrun or srun")
     report = make_report(args.run_dir, args.data, args.dataset, args.embeddings, args.device, args.batch_size,
                          args.workers, args.max_points, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {report.markdown} and {report.html} ({len(report.images)} plots)")
@@ -271,10 +281,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before torch loads
+    config.check_output(args.out, "--out", file_example="features.npy")
+    from ressl import dist
     from ressl.embed import embed
 
-    check_numbers(args)
-    config.check_output(args.out, "--out", file_example="features.npy")
     out, files, (n, dim) = embed(args.checkpoint, args.data, args.out, args.dataset, args.split, args.teacher,
                                  args.device, args.batch_size, args.workers)
     if dist.is_main():
@@ -290,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps reuse their memory instead of page-faulting it in again
     code = _run(args)
-    dist.leave(together=code == 0)  # under torchrun: close the process group before the interpreter exits
+    if "ressl.dist" in sys.modules:  # a command that got as far as torch: under torchrun, close the process group
+        sys.modules["ressl.dist"].leave(together=code == 0)
     return code
 
 
 def _run(args: argparse.Namespace) -> int:
+    """The command, with its errors as one line and its exit code. Torch loads inside (each command imports what it
+    uses), so that a Ctrl-C during its seconds of import is an interruption too, and a mistake in the flags or the
+    configuration is said before it."""
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args)
@@ -304,10 +319,14 @@ def _run(args: argparse.Namespace) -> int:
             return REPORT_COMMANDS[args.command](args)
         return cmd_evaluate(args)
     except (NonFiniteLoss, WriteError) as err:  # not the user's input: exit 1
+        from ressl import dist  # loaded already by whatever raised these (as in each branch below)
+
         if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
             print(f"ressl {args.command}: error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:  # torch.OutOfMemoryError is one too
+        from ressl import dist
+
         if out_of_memory(err):
             lower = "--batch_size (or --queue_size, --width, --image_size)" if args.command == "pretrain" else "--batch_size"
             who = f"[rank {dist.launched_rank()}] " if dist.launched_world_size() > 1 else ""  # one GPU may run out alone
@@ -322,22 +341,36 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         # under torchrun every process of a machine makes the same mistake; images that break after the scan may fail
         # to load in some processes only, which tell all the others why they stop: rank 0 says it for them all
-        if isinstance(err, LateDataError) and dist.is_distributed():
-            if dist.is_main():
+        if isinstance(err, LateDataError) and _distributed():
+            if _distributed().is_main():
                 print("\n".join(f"ressl {args.command}: error: {line}" for line in str(err).splitlines()), file=sys.stderr)
-        elif dist.speaks_for_machine():
+        elif launcher.speaks_for_machine():
             print(f"ressl {args.command}: error: {own_message(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
+        from ressl import dist
+
         if dist.is_main():  # every process stopped at the same step, with the same message
             print(f"ressl {args.command}: {err}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        out = getattr(args, "cfg_out", None)  # pretrain's --out, when given
-        saved = Path(out) / "checkpoint.pt" if out else None
-        note = "" if saved is None else f"; the last checkpoint is {saved}" if saved.is_file() else "; no checkpoint was written yet"
-        print(f"\nressl {args.command}: interrupted{note}", file=sys.stderr)
-        return 130
+        return _interrupted(args)
+
+
+def _distributed() -> Any:
+    """``ressl.dist`` when a process group exists (only once torch has loaded), else None: what a mistake met before
+    torch loads may consult without loading it."""
+    dist = sys.modules.get("ressl.dist")
+    return dist if dist is not None and dist.is_distributed() else None
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """Ctrl-C: say where the work stands (pretrain's last checkpoint, when --out was given) and exit 130."""
+    out = getattr(args, "cfg_out", None)
+    saved = Path(out) / "checkpoint.pt" if out else None
+    note = "" if saved is None else f"; the last checkpoint is {saved}" if saved.is_file() else "; no checkpoint was written yet"
+    print(f"\nressl {args.command}: interrupted{note}", file=sys.stderr)
+    return 130
 
 
 def _allocation(err: RuntimeError) -> str:

@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -262,17 +263,14 @@ def min_image_size(cfg: Config) -> int:
 POSITIVE = ("epochs", "batch_size", "queue_size", "image_size", "width", "hidden_dim", "out_dim", "knn_k", "log_every",
             "eval_batch_size", "lr", "student_temperature", "teacher_temperature", "knn_temperature", "knn_subset")
 NON_NEGATIVE = ("weight_decay", "warmup_epochs", "workers", "checkpoint_every", "knn_every", "seed")
-CHOICES = {"teacher_bn": ("shuffle", "sync", "local"), "jitter_order": ("batch", "sample"),
+CHOICES = {"backbone": ("resnet18", "resnet34", "resnet50"),  # ressl.model.BACKBONES builds them
+           "teacher_bn": ("shuffle", "sync", "local"), "jitter_order": ("batch", "sample"),
            "augment_backend": ("batched", "torchvision"), "precision": ("auto", "bf16", "fp32")}
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Refuse, with one line that names the fix, a configuration that cannot run, or that would fail mid-run
     (``world_size``: the processes the batch is split over)."""
-    from ressl.model import BACKBONES  # local import: config is a lower layer than model
-
-    if cfg.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}")
     check_dataset(cfg.dataset)
     if cfg.dataset == "digits" and cfg.data is not None:  # it would read the directory as images, with the demo's recipe
         raise ConfigError(f"dataset digits is scikit-learn's embedded set and reads no --data: for {cfg.data}, pass "
@@ -339,6 +337,11 @@ def check_device(name: str, flag: str = "device") -> None:
     runs and is tested on those two types (a ``cpu:1`` run would write checkpoints that cannot be resumed)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
         raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def default_out(cfg: Config) -> Path:
+    """Where a run without ``--out`` writes: ``runs/DATASET-YYYYMMDD-HHMMSS``."""
+    return Path("runs") / f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_output(path: str | Path, flag: str, file_example: str | None = None) -> Path:

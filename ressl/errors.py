@@ -1,4 +1,5 @@
-"""The data errors and warnings users see: a message of one line that names the fix (the CLI prints it as such)."""
+"""The errors and warnings users see, each a message of one line that names the fix (the CLI prints it as such).
+Torch-free, so that the command line can name them before torch loads."""
 
 from __future__ import annotations
 
@@ -26,3 +27,21 @@ def own_message(err: Exception) -> str:
 
 class DataWarning(UserWarning):
     """Warning about skipped or replaced image files (filterable category); shown as one line, without source."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or unsafe; the message is one line that names the fix."""
+
+
+class WriteError(Exception):
+    """A file a command writes (a checkpoint, config.yaml, metrics.jsonl, final.json, an export, embeddings, a
+    report) could not be written: a full disk, no permission. The message is one line that names the fix; what the
+    file held before is intact."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary."""

@@ -423,10 +423,11 @@ def checkpoint_features(
 def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
-    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
+    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False, crop_min_scale: float = 0.08,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """``protocol`` is ``knn`` or ``linear`` (``augment``: crops and flips each epoch, else cached features);
+    """``protocol`` is ``knn`` or ``linear`` (``augment``: each epoch RandomResizedCrop(``crop_min_scale``-1), the
+    linear protocol's 0.08 by default, and flips where the run flipped; else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
     those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used (``k`` at
     most the bank's size); both hold the number of ``classes``.
@@ -451,7 +452,7 @@ def evaluate_checkpoint(
                 "classes": ds.num_classes}
     dtype = autocast_dtype(cfg.precision, dev)
     train_batches = augmented_batches(backbone, bank_split, cfg.image_size, ds.mean, ds.std, batch_size, dev, dtype, workers=workers,
-                                      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip) if augment else None
+                                      crop_min_scale=crop_min_scale, flip=cfg.flip) if augment else None
     probe = linear_probe(bank, bank_y, test, test_y, ds.num_classes, epochs, lr, weight_decay=weight_decay, progress=True,
                          train_batches=train_batches)
     return {**probe, "classes": ds.num_classes}

@@ -18,6 +18,7 @@ import torch
 
 from ressl import dist
 from ressl.checkpoint import write_run_file
+from ressl.errors import NonFiniteLoss
 from ressl.monitor import health, queue_fill
 
 if TYPE_CHECKING:
@@ -96,10 +97,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [record for line in path.read_text().splitlines() if (record := parse_record(line)) is not None]
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 def checkpoint_due(cfg: Config, step: int) -> bool:

@@ -360,8 +360,8 @@ def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, ba
                report: Report, say: Callable[[str], None]) -> _Embedded | None:
     """The run's checkpoint applied to its data (or ``data``/``dataset``); a missing checkpoint or data set becomes a
     note and None."""
-    from ressl.checkpoint import CheckpointError
     from ressl.data import to_device
+    from ressl.errors import CheckpointError
     from ressl.evaluate import checkpoint_features, load_for_evaluation
 
     try:

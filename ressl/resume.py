@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ressl import checkpoint, config, dist
-from ressl.meter import NonFiniteLoss, checkpoint_kept
+from ressl.errors import NonFiniteLoss
+from ressl.meter import checkpoint_kept
 
 if TYPE_CHECKING:
     from ressl.train import Run

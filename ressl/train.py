@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset, sample_split, to_device
-from ressl.errors import DataError, LateDataError, own_message
+from ressl.errors import DataError, Interrupted, LateDataError, own_message
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
@@ -45,10 +44,6 @@ class TrainState:
     index: int = 0  # batches done inside the current epoch (a mid-epoch checkpoint resumes here)
     loss: float | None = None  # the last logged loss (final.json's, also when a run stops before a logging step)
     knn_random_init: dict[str, float] | None = None  # kNN before training, kept for final.json across resumes
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved at the step boundary."""
 
 
 @dataclass
@@ -262,10 +257,6 @@ def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None
     return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)
 
 
-def default_out(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def view_makers(cfg: Config, dataset: Dataset) -> tuple[ViewAugment | None, TwoViews | None]:
     """What makes each step's weak and strong views: batched on the training device (the default), or, with
     ``augment_backend torchvision``, image by image in loader workers, as the official code does (for comparison)."""
@@ -289,7 +280,7 @@ def setup(cfg: Config) -> Run:
     device = dist.resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
     graphed = use_cuda_graph(cfg, device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out = Path(cfg.out) if cfg.out else config.default_out(cfg)
     refused = rundir.reuse_problem(out)  # before the data loads (an ImageNet folder's scan takes minutes)
     if dist.any_rank(refused is not None, device):
         raise config.ConfigError(refused or f"--out {out} was refused by another process: see its message")

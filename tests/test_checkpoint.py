@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ressl import checkpoint
-from ressl.checkpoint import CheckpointError
+from ressl.errors import CheckpointError
 
 
 def _save(path: Path) -> dict:

@@ -166,6 +166,7 @@ def test_version_and_help_texts(capsys):
     (["linear", "--checkpoint", "nowhere.pt", "--lr", "-1"], "--lr must be positive"),
     (["linear", "--checkpoint", "nowhere.pt", "--epochs", "0"], "--epochs must be at least 1"),
     (["linear", "--checkpoint", "nowhere.pt", "--weight_decay", "-1"], "--weight_decay must be 0 or more"),
+    (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0"], "--crop_min_scale must be in (0, 1], got 0.0"),
     (["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", "f.npy", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["report", "nowhere", "--device", "gpu"], "--device must be auto"),
     (["pretrain", "--resume", "nowhere.pt"], "pass a run's checkpoint, RUN_DIR/checkpoint.pt"),
@@ -389,3 +390,36 @@ def test_data_without_dataset_is_named_after_what_it_holds(npz_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(npz_dir), "--out", str(out), "--epochs", "1", *TINY]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == "npz"
+
+
+# Runs the command line with any import of torch raising KeyboardInterrupt, as a Ctrl-C during torch's seconds of
+# import does: a command that needs no torch ends as usual, one that does must say "interrupted" (no traceback).
+WITHOUT_TORCH = """
+import sys
+class CtrlCOnTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlCOnTorch())
+from ressl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv,code,said", [
+    (["--help"], 0, "usage: ressl"),
+    (["pretrain", "--help"], 0, "--queue_size"),
+    (["pretrain", "--epochs", "0"], 2, "epochs must be positive, got 0"),
+    (["pretrain", "--backbone", "resnet19"], 2, "backbone must be resnet18, resnet34 or resnet50, got 'resnet19'"),
+    (["pretrain", "--preset", "cifar11"], 2, "unknown preset 'cifar11'"),
+    (["pretrain", "--queu_size", "9"], 2, "did you mean --queue_size?"),
+    (["knn", "--checkpoint", "c.pt", "--k", "0"], 2, "--k must be at least 1, got 0"),
+    (["pretrain", "--out", "run"], 130, "ressl pretrain: interrupted; no checkpoint was written yet"),
+    (["knn", "--checkpoint", "c.pt"], 130, "ressl knn: interrupted"),
+])
+def test_mistakes_are_said_before_torch_loads_and_a_ctrl_c_while_it_loads_is_an_interruption(argv, code, said, tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=60)
+    assert done.returncode == code, done.stderr
+    assert said in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing was written before torch

@@ -194,3 +194,9 @@ def test_every_field_says_what_it_is_for_the_help():
     notes = config.field_notes()
     assert set(notes) == set(config.FIELDS)
     assert notes["augment_steps"].endswith("those steps share the jitter order (jitter_order batch)")
+
+
+def test_the_backbones_a_configuration_may_name_are_those_the_model_builds():
+    from ressl.model import BACKBONES
+
+    assert sorted(config.CHOICES["backbone"]) == sorted(BACKBONES)

@@ -261,7 +261,7 @@ def test_embed_image_folder_rows_follow_files_txt(trained, tmp_path, capsys):
 
 def test_damaged_or_unwritable_run_files_give_notes_or_one_line_errors(tmp_path):
     """A hand-broken config.yaml or final.json becomes a note; a report that cannot be written, a WriteError."""
-    from ressl.checkpoint import WriteError
+    from ressl.errors import WriteError
     from ressl.report import make_report
 
     run = tmp_path / "run"

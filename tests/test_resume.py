@@ -16,8 +16,8 @@ import torch
 from test_cli import TINY
 
 from ressl import checkpoint
-from ressl.checkpoint import WriteError
 from ressl.cli import main
+from ressl.errors import WriteError
 
 
 def command(npz_dir: Path, out: Path, *extra: str) -> list[str]:

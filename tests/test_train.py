@@ -234,7 +234,7 @@ def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_pa
 def test_a_stop_asked_at_an_epochs_last_step_ends_there_with_a_checkpoint(npz_dir, tmp_path):
     """Not one step later, inside the next epoch: the checkpoint holds the finished epoch."""
     from ressl import checkpoint
-    from ressl.train import Interrupted
+    from ressl.errors import Interrupted
 
     run = tiny_run(npz_dir, tmp_path)
     run.state.index = run.steps_per_epoch - 1  # at the epoch's last batch
@@ -249,7 +249,7 @@ def test_a_stop_between_logging_steps_logs_its_loss_without_the_last_logged_step
     """The health signals are measured at logging steps only: a stop at another step must not log the last logged
     step's signals as its own."""
     import ressl.train
-    from ressl.train import Interrupted
+    from ressl.errors import Interrupted
 
     run = tiny_run(npz_dir, tmp_path, log_every=2)
     step = ressl.train.train_step
