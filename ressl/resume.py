@@ -79,7 +79,8 @@ def resume(run: Run, path: Path) -> None:
     run.shuffle_generator.set_state(saved["shuffle_generator"])
     checkpoint.set_rng_states(saved["rng"])
     images = saved.get("train_images")  # older checkpoints: unknown, unless the place in the epoch no longer exists
-    if (images is not None and images != len(run.dataset.train)) or run.state.index >= run.steps_per_epoch:
+    resized = (images is not None and images != len(run.dataset.train)) or run.state.index >= run.steps_per_epoch
+    if resized and not trained:  # a finished run keeps its steps (and its results): it has no epoch left to restart
         _restart_epoch(run, path, images)
     if path == run.out / "checkpoint.pt":
         run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
@@ -89,7 +90,7 @@ def resume(run: Run, path: Path) -> None:
         if recipe:
             print(f"note: {path} was trained with another recipe; the run goes on with this one: {', '.join(recipe)}",
                   flush=True)
-        if moved:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
+        if moved and not trained:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
             print(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if they "
                   "held the same images; pass another --out if they do not", flush=True)
         print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)

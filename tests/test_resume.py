@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_cli import TINY
@@ -291,6 +292,13 @@ def test_rerunning_a_complete_run_changes_nothing(npz_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--lr", "0.5"]) == 0
     assert "already complete (1/1 epochs" in capsys.readouterr().out
+    assert _files(out) == before
+    # images added to its data since, or other data given by mistake: the finished run stays as it was too
+    with np.load(npz_dir / "train.npz") as arrays:
+        np.savez(npz_dir / "train.npz", x=arrays["x"][:96], y=arrays["y"][:96])
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "already complete (1/1 epochs" in printed and "starts over" not in printed
     assert _files(out) == before
 
 
