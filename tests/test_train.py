@@ -73,7 +73,12 @@ def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path):
     assert runs[0].state.step == 4
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(runs[0].optimizer.state_dict()["state"], runs[1].optimizer.state_dict()["state"])
+    # the momentum buffers sum raw gradients (conv1's reach ~2.5): the float32 noise of a convolution's backward
+    # differs between CPUs (AMD EPYC: 7e-5 of a buffer's largest value), a slip of the schedules would be percents
+    eager, graph = (run.optimizer.state_dict()["state"] for run in runs)
+    for i in eager:
+        a, b = eager[i]["momentum_buffer"], graph[i]["momentum_buffer"]
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-6, i
 
 
 def test_cuda_graph_on_a_cpu_is_a_configuration_error(npz_dir, tmp_path):
