@@ -39,7 +39,7 @@ def embed(
     backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
-        raise DataError(f"{data} has no labelled test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
+        raise DataError(f"{data} has no test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
     to_device(ds, dev, [chosen])
     feats, _ = checkpoint_features(backbone, cfg, ds, chosen, dev, batch_size, workers, torch.float32)  # .npy: never bf16
     rows = split_rows(chosen, split)

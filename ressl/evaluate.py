@@ -232,16 +232,20 @@ def weighted_votes(top_sim: torch.Tensor, top_labels: torch.Tensor, num_classes:
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Percent of rows of ``scores`` (M, C) whose label (M,) is among the top-k classes."""
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (M, k)
+    """Percent of rows of ``scores`` (M, C) whose label (M,) is among the top-k classes, for each k of ``ks`` below
+    C (top-1 always): a top-k of k >= C classes is 100% whatever the scores, and is left out."""
+    classes = scores.shape[1]
+    ranked = scores.topk(min(max(ks), classes), dim=1).indices  # (M, k)
     hits = ranked == labels[:, None]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / len(labels) for k in ks if k == 1 or k < classes}
 
 
 def accuracy_text(accuracy: dict[str, float], num_classes: int) -> str:
     """``top-1 X%  top-5 Y%``; with 5 classes or fewer, top-1 alone (every label is among the top 5: always 100%)."""
     text = f"top-1 {accuracy['top1']:.2f}%"
-    return text + (f"  top-5 {accuracy['top5']:.2f}%" if num_classes > 5 else f"  ({num_classes} classes: no top-5)")
+    if num_classes == 1:
+        return text + "  (1 class: every guess is right, so this says nothing; evaluate on labels of several classes)"
+    return text + (f"  top-5 {accuracy['top5']:.2f}%" if "top5" in accuracy else f"  ({num_classes} classes: no top-5)")
 
 
 def knn_accuracy(
@@ -293,7 +297,7 @@ def linear_probe(
     if progress and dist.is_main():
         from tqdm import tqdm
 
-        epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False)
+        epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False, dynamic_ncols=True, disable=None)
     seen = 0
     for epoch in epoch_iter:
         for x, y in _rebatched((train_batches or cached)(epoch), batch_size):

@@ -46,9 +46,11 @@ def _format_data_warning(message: Warning | str, category: type[Warning], filena
                          line: str | None = None) -> str:
     """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning` and for PIL's warning about an image of
     over 89 million pixels (past 179 million PIL refuses it, and the file is skipped as unreadable); other warnings
-    are formatted as before."""
+    are formatted as before. A loader worker's starts on a line of its own: the training's progress bar, drawn by
+    another process, leaves its line open."""
     if issubclass(category, (DataWarning, Image.DecompressionBombWarning)):
-        return f"ressl: warning: {message}\n"
+        lead = "\n" if torch.utils.data.get_worker_info() is not None else ""
+        return f"{lead}ressl: warning: {message}\n"
     return _plain_formatwarning(message, category, filename, lineno, line)
 
 

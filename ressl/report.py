@@ -230,7 +230,8 @@ def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: li
             rows.append(["final loss", f"{final['loss']:.4f} nats"])
         for key, what in (("knn", "kNN (k={k})"), ("knn_random_init", "kNN of the random initialisation")):
             if isinstance(final.get(key), dict):
-                rows.append([what.format(k=final[key].get("k", cfg.get("knn_k"))), f"top-1 {final[key]['top1']:.2f}%, top-5 {final[key]['top5']:.2f}%"])
+                top5 = f", top-5 {final[key]['top5']:.2f}%" if "top5" in final[key] else ""  # none of 5 classes or fewer
+                rows.append([what.format(k=final[key].get("k", cfg.get("knn_k"))), f"top-1 {final[key]['top1']:.2f}%{top5}"])
     _, rate = series(records, "images_per_s")
     if len(rate):
         rows.append(["throughput", f"median {np.median(rate):.0f} images/s"])

@@ -240,6 +240,11 @@ def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return teacher, dist.all_gather_cat(teacher)
 
 
+def _knn_record(accuracy: dict[str, float]) -> dict[str, float]:
+    """A kNN result as metrics.jsonl fields: ``knn_top1`` and, with more than 5 classes, ``knn_top5``."""
+    return {f"knn_{key}": accuracy[key] for key in ("top1", "top5") if key in accuracy}
+
+
 def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None:
     """Weighted kNN of the student's backbone: labelled training images as the bank, the test split as queries.
 
@@ -348,7 +353,7 @@ def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
         acc = evaluate_knn(run, cfg.knn_subset)
         if acc is not None:
-            run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
+            run.log.write(step=run.state.step, epoch=run.state.epoch, **_knn_record(acc))
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
     if acc is not None or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
         say(summary, flush=True)
@@ -414,7 +419,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         run.state.knn_random_init = evaluate_knn(run)
         if run.state.knn_random_init is not None:
             initial = run.state.knn_random_init
-            run.log.write(step=0, epoch=0, knn_top1=initial["top1"], knn_top5=initial["top5"])
+            run.log.write(step=0, epoch=0, **_knn_record(initial))
             say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
     with _stop_on_signals(run), _data_failures_saved(run):
         while not done:
@@ -433,7 +438,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
     acc = evaluate_knn(run)
     if acc is not None:
         final["knn"] = acc
-        run.log.write(step=run.state.step, epoch=run.state.epoch, knn_top1=acc["top1"], knn_top5=acc["top5"])
+        run.log.write(step=run.state.step, epoch=run.state.epoch, **_knn_record(acc))
         before = final.get("knn_random_init", {}).get("top1")
         say(f"kNN {accuracy_text(acc, run.dataset.num_classes)}" + (f"  (random init: {before:.2f}%)" if before is not None else ""),
             flush=True)

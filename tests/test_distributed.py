@@ -481,7 +481,7 @@ def test_torchrun_pretrain_resume_and_knn(npz_dir, tmp_path):
     assert two == pytest.approx(one, abs=1e-6)
     # the run's own final kNN, measured by both processes, is that of its checkpoint (rank 0's BatchNorm statistics)
     final = json.loads((out / "final.json").read_text())["knn"]
-    assert final == pytest.approx({k: one[k] for k in ("top1", "top5", "k")}, abs=1e-6)
+    assert final == pytest.approx({k: one[k] for k in ("top1", "k")}, abs=1e-6)  # 4 classes: no top-5
 
 
 @pytest.mark.slow

@@ -40,6 +40,9 @@ def test_topk_accuracy():
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     acc = topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 2))
     assert acc["top1"] == pytest.approx(100 / 3) and acc["top2"] == pytest.approx(200 / 3)
+    # a top-k of k >= the classes is always 100%: left out; a share of whole images is printed without float noise
+    assert set(topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 3))) == {"top1"}
+    assert topk_accuracy(torch.eye(10)[[0] + [1] * 9], torch.zeros(10, dtype=torch.long))["top1"] == 10.0
 
 
 def test_linear_probe_learns_a_linear_rule():
@@ -141,7 +144,8 @@ def test_accuracy_text_leaves_out_a_top5_that_is_always_100():
     from ressl.evaluate import accuracy_text
 
     assert accuracy_text({"top1": 81.234, "top5": 99.5}, 10) == "top-1 81.23%  top-5 99.50%"
-    assert accuracy_text({"top1": 90.0, "top5": 100.0}, 3) == "top-1 90.00%  (3 classes: no top-5)"
+    assert accuracy_text({"top1": 90.0}, 3) == "top-1 90.00%  (3 classes: no top-5)"
+    assert accuracy_text({"top1": 100.0}, 1).startswith("top-1 100.00%  (1 class: every guess is right, so this says nothing")
 
 
 def test_knn_of_a_checkpoint_reports_the_k_it_used(npz_dir, tmp_path):

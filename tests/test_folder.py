@@ -412,6 +412,21 @@ def test_other_warnings_keep_their_format() -> None:
     assert huge == "ressl: warning: Image size exceeds limit\n"
 
 
+def test_a_loader_workers_data_warning_starts_on_a_line_of_its_own() -> None:
+    """In a loader worker the main process's progress bar holds the terminal's line: the warning starts below it."""
+    from torch.utils.data import DataLoader
+
+    class Warns(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> str:
+            return warnings.formatwarning("truncated", DataWarning, "/x/y.py", 7)
+
+    assert [text for batch in DataLoader(Warns(), batch_size=None, num_workers=1) for text in [batch]] == [
+        "\nressl: warning: truncated\n"]
+
+
 def test_own_message_strips_a_loader_workers_traceback() -> None:
     from ressl.errors import own_message
 
