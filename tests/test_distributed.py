@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from conftest import make_images
 from PIL import Image
 from test_cli import TINY
 from torch import nn
@@ -67,6 +68,32 @@ def test_every_rank_holds_the_same_queue_as_one_process(tmp_path):
         single.push(torch.cat([torch.full((2, 3), 10.0 * step + r) for r in range(WORLD)]))
     torch.testing.assert_close(results[0]["queue"], single.queue, rtol=0, atol=0)
     assert int(results[0]["pointer"]) == int(single.pointer) == 0
+
+
+def _training_step_worker(rank: int, tmp: str) -> None:
+    import ressl.train
+    from ressl import config
+
+    _join(rank, tmp)
+    values = dict(dataset="npz", data=f"{tmp}/data", out=f"{tmp}/run", image_size=16, width=8, hidden_dim=32, out_dim=16,
+                  batch_size=32, queue_size=64, epochs=1, precision="fp32", channels_last=False, device="cpu", workers=0,
+                  checkpoint_every=0)
+    run = ressl.train.setup(config.resolve(None, values))
+    weak, strong = next(iter(ressl.train.epoch_views(run, 0)))
+    seen: list[torch.Tensor] = []
+    ressl.train.train_step(run, weak, strong, lambda loss, student, teacher: seen.append(teacher.clone()))
+    torch.save({"queue": run.model.queue.queue, "teacher": seen[0]}, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_training_step_pushes_the_teacher_batches_of_every_process(tmp_path):
+    """train_step, not only the queue: after one step each process's queue starts with rank 0's teacher batch,
+    then rank 1's, and the two queues are equal."""
+    (tmp_path / "data").mkdir()
+    x, y = make_images(128, 16, 4)
+    np.savez(tmp_path / "data" / "train.npz", x=x, y=y)
+    zero, one = spawn(_training_step_worker, tmp_path)
+    torch.testing.assert_close(zero["queue"], one["queue"], rtol=0, atol=0)
+    torch.testing.assert_close(zero["queue"][:32], torch.cat([zero["teacher"], one["teacher"]]), rtol=0, atol=0)
 
 
 # --- SyncBN: 2 x B/2 equals 1 x B ---------------------------------------------------------------
@@ -381,7 +408,6 @@ def _stop_worker(rank: int, tmp: str) -> None:
 def test_a_stop_is_agreed_within_seconds_of_steps_not_only_at_logging_steps(tmp_path):
     """SIGTERM reaches one process during step 6: both stop together, at the next logging step (8) when steps are as
     long as the allowed wait, at once (6) when they are longer; a launcher's SIGKILL follows its SIGTERM by ~30 s."""
-    from conftest import make_images
 
     (tmp_path / "data").mkdir()
     x, y = make_images(512, 16, 4)

@@ -166,3 +166,6 @@ def test_knn_of_a_checkpoint_reports_the_k_it_used(npz_dir, tmp_path):
     assert said[-1] == "k 100,000 is more than the 128 images of the bank: every one is a neighbour (k 128)"
     quiet: list[str] = []
     assert evaluate_checkpoint(str(path), "knn", k=5, say=quiet.append, **common)["k"] == 5 and len(quiet) == 1
+    # the vote temperature (--temperature) reaches the vote: nearly the nearest alone at 0.01, nearly a count at 100
+    sharp, flat = (evaluate_checkpoint(str(path), "knn", k=128, device="cpu", workers=0, temperature=t) for t in (0.01, 100.0))
+    assert (sharp["temperature"], flat["temperature"]) == (0.01, 100.0) and sharp["top1"] != flat["top1"]

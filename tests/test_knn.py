@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ressl import evaluate
 from ressl.data import Split
-from ressl.evaluate import auto_store_dtype, extract_features, knn_scores, linear_probe, split_features
+from ressl.evaluate import auto_store_dtype, extract_features, knn_accuracy, knn_scores, linear_probe, split_features
 
 
 def reference_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
@@ -208,3 +208,12 @@ def test_linear_probe_accepts_bf16_features():
     xb = x.bfloat16()
     acc = linear_probe(xb[:300], y[:300], xb[300:], y[300:], num_classes=2, epochs=20, lr=0.1, batch_size=64)
     assert acc["top1"] > 90
+
+
+def test_the_vote_temperature_is_used():
+    """One class-1 neighbour at cosine 1 against two class-0 ones at 0.6: a sharp vote (T 0.1) follows the nearest,
+    a flat one (T 1) the majority."""
+    bank, labels = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]]), torch.tensor([1, 0, 0])
+    query, label = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    assert knn_accuracy(bank, labels, query, label, 2, k=3, temperature=0.1)["top1"] == 100.0
+    assert knn_accuracy(bank, labels, query, label, 2, k=3, temperature=1.0)["top1"] == 0.0

@@ -45,12 +45,13 @@ def test_ema_momentum_one_changes_nothing_and_zero_copies(layout):
         torch.testing.assert_close(s, t, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("momentum", [0.9, torch.tensor(0.9)], ids=["float", "tensor"])  # tensor: the CUDA graph's
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_ema_formula(layout):
+def test_ema_formula(layout, momentum):
     model = small_model(layout)
     perturb_student(model)
     teacher, student = params(model.teacher), params(model.student)
-    model.update_teacher(0.9)
+    model.update_teacher(momentum)
     for t, s, new in zip(teacher, student, model.teacher.parameters()):
         torch.testing.assert_close(new, 0.9 * t + 0.1 * s)
 

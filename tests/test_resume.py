@@ -66,7 +66,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(npz_dir, tmp_path):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert subprocess.run(command(npz_dir, unbroken), capture_output=True, timeout=300).returncode == 0
     proc = subprocess.Popen(command(npz_dir, broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_step(broken, random.Random().randint(2, 20), proc)
+    kill_after = random.Random().randint(2, 20)  # a new place each run
+    print(f"SIGKILL after step {kill_after}")  # pytest shows it with any failure below
+    wait_for_step(broken, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(broken / "checkpoint.pt", weights_only=True)["state"]["step"]

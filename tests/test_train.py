@@ -30,6 +30,9 @@ def test_one_step_follows_the_official_order(npz_dir, tmp_path, graph_body):
     CUDA graph body (``capture_network_step``, on a CPU run eagerly: static inputs, learning rate and momentum
     in tensors)."""
     run = tiny_run(npz_dir, tmp_path, batch_size=128, queue_size=256, ema_momentum=0.9, weight_decay=1e-3)
+    with torch.no_grad():  # a teacher apart from the student (as after any step): the EMA must come before its forward
+        for p in run.model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     if graph_body:
         run.graph = capture_network_step(run)
     cfg = run.cfg
@@ -79,6 +82,49 @@ def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path):
     for i in eager:
         a, b = eager[i]["momentum_buffer"], graph[i]["momentum_buffer"]
         assert (a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-6, i
+
+
+@pytest.mark.parametrize("scale,flip", [(0.5, True), (0.9, False)])
+def test_both_views_follow_the_runs_crop_scale_and_flip(npz_dir, tmp_path, scale, flip):
+    run = tiny_run(npz_dir, tmp_path, crop_min_scale=scale, flip=flip)
+    for augment in (run.augment.weak, run.augment.strong):
+        drawn = augment.sample_params(4000, 32, 32, torch.Generator().manual_seed(0))
+        area = (drawn["crop"][:, 2] * drawn["crop"][:, 3]).double() / (32 * 32)
+        assert area.min() >= scale - 0.05 and area.quantile(0.01) < scale + 0.02  # pixel rounding of the crop's sides
+        assert abs(drawn["flip"].double().mean().item() - (0.5 if flip else 0.0)) < 0.04
+
+
+def test_training_follows_the_cosine_ema_schedule_and_logs_it(npz_dir, tmp_path):
+    from ressl.schedule import ema_momentum
+
+    run = tiny_run(npz_dir, tmp_path, epochs=2, ema_cosine=True, ema_momentum=0.9)
+    for _ in range(2):
+        train_one_epoch(run)
+    logged = [r["ema_momentum"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
+              if "ema_momentum" in r]
+    assert len(logged) == 8 and logged == pytest.approx([ema_momentum(s, run.total_steps, 0.9, True) for s in range(8)])
+
+
+def test_the_logged_relation_entropies_use_each_networks_temperature(npz_dir, tmp_path):
+    """A student at temperature 1 spreads its relation far wider than the teacher's at 0.04."""
+    run = tiny_run(npz_dir, tmp_path, student_temperature=1.0, teacher_temperature=0.04, epochs=1)
+    train_one_epoch(run)
+    record = next(r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "teacher_entropy" in r)
+    assert record["teacher_entropy"] < record["student_entropy"] - 0.5, record
+
+
+def test_the_runs_knn_checks_vote_at_its_knn_temperature(npz_dir, tmp_path):
+    """Every image of the bank votes (k 128): nearly the nearest alone at T 0.01, nearly a count at T 100."""
+    import dataclasses
+
+    from ressl.train import evaluate_knn
+
+    run = tiny_run(npz_dir, tmp_path, knn_k=128)
+    results = []
+    for temperature in (0.01, 100.0):
+        run.cfg = dataclasses.replace(run.cfg, knn_temperature=temperature)
+        results.append(evaluate_knn(run)["top1"])
+    assert results[0] != results[1], results
 
 
 def test_cuda_graph_on_a_cpu_is_a_configuration_error(npz_dir, tmp_path):
