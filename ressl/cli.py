@@ -144,9 +144,9 @@ def build_parser() -> Parser:
                            help="random crops (see --crop_min_scale) and flips (if the run flipped) of the training "
                                 "images every epoch, a backbone pass per epoch, instead of features cached once (the "
                                 "fast default)")
-            e.add_argument("--crop_min_scale", type=float, default=0.08,
+            e.add_argument("--crop_min_scale", type=float,
                            help="with --augment: the crops' smallest share of the image (default 0.08: the linear "
-                                "protocol of MoCo and of the official ReSSL code; pretraining's crops start at 0.2)")
+                                "protocol of MoCo and of the official ReSSL code, whatever the run pretrained with)")
     x = sub.add_parser("export", allow_abbrev=False, help="write a checkpoint's backbone as safetensors (torchvision keys)",
                        description="Write the student's (or teacher's) backbone with torchvision's key names.")
     x.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
@@ -166,6 +166,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     scale = getattr(args, "crop_min_scale", None)
     if scale is not None and not 0 < scale <= 1:
         raise ConfigError(f"--crop_min_scale must be in (0, 1], got {scale}")
+    if scale is not None and not args.augment:
+        raise ConfigError("--crop_min_scale sets the crops of --augment: add --augment, or leave it out")
     for name in ("temperature", "lr", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
@@ -220,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment,
-        "crop_min_scale": args.crop_min_scale}
+        "crop_min_scale": 0.08 if args.crop_min_scale is None else args.crop_min_scale}
     def say(message: str) -> None:  # asked once the process group exists (under torchrun rank 0 speaks)
         if dist.is_main():
             print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)

@@ -252,11 +252,20 @@ def from_dict(values: dict[str, Any]) -> Config:
     return Config(**{k: coerce(k, v) for k, v in values.items()})
 
 
+SMALL_IMAGE_MAX = 64  # up to this size the paper's 3x3/1 stem convolution replaces ImageNet's 7x7/2 one
+
+
+def stem(small_stem: bool | None, stem_maxpool: bool | None, image_size: int) -> tuple[bool, bool]:
+    """The network's stem as built: (3x3/1 convolution, max-pool after it), with each ``None`` worked out: the small
+    stem for images of ``SMALL_IMAGE_MAX`` px or less, the max-pool only after the 7x7 stem."""
+    small = small_stem if small_stem is not None else image_size <= SMALL_IMAGE_MAX
+    return small, stem_maxpool if stem_maxpool is not None else not small
+
+
 def min_image_size(cfg: Config) -> int:
     """The smallest images the network takes: its stem, max-pool and three stride-2 stages must leave the last
     stage at least 1x1 pixels."""
-    small = cfg.small_stem if cfg.small_stem is not None else cfg.image_size <= 64
-    maxpool = cfg.stem_maxpool if cfg.stem_maxpool is not None else not small
+    small, maxpool = stem(cfg.small_stem, cfg.stem_maxpool, cfg.image_size)
     return (1 if small else 2) * (2 if maxpool else 1) * 8
 
 
@@ -306,10 +315,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     smallest = min_image_size(cfg)
     if cfg.image_size < smallest:
-        raise ConfigError(
-            f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least {smallest}): "
-            "raise --image_size or use --small_stem true"
-        )
+        small, maxpool = stem(cfg.small_stem, cfg.stem_maxpool, cfg.image_size)
+        shrink = " or use --small_stem true" if not small else " or use --stem_maxpool false" if maxpool else ""
+        raise ConfigError(f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least "
+                          f"{smallest}): raise --image_size{shrink}")
     if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
         raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
     if cfg.batch_size // world_size // cfg.bn_groups < 2:  # a BatchNorm over one image has nothing to normalise by

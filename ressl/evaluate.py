@@ -333,7 +333,8 @@ def augmented_batches(
     crop_min_scale: float = 0.08, flip: bool = True,
 ) -> Batches:
     """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(crop_min_scale-1) and,
-    with ``flip``, a horizontal flip (a run's own ``crop_min_scale`` and ``flip``: digits are not flipped).
+    with ``flip``, a horizontal flip (``ressl linear --augment``: 0.08, the linear protocol's, and the run's own ``flip``:
+    digits are not flipped).
 
     In-memory images are cropped batched on the device; folders are cropped by loader workers.
     """

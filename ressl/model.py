@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from ressl.config import Config, stem
 from ressl.queue import EmbeddingQueue
-
-if TYPE_CHECKING:
-    from ressl.config import Config
 
 # name -> (block, blocks per stage, feature dim at width 64)
 BACKBONES: dict[str, tuple[type[nn.Module], list[int], int]] = {
@@ -21,10 +18,6 @@ BACKBONES: dict[str, tuple[type[nn.Module], list[int], int]] = {
     "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3], 512),
     "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3], 2048),
 }
-
-# Up to this size the paper swaps ImageNet's 7x7/2 stem convolution for a 3x3/1 one (and, for CIFAR, drops the max-pool).
-SMALL_IMAGE_MAX = 64
-
 
 def build_backbone(name: str, small_stem: bool, width: int = 64, maxpool: bool | None = None) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its classifier (``fc`` is the identity).
@@ -187,11 +180,10 @@ def build_model(
     small_stem: bool | None = None,
     stem_maxpool: bool | None = None,
 ) -> ReSSL:
-    """The ReSSL pair for ``image_size`` images; the small stem is chosen for images of 64 px or less (see
-    :func:`build_backbone` for ``stem_maxpool``)."""
-    if small_stem is None:
-        small_stem = image_size <= SMALL_IMAGE_MAX
-    net, feature_dim = build_backbone(backbone, small_stem, width, stem_maxpool)
+    """The ReSSL pair for ``image_size`` images; ``None`` stem choices follow :func:`ressl.config.stem` (the small
+    stem for images of 64 px or less, the max-pool only after the 7x7 one)."""
+    small, maxpool = stem(small_stem, stem_maxpool, image_size)
+    net, feature_dim = build_backbone(backbone, small, width, maxpool)
     return ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)
 
 

@@ -36,8 +36,8 @@ def exists_everywhere(path: Path, device: torch.device, what: str = "--out") -> 
 
 # a checkpoint trained with other values of these is meaningless to continue
 # (batch_size: the checkpoint's place in its epoch and the step-based schedules count its batches)
-RESUME_KEYS = ("dataset", "backbone", "width", "small_stem", "stem_maxpool", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn",
-               "batch_size")
+# (the stem is compared as built: small_stem and stem_maxpool may be None, worked out from the image size)
+RESUME_KEYS = ("dataset", "backbone", "width", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn", "batch_size")
 # these may change on a resume (the run goes on with the new values), but a resume says which did: a run continued
 # by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently
 RECIPE_KEYS = ("student_temperature", "teacher_temperature", "ema_momentum", "ema_cosine", "teacher_strong", "blur",
@@ -60,6 +60,13 @@ def resume(run: Run, path: Path) -> None:
             f"{path} was trained with a different {', '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}): "
             "use another --out for a new run"
         )
+    # a checkpoint from before stem_maxpool existed holds none (no max-pool after the 3x3 stem), as does --stem_maxpool false
+    built = config.stem(old.get("small_stem"), old.get("stem_maxpool"), run.cfg.image_size)
+    if built != config.stem(run.cfg.small_stem, run.cfg.stem_maxpool, run.cfg.image_size):
+        raise config.ConfigError(
+            f"{path} was trained with another stem (small_stem {str(built[0]).lower()}, stem_maxpool {str(built[1]).lower()}): "
+            f"pass --small_stem {str(built[0]).lower()} --stem_maxpool {str(built[1]).lower()} to continue it, or another --out "
+            "for a new run")
     run.model.load_state_dict(saved["model"])
     asked = [(group["weight_decay"], group["momentum"]) for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(saved["optimizer"])  # which also brings back the saved decay and momentum: not those
@@ -87,7 +94,7 @@ def resume(run: Run, path: Path) -> None:
     recipe = [f"{k} {old[k]!r} -> {getattr(run.cfg, k)!r}" if k in old else f"{k} -> {getattr(run.cfg, k)!r} (new since)"
               for k in RECIPE_KEYS if old.get(k, "unset") != getattr(run.cfg, k)]
     if dist.is_main():
-        if recipe:
+        if recipe and not trained:  # a finished run trains no further: nothing goes on with the new recipe
             print(f"note: {path} was trained with another recipe; the run goes on with this one: {', '.join(recipe)}",
                   flush=True)
         if moved and not trained:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell

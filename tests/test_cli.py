@@ -167,6 +167,7 @@ def test_version_and_help_texts(capsys):
     (["linear", "--checkpoint", "nowhere.pt", "--epochs", "0"], "--epochs must be at least 1"),
     (["linear", "--checkpoint", "nowhere.pt", "--weight_decay", "-1"], "--weight_decay must be 0 or more"),
     (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0"], "--crop_min_scale must be in (0, 1], got 0.0"),
+    (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0.2"], "--crop_min_scale sets the crops of --augment"),
     (["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", "f.npy", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["report", "nowhere", "--device", "gpu"], "--device must be auto"),
     (["pretrain", "--resume", "nowhere.pt"], "pass a run's checkpoint, RUN_DIR/checkpoint.pt"),

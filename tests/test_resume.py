@@ -221,6 +221,16 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     assert "different width" in capsys.readouterr().err
     assert main(base + ["--batch_size", "16"]) == 2  # the checkpoint's place in its epoch counts batches of the old size
     assert "different batch_size" in capsys.readouterr().err
+    # the stem is compared as built: a checkpoint from before stem_maxpool existed (no max-pool after the 3x3 stem)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["config"]["stem_maxpool"]
+    torch.save(saved, out / "checkpoint.pt")
+    for flag in ("none", "false"):  # the same network: it goes on (here: says it is complete)
+        assert main(base + ["--stem_maxpool", flag]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(base + ["--stem_maxpool", "true"]) == 2
+    assert "another stem (small_stem true, stem_maxpool false): pass --small_stem true --stem_maxpool false to continue it" in (
+        capsys.readouterr().err)
 
 
 def test_checkpoints_of_the_older_format_resume_and_another_process_count_is_refused(npz_dir, tmp_path, capsys):
@@ -293,7 +303,8 @@ def test_rerunning_a_complete_run_changes_nothing(npz_dir, tmp_path, capsys):
     assert "knn_random_init" in json.loads(before["final.json"])
     capsys.readouterr()
     assert main(argv + ["--lr", "0.5"]) == 0
-    assert "already complete (1/1 epochs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already complete (1/1 epochs" in printed and "another recipe" not in printed  # nothing goes on with it
     assert _files(out) == before
     # images added to its data since, or other data given by mistake: the finished run stays as it was too
     with np.load(npz_dir / "train.npz") as arrays:
