@@ -237,7 +237,11 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     classes = scores.shape[1]
     ranked = scores.topk(min(max(ks), classes), dim=1).indices  # (M, k)
     hits = ranked == labels[:, None]
-    return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / len(labels) for k in ks if k == 1 or k < classes}
+
+    def share(hit: torch.Tensor) -> float:  # of whole rows, without float noise; no rows: no accuracy
+        return 100.0 * int(hit.sum()) / len(labels) if len(labels) else math.nan
+
+    return {f"top{k}": share(hits[:, :k].any(dim=1)) for k in ks if k == 1 or k < classes}
 
 
 def accuracy_text(accuracy: dict[str, float], num_classes: int) -> str:

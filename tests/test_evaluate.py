@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def test_topk_accuracy():
     # a top-k of k >= the classes is always 100%: left out; a share of whole images is printed without float noise
     assert set(topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 3))) == {"top1"}
     assert topk_accuracy(torch.eye(10)[[0] + [1] * 9], torch.zeros(10, dtype=torch.long))["top1"] == 10.0
+    assert math.isnan(topk_accuracy(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long))["top1"])  # no rows
 
 
 def test_linear_probe_learns_a_linear_rule():
