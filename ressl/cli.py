@@ -9,6 +9,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -64,7 +65,17 @@ class Parser(argparse.ArgumentParser):
             hint = difflib.get_close_matches(value, choices, n=1)
             what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
             message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
+        if not launcher.speaks_for_machine():
+            _let_the_speaker_speak()
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if launcher.speaks_for_machine() else None)
+
+
+def _let_the_speaker_speak() -> None:
+    """A process that leaves a mistake to its machine's first process to report waits a moment before it exits:
+    torchrun ends every process once one exits with an error, and the first one may not have printed yet (with
+    torch not loaded, a mistake is found within a fraction of a second of starting)."""
+    if launcher.launched_world_size() > 1:
+        time.sleep(3.0)
 
 
 DEMO_PRESET = "digits"  # what `ressl pretrain` starts from with no --preset, --dataset or --data
@@ -348,6 +359,8 @@ def _run(args: argparse.Namespace) -> int:
                 print("\n".join(f"ressl {args.command}: error: {line}" for line in str(err).splitlines()), file=sys.stderr)
         elif launcher.speaks_for_machine():
             print(f"ressl {args.command}: error: {own_message(err)}", file=sys.stderr)
+        else:
+            _let_the_speaker_speak()
         return 2
     except Interrupted as err:
         from ressl import dist
