@@ -65,9 +65,10 @@ class Parser(argparse.ArgumentParser):
             hint = difflib.get_close_matches(value, choices, n=1)
             what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
             message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
-        if not launcher.speaks_for_machine():
+        speaks = launcher.speaks_for_machine()
+        if not speaks:
             _let_the_speaker_speak()
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if launcher.speaks_for_machine() else None)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if speaks else None)
 
 
 def _let_the_speaker_speak() -> None:
@@ -229,11 +230,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     check_numbers(args)  # before torch loads
     from ressl import dist
-    from ressl.evaluate import accuracy_text, evaluate_checkpoint
+    from ressl.evaluate import PROBE_CROP_MIN_SCALE, accuracy_text, evaluate_checkpoint
 
     extra = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {
         "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "augment": args.augment,
-        "crop_min_scale": 0.08 if args.crop_min_scale is None else args.crop_min_scale}
+        "crop_min_scale": PROBE_CROP_MIN_SCALE if args.crop_min_scale is None else args.crop_min_scale}
     def say(message: str) -> None:  # asked once the process group exists (under torchrun rank 0 speaks)
         if dist.is_main():
             print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps reuse their memory instead of page-faulting it in again
     code = _run(args)
-    if "ressl.dist" in sys.modules:  # a command that got as far as torch: under torchrun, close the process group
-        sys.modules["ressl.dist"].leave(together=code == 0)
+    dist = _loaded_dist()
+    if dist is not None:  # a command that got as far as torch: under torchrun, close the process group
+        dist.leave(together=code == 0)
     return code
 
 
@@ -354,8 +356,9 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         # under torchrun every process of a machine makes the same mistake; images that break after the scan may fail
         # to load in some processes only, which tell all the others why they stop: rank 0 says it for them all
-        if isinstance(err, LateDataError) and _distributed():
-            if _distributed().is_main():
+        dist = _loaded_dist()  # raised before torch loaded, or by code that imported ressl.dist
+        if isinstance(err, LateDataError) and dist is not None and dist.is_distributed():
+            if dist.is_main():
                 print("\n".join(f"ressl {args.command}: error: {line}" for line in str(err).splitlines()), file=sys.stderr)
         elif launcher.speaks_for_machine():
             print(f"ressl {args.command}: error: {own_message(err)}", file=sys.stderr)
@@ -372,11 +375,10 @@ def _run(args: argparse.Namespace) -> int:
         return _interrupted(args)
 
 
-def _distributed() -> Any:
-    """``ressl.dist`` when a process group exists (only once torch has loaded), else None: what a mistake met before
-    torch loads may consult without loading it."""
-    dist = sys.modules.get("ressl.dist")
-    return dist if dist is not None and dist.is_distributed() else None
+def _loaded_dist() -> Any:
+    """``ressl.dist`` if the command got as far as importing it (and torch; only then can a process group exist),
+    else None: what a mistake met before torch loads may consult without loading it."""
+    return sys.modules.get("ressl.dist")
 
 
 def _interrupted(args: argparse.Namespace) -> int:

@@ -331,10 +331,13 @@ def _rebatched(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int) 
         yield torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
 
 
+PROBE_CROP_MIN_SCALE = 0.08  # linear probe crops from this share of the image up: MoCo's and the official ReSSL protocol
+
+
 def augmented_batches(
     backbone: nn.Module, split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, seed: int = 0, workers: int = 4,
-    crop_min_scale: float = 0.08, flip: bool = True,
+    crop_min_scale: float = PROBE_CROP_MIN_SCALE, flip: bool = True,
 ) -> Batches:
     """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(crop_min_scale-1) and,
     with ``flip``, a horizontal flip (``ressl linear --augment``: 0.08, the linear protocol's, and the run's own ``flip``:
@@ -432,7 +435,8 @@ def checkpoint_features(
 def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
-    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False, crop_min_scale: float = 0.08,
+    epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
+    crop_min_scale: float = PROBE_CROP_MIN_SCALE,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: each epoch RandomResizedCrop(``crop_min_scale``-1), the
