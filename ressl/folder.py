@@ -34,7 +34,13 @@ from PIL import Image, ImageFile, ImageOps
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                                     ".ppm", ".pgm")
+# Images in formats we do not read (phones' HEIC, cameras' raw files, vector graphics, ...): passed over like any
+# other file, but counted and named in one DataWarning, so that a folder of them is not silently left out.
+UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".cr3",
+                                            ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw", ".svg", ".psd", ".tga",
+                                            ".ico", ".exr", ".hdr")
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
 _TRUNCATED_LOCK = threading.Lock()
 
@@ -132,9 +138,15 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: Path, root: Path, seen: set[tuple[int, int]] | None = None) -> list[str]:
+def _is_unread_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(UNREAD_IMAGE_EXTENSIONS)
+
+
+def _images_under(folder: Path, root: Path, seen: set[tuple[int, int]] | None = None,
+                  unread: list[str] | None = None) -> list[str]:
     """All non-hidden image files below ``folder`` (recursive), as sorted POSIX paths relative to ``root``
-    (strings: a million ``Path`` objects take seconds to make and sort).
+    (strings: a million ``Path`` objects take seconds to make and sort). Images in formats we do not read are
+    appended to ``unread``, if given.
 
     Symbolic links are followed, but never into a directory in ``seen`` (device, inode), to which every directory
     walked is added: a link back up the tree (``blue/up -> ..``) or into another class would list images again,
@@ -146,6 +158,8 @@ def _images_under(folder: Path, root: Path, seen: set[tuple[int, int]] | None = 
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and _first_visit(os.path.join(dirpath, d), seen)]
         prefix = Path(os.path.relpath(dirpath, root)).as_posix() + "/"
         found.extend(prefix + f for f in filenames if _is_image_name(f))
+        if unread is not None:
+            unread.extend(prefix + f for f in filenames if _is_unread_image_name(f))
     return sorted(found)
 
 
@@ -180,6 +194,16 @@ def listed(items: list[str]) -> str:
     if len(items) > _MAX_LISTED:
         text += f" ... and {len(items) - _MAX_LISTED} more"
     return text
+
+
+def _unread_text(unread: list[str]) -> str:
+    """``"1,200 .heic and 3 .dng: a.heic, b.heic ... and 1,201 more"``."""
+    counts: dict[str, int] = {}
+    for name in unread:
+        ext = os.path.splitext(name)[1].lower()
+        counts[ext] = counts.get(ext, 0) + 1
+    kinds = [f"{n:,} {ext}" for ext, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    return f"{' and '.join([', '.join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)}: {listed(sorted(unread))}"
 
 
 def _summarise(bad: list[tuple[Path, str]], root: Path | None = None) -> str:
@@ -221,9 +245,10 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
 
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     loose = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
+    unread = [e.name for e in entries if e.is_file() and _is_unread_image_name(e.name)]
     folders = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
     seen = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in [root, *(e.path for e in folders)])}  # never walked twice
-    groups = [(e.name, _images_under(Path(e.path), root, seen)) for e in folders]
+    groups = [(e.name, _images_under(Path(e.path), root, seen, unread)) for e in folders]
     groups = [(name, found) for name, found in groups if found]
     in_classes = sum(len(found) for _, found in groups)
     names: list[str]  # paths relative to root
@@ -249,8 +274,13 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
     if not names:
         raise DataError(
             f"no images found in {root} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case, "
-            f"directly or in sub-folders): pass --data PATH pointing at a folder of images"
+            f"directly or in sub-folders{f'; found only images ressl does not read, {_unread_text(unread)}' if unread else ''}): "
+            f"pass --data PATH pointing at a folder of images{' or convert them to JPEG or PNG' if unread else ''}"
         )
+    if unread and speaks_for_machine():
+        warnings.warn(f"passed over {len(unread):,} image file{'s' if len(unread) > 1 else ''} under {root} in formats "
+                      f"ressl does not read ({_unread_text(unread)}): convert them to JPEG or PNG to train on them",
+                      DataWarning, stacklevel=2)
 
     if verify:
         names, labels = readable(root, names, labels, max_bad_fraction)

@@ -166,6 +166,48 @@ def test_empty_dir_error_names_extensions(tmp_path: Path) -> None:
     assert all(ext in msg for ext in IMAGE_EXTENSIONS)
 
 
+def test_jpeg_under_other_names_is_read(tmp_path: Path) -> None:
+    for name in ("a.jfif", "b.JPE"):  # JPEG as browsers on Windows and old cameras name it
+        Image.new("RGB", (4, 4), (0, 0, 255)).save(tmp_path / name, format="JPEG")
+    idx = scan_folder(tmp_path)
+    assert [p.name for p in idx.files] == ["a.jfif", "b.JPE"]
+    assert _colour(load_rgb(idx.files[1]), 0, 0)[2] > 200
+
+
+def test_images_in_formats_not_read_are_counted_in_one_warning(tmp_path: Path) -> None:
+    _solid(tmp_path / "cat" / "1.png")
+    _solid(tmp_path / "dog" / "2.png")
+    for name in ("cat/IMG_1.HEIC", "cat/deep/IMG_2.heic", "dog/raw.dng"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not decoded")
+    (tmp_path / "dog" / "labels.txt").write_text("not an image: no word about it")
+    (tmp_path / "dog" / ".thumb.heic").write_bytes(b"hidden: no word about it")
+    with pytest.warns(DataWarning) as record:
+        idx = scan_folder(tmp_path)
+    assert [p.name for p in idx.files] == ["1.png", "2.png"]
+    [msg] = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
+    assert "passed over 3 image files" in msg and "2 .heic and 1 .dng" in msg
+    assert "cat/IMG_1.HEIC" in msg and "cat/deep/IMG_2.heic" in msg and "dog/raw.dng" in msg
+    assert "labels.txt" not in msg and "thumb" not in msg and "JPEG or PNG" in msg
+
+
+def test_no_warning_without_unread_images(tmp_path: Path) -> None:
+    _solid(tmp_path / "1.png")
+    (tmp_path / "notes.txt").write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_folder(tmp_path)
+
+
+def test_folder_of_only_unread_images_says_so(tmp_path: Path) -> None:
+    (tmp_path / "holiday").mkdir()
+    (tmp_path / "holiday" / "IMG_1.heic").write_bytes(b"x")
+    with pytest.raises(DataError) as info:
+        scan_folder(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and "1 .heic: holiday/IMG_1.heic" in msg and "convert them to JPEG or PNG" in msg
+
+
 # ----------------------------------------------------------------------------- odd files
 
 
