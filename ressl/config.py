@@ -69,6 +69,8 @@ class Config:
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
     bn_groups: int = 1  # on one device: the teacher normalises this many shuffled groups apart (emulated shuffle-BN)
+    student_bn_groups: int = 1  # every BatchNorm of the student normalises this many groups of its batch apart (the
+    #   MoCo CIFAR demo's split BatchNorm: with it and bn_groups 8, the authors' one-GPU runs on the small sets)
 
     # --- optimisation ------------------------------------------------------------------------
     epochs: int = 200  # the paper's schedule for its headline tables
@@ -319,18 +321,29 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         shrink = " or use --small_stem true" if not small else " or use --stem_maxpool false" if maxpool else ""
         raise ConfigError(f"image_size {cfg.image_size} is too small for {cfg.backbone} with this stem (at least "
                           f"{smallest}): raise --image_size{shrink}")
-    if cfg.bn_groups < 1 or (cfg.batch_size // world_size) % cfg.bn_groups != 0:
-        raise ConfigError(f"bn_groups {cfg.bn_groups} must be at least 1 and divide the per-process batch {cfg.batch_size // world_size}")
-    if cfg.batch_size // world_size // cfg.bn_groups < 2:  # a BatchNorm over one image has nothing to normalise by
-        where = f" per process ({world_size} processes)" if world_size > 1 else ""
-        raise ConfigError(f"batch_size {cfg.batch_size} gives {cfg.batch_size // world_size // cfg.bn_groups} image{where} to each "
-                          f"BatchNorm{f' group (bn_groups {cfg.bn_groups})' if cfg.bn_groups > 1 else ''}: it needs at least 2; "
-                          "raise --batch_size" + (" or lower --bn_groups" if cfg.bn_groups > 1 else ""))
+    for name in ("bn_groups", "student_bn_groups"):
+        _check_groups(cfg.batch_size, world_size, name, getattr(cfg, name))
+    if cfg.student_bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "sync":
+        raise ConfigError(f"student_bn_groups {cfg.student_bn_groups} normalises groups of each process's batch apart; "
+                          "--teacher_bn sync normalises over every process's: drop one")
     if cfg.bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "shuffle":
         raise ConfigError(f"bn_groups {cfg.bn_groups} emulates shuffle-BN on one device; with {world_size} processes "
                           "--teacher_bn shuffle shuffles across them instead: drop --bn_groups")
     if cfg.augment_steps < 1:
         raise ConfigError(f"augment_steps must be at least 1, got {cfg.augment_steps}")
+
+
+def _check_groups(batch_size: int, world_size: int, name: str, groups: int) -> None:
+    """Refuse BatchNorm groups (``bn_groups``, ``student_bn_groups``) that do not split the per-process batch into
+    groups of at least 2 images."""
+    per_process = batch_size // world_size
+    if groups < 1 or per_process % groups != 0:
+        raise ConfigError(f"{name} {groups} must be at least 1 and divide the per-process batch {per_process}")
+    if per_process // groups < 2:  # a BatchNorm over one image has nothing to normalise by
+        where = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise ConfigError(f"batch_size {batch_size} gives {per_process // groups} image{where} to each "
+                          f"BatchNorm{f' group ({name} {groups})' if groups > 1 else ''}: it needs at least 2; "
+                          "raise --batch_size" + (f" or lower --{name}" if groups > 1 else ""))
 
 
 def check_dataset(name: str) -> None:

@@ -60,6 +60,57 @@ def build_backbone(name: str, small_stem: bool, width: int = 64, maxpool: bool |
     return net, feature_dim
 
 
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm that, in training, normalises ``groups`` groups of the batch apart: the MoCo CIFAR demo's split
+    BatchNorm, with which the ReSSL authors ran the small and medium sets on one GPU (8 groups of 32 images, as
+    8 GPUs would). Sample ``i`` is in group ``i % groups``. The running statistics move by the groups' mean. In
+    eval mode, or with one group, an ordinary BatchNorm; the parameters and buffers are BatchNorm's (the same
+    state-dict keys). Handles (B, C) and (B, C, H, W) inputs; B must be a multiple of ``groups``.
+    """
+
+    def __init__(self, num_features: int, groups: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.groups = groups
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected a (B, C) or (B, C, H, W) input, got {tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        if not self.training or g == 1:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        if n % g:
+            raise ValueError(f"a batch of {n} does not split into {g} BatchNorm groups")
+        assert self.running_mean is not None and self.running_var is not None and self.momentum is not None
+        # (B, C, ...) -> (B / g, g * C, ...): channel j * C + k holds channel k of samples j, j + g, j + 2g, ...
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
+        y = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), mean, var, self.weight.repeat(g), self.bias.repeat(g),
+                         True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(g, c).mean(0))
+            self.running_var.copy_(var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        return y.reshape(x.shape)
+
+
+def split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
+    """Replace every BatchNorm1d/2d in ``module`` by a :class:`SplitBatchNorm` of ``groups`` groups, keeping its
+    parameters and statistics; ``module`` itself with one group."""
+    if groups == 1:
+        return module
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            split = SplitBatchNorm(child.num_features, groups, child.eps, 0.1 if child.momentum is None else child.momentum)
+            split.to(device=child.weight.device, dtype=child.weight.dtype)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, groups)
+    return module
+
+
 class Encoder(nn.Module):
     """Backbone + projection head (Linear-ReLU-Linear, as in the official code).
 
@@ -179,15 +230,19 @@ def build_model(
     head_bn: bool = False,
     small_stem: bool | None = None,
     stem_maxpool: bool | None = None,
+    student_bn_groups: int = 1,
 ) -> ReSSL:
     """The ReSSL pair for ``image_size`` images; ``None`` stem choices follow :func:`ressl.config.stem` (the small
-    stem for images of 64 px or less, the max-pool only after the 7x7 one)."""
+    stem for images of 64 px or less, the max-pool only after the 7x7 one). The student's BatchNorms normalise
+    ``student_bn_groups`` groups of its batch apart (:class:`SplitBatchNorm`); the teacher's are plain."""
     small, maxpool = stem(small_stem, stem_maxpool, image_size)
     net, feature_dim = build_backbone(backbone, small, width, maxpool)
-    return ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)
+    model = ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)
+    split_batchnorm(model.student, student_bn_groups)  # after the teacher's copy
+    return model
 
 
 def model_from_config(cfg: Config) -> ReSSL:
     """The ReSSL pair that a run's configuration describes (training, resuming and evaluating build the same one)."""
     return build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
-                       cfg.small_stem, cfg.stem_maxpool)
+                       cfg.small_stem, cfg.stem_maxpool, cfg.student_bn_groups)

@@ -42,7 +42,8 @@ RESUME_KEYS = ("dataset", "backbone", "width", "image_size", "queue_size", "out_
 # by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently
 RECIPE_KEYS = ("student_temperature", "teacher_temperature", "ema_momentum", "ema_cosine", "teacher_strong", "blur",
                "crop_min_scale", "jitter_order", "augment_backend", "flip", "teacher_bn", "bn_groups", "lr", "weight_decay",
-               "decay_bn_bias", "sgd_momentum", "warmup_epochs", "precision")
+               "decay_bn_bias", "sgd_momentum", "warmup_epochs", "precision", "student_bn_groups")
+_UNSAVED = {"student_bn_groups": 1}  # what runs saved before these keys existed trained with
 
 
 def resume(run: Run, path: Path) -> None:
@@ -92,7 +93,7 @@ def resume(run: Run, path: Path) -> None:
     if path == run.out / "checkpoint.pt":
         run.log.keep_until(run.state.step)  # what was logged after this checkpoint is about to be logged again
     recipe = [f"{k} {old[k]!r} -> {getattr(run.cfg, k)!r}" if k in old else f"{k} -> {getattr(run.cfg, k)!r} (new since)"
-              for k in RECIPE_KEYS if old.get(k, "unset") != getattr(run.cfg, k)]
+              for k in RECIPE_KEYS if old.get(k, _UNSAVED.get(k, "unset")) != getattr(run.cfg, k)]
     if dist.is_main():
         if recipe and not trained:  # a finished run trains no further: nothing goes on with the new recipe
             print(f"note: {path} was trained with another recipe; the run goes on with this one: {', '.join(recipe)}",

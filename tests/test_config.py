@@ -134,6 +134,8 @@ def test_check_output(tmp_path):
 @pytest.mark.parametrize("values,message", [
     ({"batch_size": 1, "queue_size": 64}, "gives 1 image to each BatchNorm: it needs at least 2"),
     ({"batch_size": 64, "bn_groups": 64}, "gives 1 image to each BatchNorm group (bn_groups 64)"),
+    ({"batch_size": 64, "student_bn_groups": 64}, "gives 1 image to each BatchNorm group (student_bn_groups 64)"),
+    ({"batch_size": 64, "student_bn_groups": 3}, "student_bn_groups 3 must be at least 1 and divide the per-process batch 64"),
     ({"seed": 2**32}, "seed must be below 2**32"),
     ({"device": "cpu:1"}, "device must be auto, cpu, cuda or cuda:N"),
     ({"device": "mps"}, "device must be auto, cpu, cuda or cuda:N"),
@@ -150,6 +152,14 @@ def test_bn_groups_is_refused_where_shuffle_bn_already_runs_across_processes():
     with pytest.raises(ConfigError, match="emulates shuffle-BN on one device"):
         config.validate(cfg, world_size=2)
     config.validate(config.resolve("digits", {"bn_groups": 2, "teacher_bn": "local"}), world_size=2)
+
+
+def test_student_bn_groups_is_refused_beside_sync_batchnorm_across_processes():
+    cfg = config.resolve("digits", {"student_bn_groups": 2, "teacher_bn": "sync"})
+    config.validate(cfg, world_size=1)  # in one process sync BatchNorm is a plain one
+    with pytest.raises(ConfigError, match="--teacher_bn sync normalises over every process's"):
+        config.validate(cfg, world_size=2)
+    config.validate(config.resolve("digits", {"student_bn_groups": 2}), world_size=2)  # shuffle-BN: groups per process
 
 
 def test_out_expands_the_home_directory(monkeypatch, tmp_path):

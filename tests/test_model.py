@@ -4,6 +4,7 @@ import torchvision
 
 from ressl import build_backbone, build_model
 from ressl.loss import relational_loss
+from ressl.model import SplitBatchNorm, split_batchnorm
 
 
 def params(module):
@@ -147,3 +148,80 @@ def test_full_width_backbone_loads_into_torchvision_strict():
     reference = torchvision.models.resnet18()
     reference.fc = torch.nn.Identity()
     reference.load_state_dict(net.state_dict(), strict=True)
+
+
+# ----------------------------------------------------------------------------- split BatchNorm
+
+
+def _naive_split(bn: torch.nn.BatchNorm2d, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split BatchNorm written out: each group (samples j, j + groups, ...) normalised by its own batch
+    statistics, put back in place; each group moves a copy of the running statistics, which end as their mean."""
+    out = torch.empty_like(x)
+    means, variances = [], []
+    for j in range(groups):
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        out[j::groups] = torch.nn.functional.batch_norm(x[j::groups], mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+        means.append(mean)
+        variances.append(var)
+    return out, torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((12, 5, 3, 4), False), ((12, 5, 3, 4), True), ((12, 5), False)])
+def test_split_batchnorm_normalises_each_group_apart(shape, channels_last):
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2.0)
+        plain.bias.uniform_(-1.0, 1.0)
+        plain.running_mean.uniform_(-1.0, 1.0)
+        plain.running_var.uniform_(0.5, 2.0)
+    split = split_batchnorm(torch.nn.Sequential(plain), 3)[0]
+    assert isinstance(split, SplitBatchNorm) and split.groups == 3
+    reference = torch.nn.BatchNorm2d(shape[1])
+    reference.load_state_dict(split.state_dict())  # the same keys: a state dict moves between them
+    x = torch.randn(shape) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_(True)
+    x.requires_grad_(True)
+    y = split(x)
+    y_ref, running_mean, running_var = _naive_split(reference, x_ref, 3)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(split.running_mean, running_mean)
+    torch.testing.assert_close(split.running_var, running_var)
+    assert int(split.num_batches_tracked) == 1
+    weights = torch.randn(shape)
+    (y * weights).sum().backward()
+    (y_ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(split.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(split.bias.grad, reference.bias.grad)
+    whole = torch.nn.functional.batch_norm(x.detach(), None, None, split.weight.detach(), split.bias.detach(), True)
+    assert not torch.allclose(y.detach(), whole, atol=1e-3)  # the groups' statistics, not the batch's
+
+
+def test_split_batchnorm_in_eval_mode_uses_the_running_statistics():
+    torch.manual_seed(0)
+    split = SplitBatchNorm(4, groups=2)
+    plain = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        split.running_mean.uniform_(-1.0, 1.0)
+        split.running_var.uniform_(0.5, 2.0)
+    plain.load_state_dict(split.state_dict())
+    x = torch.randn(6, 4, 2, 2)  # 6 images, which 4 groups would not split: eval mode has no groups
+    torch.testing.assert_close(split.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="a batch of 6 does not split into 4 BatchNorm groups"):
+        SplitBatchNorm(4, groups=4).train()(x)
+
+
+def test_student_bn_groups_split_the_student_only_and_keep_the_state_dict():
+    plain = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=True)
+    split = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=True, student_bn_groups=4)
+    norms = lambda net: [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms(split.student)) == len(norms(plain.student)) > 20  # the backbone's and the projector's
+    assert all(isinstance(m, SplitBatchNorm) and m.groups == 4 for m in norms(split.student))
+    assert not any(isinstance(m, SplitBatchNorm) for m in norms(split.teacher))  # the teacher's groups: bn_groups
+    assert split.state_dict().keys() == plain.state_dict().keys()
+    split.load_state_dict(plain.state_dict())
+    assert split.flatten_parameters()  # the EMA's flat buffers still pair student and teacher
+    assert split_batchnorm(plain.student, 1) is plain.student and not any(isinstance(m, SplitBatchNorm) for m in norms(plain.student))

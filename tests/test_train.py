@@ -11,6 +11,7 @@ from conftest import make_images
 from ressl import config
 from ressl.errors import DataError
 from ressl.loss import relational_loss
+from ressl.model import SplitBatchNorm
 from ressl.train import _outlast_data_errors, capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
 from ressl.views import ViewAugment
 
@@ -188,6 +189,17 @@ def test_training_steps_lower_the_loss(tmp_path):
     assert len(losses) == 12 * 8
     second_epoch, last_epoch = sum(losses[8:16]) / 8, sum(losses[-8:]) / 8
     assert last_epoch < second_epoch - 0.1, (second_epoch, last_epoch)
+
+
+def test_student_bn_groups_train_the_student_with_split_batchnorm(npz_dir, tmp_path):
+    """--student_bn_groups reaches the trained student (channels-last, as runs train by default): every one of its
+    BatchNorms normalises 4 groups apart through a step, the teacher's none."""
+    run = tiny_run(npz_dir, tmp_path, student_bn_groups=4, channels_last=True)
+    student_norms = [m for m in run.model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert student_norms and all(isinstance(m, SplitBatchNorm) and m.groups == 4 for m in student_norms)
+    assert not any(isinstance(m, SplitBatchNorm) for m in run.model.teacher.modules())
+    loss, _ = train_step(run, *next(epoch_views(run, 0)))
+    assert np.isfinite(loss) and all(int(m.num_batches_tracked) == 1 for m in student_norms)
 
 
 def test_teacher_strong_switch_gives_teacher_colour_ops(npz_dir, tmp_path):
