@@ -148,15 +148,17 @@ def deterministic_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda):
-    """On CUDA the step's graph (a warm-up call, the capture, replays) trains as the eager step.
+@pytest.mark.parametrize("student_bn_groups", [1, 4])
+def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda, student_bn_groups):
+    """On CUDA the step's graph (a warm-up call, the capture, replays) trains as the eager step, with the student's
+    split BatchNorm too (whose running statistics the graph updates through copies).
 
     Step 1 is eager in both runs. Step 2, the first replay, starts from the same state, so it may differ by one
     step's rounding only (the capture may pick other cuDNN kernels). Over all eight steps, whose learning rate and EMA
     momentum change, differences grow through training, so there the bound is looser. It still catches a number the
     graph would have frozen at its capture (checked on a CPU: 2e-3 to 3e-2)."""
-    runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g)
-            for g in (False, True)]
+    runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g,
+                     student_bn_groups=student_bn_groups) for g in (False, True)]
     runs[1].graph.warmup = 1
     orders = [list(epoch_views(r, 0)) for r in runs]  # the same 4 steps' views in both
     losses: list[list[float]] = [[], []]
