@@ -160,17 +160,28 @@ class Meter:
         if due:
             run.stop_check_every = max(1, min(run.cfg.log_every, int(STOP_CHECK_SECONDS / max(slowest, 1e-6))))
         if due or stop:
-            rate = self.window_images / (time.perf_counter() - self.window_start)
-            record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
-                          queue_fill=queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size))
-            self._flush()  # the previous logged step's, if it waits
-            self._stage(record)
-            if not self.defer or stop or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
-                self._flush()  # before anything is saved: a bad step never reaches a checkpoint
-            self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
+            self._log(lr, momentum, last=stop)
         if self.progress is not None:
             self.progress.update(1)
         return stop
+
+    def log_last_step(self, lr: float, momentum: float) -> None:
+        """Log the step that :meth:`end_step` just ended, if it did not: the loop stops there (its time is up), and
+        the checkpoint it saves should find that step's loss in ``metrics.jsonl``, as a stop by a signal does."""
+        if not self.at_log_step:
+            self._log(lr, momentum, last=True)
+
+    def _log(self, lr: float, momentum: float, last: bool) -> None:
+        """Log the step just ended; ``last``: the loop stops after it, so its numbers are written now."""
+        run, state = self.run, self.run.state
+        rate = self.window_images / (time.perf_counter() - self.window_start)
+        record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
+                      queue_fill=queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size))
+        self._flush()  # the previous logged step's, if it waits
+        self._stage(record)
+        if not self.defer or last or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
+            self._flush()  # before anything is saved: a bad step never reaches a checkpoint
+        self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
 
     def _stage(self, record: dict[str, Any]) -> None:
         """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host. The

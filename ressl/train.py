@@ -214,6 +214,7 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
             if checkpoint_due(cfg, state.step):
                 save_checkpoint(run)
             if _late(run, deadline, check=meter.at_log_step):
+                meter.log_last_step(lr, momentum)
                 break
     if state.index == run.steps_per_epoch:
         state.epoch, state.index = state.epoch + 1, 0

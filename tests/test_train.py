@@ -331,6 +331,19 @@ def test_a_stop_between_logging_steps_logs_its_loss_without_the_last_logged_step
     assert "teacher_entropy" in logged[2] and "loss" in logged[3] and "teacher_entropy" not in logged[3]
 
 
+def test_a_run_whose_time_runs_out_between_logging_steps_logs_its_last_loss(npz_dir, tmp_path, monkeypatch):
+    """--max_minutes ends the epoch at step 3 (logging every 2): that step's loss is logged, and kept as the run's
+    last (final.json's), as a stop by a signal does; not the loss of step 2, nor none at all before a first log."""
+    import ressl.train
+
+    run = tiny_run(npz_dir, tmp_path, log_every=2)
+    monkeypatch.setattr(ressl.train, "_late", lambda run, deadline, check=True: run.state.step >= 3)
+    train_one_epoch(run, deadline=0.0)
+    logged = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 3] and run.state.step == 3
+    assert run.state.loss == logged[-1]["loss"] != logged[0]["loss"]
+
+
 def _views_failing_after(n: int):
     for i in range(n):
         yield torch.full((4, 3, 8, 8), float(i)), torch.full((4, 3, 8, 8), -float(i))
