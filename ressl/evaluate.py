@@ -15,6 +15,7 @@ from ressl import dist
 from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rows_per_rank, worker_batches
 from ressl.errors import DataError, LateDataError, own_message
 from ressl.precision import autocast, autocast_dtype
+from ressl.progress import bar as progress_bar
 from ressl.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -93,15 +94,12 @@ def extract_features(
 
 
 def _embedding_bar(images: int) -> Any:
-    """A progress bar over ``images`` being embedded (ImageNet's bank: minutes), on the main process only, and only
-    when stderr is a terminal (``disable=None``): logs and captured output get no bar lines. ``leave=False``: it is
-    gone once the features are, so the line that reports them follows cleanly; none is open beside it (training's
-    bar closes with its epoch, before the kNN check). None on the other processes."""
+    """A progress bar over ``images`` being embedded (ImageNet's bank: minutes), on the main process only
+    (:func:`ressl.progress.bar`: in a log, a state a minute); none is open beside it (training's bar closes with its
+    epoch, before the kNN check). None on the other processes."""
     if not dist.is_main():
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=images, desc=f"embedding {images:,} images", unit="img", leave=False, dynamic_ncols=True, disable=None)
+    return progress_bar(total=images, desc=f"embedding {images:,} images", unit="img")
 
 
 def _agree_on_failure(failure: DataError | None, device: torch.device) -> None:
@@ -299,9 +297,7 @@ def linear_probe(
 
     epoch_iter: Iterable[int] = range(epochs)
     if progress and dist.is_main():
-        from tqdm import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc="linear probe", unit="epoch", leave=False, dynamic_ncols=True, disable=None)
+        epoch_iter = progress_bar(epoch_iter, desc="linear probe", unit="epoch")
     seen = 0
     for epoch in epoch_iter:
         for x, y in _rebatched((train_batches or cached)(epoch), batch_size):

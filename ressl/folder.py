@@ -33,6 +33,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
+from ressl.progress import bar as progress_bar
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                                      ".ppm", ".pgm")
@@ -315,9 +316,7 @@ def _checking(names: list[str], root: Path) -> Iterable[str]:
     """``names``, with a progress bar on the machine's first process when there are many (ImageNet: a minute or more)."""
     if len(names) < _PROGRESS_FROM or not speaks_for_machine():
         return names
-    from tqdm import tqdm
-
-    return tqdm(names, desc=f"checking the images in {root}", unit="file", unit_scale=True, leave=False, dynamic_ncols=True)
+    return progress_bar(names, desc=f"checking the images in {root}", unit="file", unit_scale=True)
 
 
 def _upright(im: Image.Image) -> Image.Image:

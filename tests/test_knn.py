@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ressl import evaluate
+from ressl import evaluate, progress
 from ressl.data import Split
 from ressl.evaluate import auto_store_dtype, extract_features, knn_accuracy, knn_scores, linear_probe, split_features
 
@@ -178,9 +178,10 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_split_features_shows_a_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+def test_split_features_shows_a_progress_bar_live_on_a_terminal_and_in_logs_only_for_long_work(monkeypatch, capsys):
     """On a terminal the images being embedded are counted (ImageNet's bank takes minutes); in captured output and
-    logs (not a terminal) nothing is written, and the bar is gone once the features are (``leave=False``)."""
+    logs (not a terminal) nothing is written for work done within ``LOG_SECONDS``, and the bar is gone once the
+    features are (``leave=False``). Longer work (here: LOG_SECONDS 0) shows its states in a log too."""
     split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10))
     args = (TinyBackbone(), split, 8, (0.5,) * 3, (0.25,) * 3, 4, torch.device("cpu"), None, 0)
     quiet, _ = split_features(*args)
@@ -192,6 +193,11 @@ def test_split_features_shows_a_progress_bar_only_on_a_terminal(monkeypatch, cap
     assert "embedding 10 images:" in text and "0/10" in text and "img/s" in text
     assert text.split("\r")[-1].strip() == ""  # the last thing written clears the line
     assert torch.equal(shown, quiet)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.0)
+    split_features(*args)
+    assert "embedding 10 images:" in log.getvalue() and "4/10" in log.getvalue()  # batches of 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
