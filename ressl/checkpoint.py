@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -73,26 +73,35 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def replaced(path: Path, sync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file for ``path``'s new content: a temporary file beside it, renamed over ``path`` when the block
+    ends. A write that fails (a full disk) or is interrupted removes the temporary file and leaves what ``path``
+    held, never a torn file. ``sync``: flushed to disk before the rename, so that a crash cannot tear it either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 
     A crash at any instant leaves either the previous file or the new one, never a torn one. If the
     write fails (a full disk), the temporary file is removed and the previous checkpoint stays.
     """
-    with writing(f"checkpoint {path}"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, new_file_mode())
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with writing(f"checkpoint {path}"), replaced(path, sync=True) as f:
+        torch.save(state, f)
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -111,6 +120,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a run's checkpoint, RUN_DIR/checkpoint.pt")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        try:
+            with path.open("rb") as f:
+                cut_short = f.read(4) == b"PK\x03\x04"  # a zip's first entry, without the directory at its end
+        except OSError as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        if cut_short:
+            raise CheckpointError(f"checkpoint {path} is damaged (cut short: its end is missing, as after a copy or a "
+                                  "download that stopped): copy it again from where it was written, or use another checkpoint")
         raise CheckpointError(f"cannot read checkpoint {path}: not a file written by torch.save; is it a ressl checkpoint.pt?")
     try:  # torch.load checks no checksum: a flipped bit in a tensor would load as silently wrong weights
         with zipfile.ZipFile(path) as archive:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import re
@@ -30,6 +31,8 @@ class Parser(argparse.ArgumentParser):
     the subcommand's own flags), or a flag that belongs to another subcommand."""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        global _given
+        _given = list(sys.argv[1:] if args is None else args)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # report them from the subcommand they were given to, with its flags and its --help
             subcommands = self._subcommands()
@@ -64,11 +67,21 @@ class Parser(argparse.ArgumentParser):
             choices = [c.strip().strip("'\"") for c in listed.split(",")]
             hint = difflib.get_close_matches(value, choices, n=1)
             what = "unknown command" if name == "command" else f"argument {name}: invalid choice"
-            message = f"{what} {value!r}" + (f" (did you mean {hint[0]}?)" if hint else "") + f"; choose from {', '.join(choices)}"
+            suggest = f" (did you mean {hint[0]}?)" if hint else ""
+            if name == "--split" and value.lower().startswith("val"):
+                suggest = " (a val/ folder, like test/ or test.npz, is the test split: --split test)"
+            message = f"{what} {value!r}{suggest}; choose from {', '.join(choices)}"
+        flagged = {b for a, b in itertools.pairwise(_given) if a in ("--checkpoint", "--resume")}
+        bare = [a for a in _given if a.endswith(".pt") and not a.startswith("-") and a not in flagged]
+        if "required: --checkpoint" in message and bare:
+            message += f" (give the checkpoint with its flag: --checkpoint {bare[0]})"
         speaks = launcher.speaks_for_machine()
         if not speaks:
             _let_the_speaker_speak()
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if speaks else None)
+
+
+_given: list[str] = []  # the command line being parsed, for the hints of Parser.error
 
 
 def _let_the_speaker_speak() -> None:
@@ -270,7 +283,8 @@ def add_report_commands(sub: Any) -> None:
                        description="Backbone features (N, F) float32 of a split, in order, and FILE.files.txt naming each "
                                    "row (the image path for folders, SPLIT:INDEX for in-memory sets).")
     m.add_argument("--checkpoint", type=path, required=True, help="RUN_DIR/checkpoint.pt")
-    m.add_argument("--data", type=path, required=True, help="dataset directory: an image folder, train.npz/test.npz, or a torchvision root")
+    m.add_argument("--data", type=path, help="dataset directory: an image folder, train.npz/test.npz, or a torchvision root "
+                   "(default: the one the run was trained on)")
     m.add_argument("--dataset", help="dataset name (default: the run's; 'folder' or 'npz' for other data)")
     m.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
     m.add_argument("--teacher", action="store_true", help="the teacher's backbone instead of the student's")
@@ -289,14 +303,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = make_report(args.run_dir, args.data, args.dataset, args.embeddings, args.device, args.batch_size,
                          args.workers, args.max_points, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {report.markdown} and {report.html} ({len(report.images)} plots)")
-    for note in report.notes:
-        print(f"  left out: {note}")
+    for note in report.notes:  # each says what it left out, or what it could not read
+        print(f"  note: {note}")
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     check_numbers(args)  # before torch loads
     config.check_output(args.out, "--out", file_example="features.npy")
+    if Path(args.out).suffix != ".npy":  # the rows' origins go to NAME.files.txt: NAME and NAME.npy would share it
+        raise ConfigError(f"--out {args.out}: name the features file with .npy, e.g. --out {Path(args.out).with_suffix('.npy')}")
     from ressl import dist
     from ressl.embed import embed
 

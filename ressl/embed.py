@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ressl import dist
-from ressl.checkpoint import writing
+from ressl.checkpoint import replaced, writing
 from ressl.errors import DataError
 
 if TYPE_CHECKING:
@@ -25,11 +25,12 @@ def split_rows(split: Split, name: str) -> list[str]:
 
 
 def embed(
-    checkpoint: str, data: str, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
+    checkpoint: str, data: str | None, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4,
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
-    ``out``'s ``.files.txt``; returns both paths and the shape. ``dataset`` defaults to the run's."""
+    ``out``'s ``.files.txt``, each replaced whole (a failed write leaves the earlier file); returns both paths and the
+    shape. ``dataset`` and ``data`` default to the run's."""
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
 
@@ -39,7 +40,7 @@ def embed(
     backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
-        raise DataError(f"{data} has no test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
+        raise DataError(f"{data or cfg.data or cfg.dataset} has no test split (test.npz, or a val/ or test/ folder beside train/): use --split train")
     to_device(ds, dev, [chosen])
     feats, _ = checkpoint_features(backbone, cfg, ds, chosen, dev, batch_size, workers, torch.float32)  # .npy: never bf16
     rows = split_rows(chosen, split)
@@ -48,15 +49,14 @@ def embed(
     files_path = files_list_path(out_path)
     if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
         return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
-    with writing(f"--out {out}", "choose another --out"):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with out_path.open("wb") as f:  # exactly this name (np.save on a path would append .npy)
+    with writing(f"--out {out}", "free disk space or choose another --out"):
+        with replaced(out_path) as f:
             np.save(f, feats.cpu().numpy().astype(np.float32))
-        # a name that is not UTF-8 (Latin-1 on an old disk) is written back as the bytes the filesystem holds
-        files_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8", errors="surrogateescape")
+        with replaced(files_path) as f:  # a name that is not UTF-8 (Latin-1 on an old disk): the bytes the filesystem holds
+            f.write("".join(r + "\n" for r in rows).encode("utf-8", errors="surrogateescape"))
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 
 def files_list_path(out: Path) -> Path:
-    """``emb.npy`` -> ``emb.files.txt``; any other name gets ``.files.txt`` appended."""
+    """``emb.npy`` -> ``emb.files.txt``; any other name (the Python API's) gets ``.files.txt`` appended."""
     return out.with_suffix(".files.txt") if out.suffix == ".npy" else out.with_name(out.name + ".files.txt")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ressl.checkpoint import writing
+from ressl.checkpoint import replaced, writing
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -188,13 +188,13 @@ def plot_retrieval(
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(width)
-    fig.suptitle("Nearest training images by backbone features (cosine); green: same class, red: another", fontsize=10)
+    legend = "; green: same class, red: another" if any(label >= 0 for label in query_labels) else " (unlabelled images)"
+    fig.suptitle(f"Nearest training images by backbone features (cosine){legend}", fontsize=10)
     return fig
 
 
 def save_png(fig: Figure, path: Path) -> Path:
     """``fig`` as a PNG at ``path``; a failed write is a one-line :class:`ressl.checkpoint.WriteError`."""
-    with writing(str(path), REPORT_WRITE_FIX):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100, facecolor="white")
+    with writing(str(path), REPORT_WRITE_FIX), replaced(path) as f:  # an earlier PNG stays whole if the write fails
+        fig.savefig(f, format="png", dpi=100, facecolor="white")
     return path

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ressl import dist
-from ressl.checkpoint import writing
+from ressl.checkpoint import replaced, writing
 from ressl.errors import DataError
 from ressl.meter import read_metrics
 from ressl.plots import (
@@ -50,6 +50,7 @@ CLASS_NAMES: dict[str, list[str]] = {
     "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
 }
 FILES_DIR = "report_files"  # PNGs beside report.md
+PLOT_NAMES = {"training", "knn", "health", "embedding_map", "retrieval"}  # each FILES_DIR/NAME.png
 
 
 class RunDirError(DataError):
@@ -232,6 +233,15 @@ def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: li
             if isinstance(final.get(key), dict):
                 top5 = f", top-5 {final[key]['top5']:.2f}%" if "top5" in final[key] else ""  # none of 5 classes or fewer
                 rows.append([what.format(k=final[key].get("k", cfg.get("knn_k"))), f"top-1 {final[key]['top1']:.2f}%{top5}"])
+    else:  # a run stopped or still training: what metrics.jsonl holds so far
+        steps, losses = series(records, "loss")
+        if len(steps):
+            epoch = max((r["epoch"] for r in records if isinstance(r.get("epoch"), (int, float))), default=None)
+            rows.append(["logged so far", f"step {int(steps[-1])}" + (f", epoch {epoch} of {cfg.get('epochs')}" if epoch is not None else "")])
+            rows.append(["last logged loss", f"{losses[-1]:.4f} nats"])
+        knn_epochs, knn = series(records, "knn_top1", x="epoch")
+        if len(knn):
+            rows.append(["last kNN", f"top-1 {knn[-1]:.2f}% (epoch {knn_epochs[-1]:g})"])
     _, rate = series(records, "images_per_s")
     if len(rate):
         rows.append(["throughput", f"median {np.median(rate):.0f} images/s"])
@@ -310,6 +320,7 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         report.images[name] = save_png(fig, files / f"{name}.png")
         plots.add("img", (report.images[name], caption))
 
+    embedded = _embed_run(run, data, dataset, device, batch_size, workers, report, tell) if embeddings else None
     add_plot("training", plot_training(records),
              "Top: the relational loss (nats) over optimiser steps. Bottom: the learning rate (cosine schedule) "
              "and the teacher's EMA momentum.", "no loss records in metrics.jsonl: training plot left out")
@@ -321,12 +332,10 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
              "(sharper temperature) should sit below the student's. Spread: 0 means every image maps to one point, "
              "1/sqrt(D) a uniform spread on the sphere.",
              f"no health signals ({', '.join(HEALTH_KEYS)}) in metrics.jsonl: entropy and spread plot left out")
-    if embeddings:
-        embedded = _embed_run(run, data, dataset, device, batch_size, workers, report, tell)
-        if embedded is not None:
-            _map_plot(embedded, max_points, report, plots, files, tell)
-            _retrieval_plot(embedded, n_neighbours, n_queries, report, plots, files)
-    else:
+    if embedded is not None:
+        _map_plot(embedded, max_points, report, plots, files, tell)
+        _retrieval_plot(embedded, n_neighbours, n_queries, report, plots, files)
+    elif not embeddings:
         report.notes.append("embedding map and retrieval grid skipped (--no-embeddings)")
 
     doc.add("h2", "Plots")
@@ -337,8 +346,12 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
     doc.add("h2", "Configuration")
     doc.add("table", [["field", "value"], *[[k, _fmt(v)] for k, v in cfg.items()]])
     with writing(f"the report in {run}", REPORT_WRITE_FIX):
-        report.markdown.write_text(doc.to_markdown(run))
-        report.html.write_text(doc.to_html(f"ReSSL run report: {run.name}"))
+        with replaced(report.markdown) as f:
+            f.write(doc.to_markdown(run).encode("utf-8"))
+        with replaced(report.html) as f:
+            f.write(doc.to_html(f"ReSSL run report: {run.name}").encode("utf-8"))
+        for name in PLOT_NAMES - set(report.images):  # an earlier report's plots that this one does not show
+            (files / f"{name}.png").unlink(missing_ok=True)
     return report
 
 
@@ -356,11 +369,16 @@ class _Embedded:
     names: list[str]  # class names
     kind: str  # what the queries are: "test" or "training"
 
+    @property
+    def labelled(self) -> bool:
+        return bool((self.query_labels >= 0).all()) and bool((self.gallery_labels >= 0).all())
+
 
 def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, batch_size: int, workers: int,
                report: Report, say: Callable[[str], None]) -> _Embedded | None:
-    """The run's checkpoint applied to its data (or ``data``/``dataset``); a missing checkpoint or data set becomes a
-    note and None."""
+    """The run's checkpoint applied to its data (or ``data``/``dataset``); a missing checkpoint or run data set
+    becomes a note and None, while data asked for with ``data``/``dataset`` that cannot be read is the command's error
+    (nothing is written: the user's mistake must not replace an earlier, fuller report)."""
     from ressl.data import to_device
     from ressl.errors import CheckpointError
     from ressl.evaluate import checkpoint_features, load_for_evaluation
@@ -369,6 +387,8 @@ def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, ba
         dev = dist.resolve_device(device)
         backbone, run_cfg, ds = load_for_evaluation(str(run / "checkpoint.pt"), False, dev, dataset, data, download=False)
     except (CheckpointError, DataError) as err:
+        if isinstance(err, DataError) and (data is not None or dataset is not None):
+            raise
         report.notes.append(f"embedding map and retrieval grid left out: {err}")
         say(f"ressl report: embedding plots left out: {err}")
         return None
@@ -399,7 +419,9 @@ def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, files:
     sampled = f" (a random subset of {n})" if len(subset) < n else ""
     plots.add("img", (report.images["embedding_map"],
                       (f"{method} of the backbone features of {len(subset)} {e.kind} images{sampled}, one colour per class. "
-                      "Classes that form separate islands are what the kNN and linear probes can read off.")))
+                      "Classes that form separate islands are what the kNN and linear probes can read off."
+                      if e.labelled else f"{method} of the backbone features of {len(subset)} unlabelled {e.kind} "
+                      f"images{sampled}: groups of points are images the backbone holds alike.")))
 
 
 def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, report: Report, plots: _Doc, files: Path) -> None:
@@ -407,7 +429,7 @@ def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, report: Rep
     same = e.query_split is e.gallery_split  # a query must not find itself
     sims, idx = nearest(e.gallery, e.queries, n_neighbours, exclude=torch.arange(e.queries.shape[0]) if same else None)
     qy, gy = e.query_labels, e.gallery_labels
-    if bool((qy >= 0).all()) and bool((gy >= 0).all()):
+    if e.labelled:
         precision = (gy[idx.cpu()] == qy[:, None]).float().mean().item() * 100
         plots.add("p", f"Across all {len(qy)} queries, {precision:.1f}% of the {idx.shape[1]} nearest training images "
                        "share the query's class.")

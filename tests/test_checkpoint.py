@@ -52,3 +52,32 @@ def test_flipped_bytes_inside_a_checkpoint_are_refused(tmp_path, entry):
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} is damaged \(entry {name} fails its checksum\)") as err:
         checkpoint.load(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_cut_short_is_called_damaged_not_foreign(tmp_path):
+    """A copy or download that stopped leaves a zip without the directory at its end: not "written by something
+    else", but damaged, to be copied again. A file of another kind is still told apart."""
+    path = tmp_path / "checkpoint.pt"
+    _save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"is damaged \(cut short: its end is missing") as err:
+        checkpoint.load(path)
+    assert "\n" not in str(err.value) and "copy it again" in str(err.value)
+    path.write_text("name: not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a file written by torch.save"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_replaced_file_keeps_its_content_when_the_new_one_fails(tmp_path, failure):
+    """``replaced`` (features, reports and their plots, checkpoints): a write that fails or is interrupted midway
+    leaves the earlier file whole and no temporary file behind; one that finishes replaces it."""
+    path = tmp_path / "features.npy"
+    path.write_bytes(b"the earlier features")
+    with pytest.raises(type(failure)), checkpoint.replaced(path) as f:
+        f.write(b"half of the new")
+        raise failure
+    assert path.read_bytes() == b"the earlier features" and [p.name for p in tmp_path.iterdir()] == ["features.npy"]
+    with checkpoint.replaced(path) as f:
+        f.write(b"the new features")
+    assert path.read_bytes() == b"the new features" and [p.name for p in tmp_path.iterdir()] == ["features.npy"]

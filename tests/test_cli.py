@@ -132,6 +132,14 @@ def test_suggestions_come_from_the_subcommands_own_flags(capsys):
     assert "--max_points" not in parse_error(["knn", "--checkpoint", "x", "--max_point", "5"], capsys)  # report's flag
 
 
+def test_common_slips_in_evaluation_commands_are_named(capsys):
+    err = parse_error(["knn", "runs/c10/checkpoint.pt"], capsys)
+    assert "required: --checkpoint (give the checkpoint with its flag: --checkpoint runs/c10/checkpoint.pt)" in err
+    assert "give the checkpoint" not in parse_error(["knn", "--data", "d"], capsys)
+    err = parse_error(["embed", "--checkpoint", "x.pt", "--split", "val", "--out", "f.npy"], capsys)
+    assert "invalid choice 'val' (a val/ folder, like test/ or test.npz, is the test split: --split test)" in err
+
+
 def test_mistyped_command_is_suggested(capsys):
     err = parse_error(["pretrian"], capsys)
     assert "unknown command 'pretrian' (did you mean pretrain?)" in err and "see ressl --help" in err

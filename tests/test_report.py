@@ -21,7 +21,7 @@ from ressl.data import Dataset, Split
 from ressl.evaluate import load_trained
 from ressl.folder import FolderIndex
 from ressl.meter import read_metrics
-from ressl.plots import plot_embedding_map, plot_health, plot_knn, plot_training
+from ressl.plots import plot_embedding_map, plot_health, plot_knn, plot_retrieval, plot_training
 from ressl.report import class_names, nearest, pick_queries, project_2d
 
 TINY = ["--image_size", "16", "--width", "8", "--hidden_dim", "32", "--out_dim", "16", "--batch_size", "32",
@@ -93,13 +93,51 @@ def test_without_health_keys_or_embeddings_the_report_says_what_it_left_out(trai
     assert (run / "report.html").read_text().count("data:image/png;base64,") == 2
 
 
-def test_unavailable_data_gives_a_report_without_the_embedding_plots(trained, tmp_path):
+def test_unavailable_run_data_gives_a_report_without_the_embedding_plots(trained, tmp_path, capsys):
+    """The run's own data moved away: the report is written without the plots that need it (an earlier report's
+    copies of them removed), and says why."""
     run = copy_run(trained[0], tmp_path / "run", health=False)
-    assert main(["report", str(run), "--data", str(tmp_path / "moved"), "--device", "cpu"]) == 0
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved["config"]["data"] = str(tmp_path / "moved")
+    torch.save(saved, run / "checkpoint.pt")
+    (run / "report_files").mkdir()
+    (run / "report_files" / "retrieval.png").write_bytes(b"an earlier report's grid")
+    assert main(["report", str(run), "--device", "cpu"]) == 0
     md = (run / "report.md").read_text()
     assert "embedding map and retrieval grid left out" in md and "does not exist" in md
     assert (run / "report_files" / "training.png").is_file()
     assert not (run / "report_files" / "embedding_map.png").exists() and not (run / "report_files" / "retrieval.png").exists()
+    out = capsys.readouterr().out
+    assert "  note: embedding map and retrieval grid left out: data directory" in out and "left out: embedding" not in out
+
+
+def test_data_asked_for_that_cannot_be_read_is_an_error_that_keeps_the_earlier_report(trained, tmp_path, capsys):
+    run = copy_run(trained[0], tmp_path / "run", health=False)
+    (run / "report.md").write_text("an earlier, fuller report")
+    assert main(["report", str(run), "--data", str(tmp_path / "typo"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "typo does not exist" in err
+    assert (run / "report.md").read_text() == "an earlier, fuller report" and not (run / "report_files").exists()
+
+
+def test_the_report_of_an_unfinished_run_shows_what_it_logged_so_far(trained, tmp_path):
+    run = copy_run(trained[0], tmp_path / "run", health=False)
+    (run / "final.json").unlink()  # stopped (or still training)
+    records = read_metrics(run / "metrics.jsonl")
+    last_loss = [r for r in records if "loss" in r][-1]
+    last_knn = [r for r in records if "knn_top1" in r][-1]
+    assert main(["report", str(run), "--no-embeddings"]) == 0
+    md = (run / "report.md").read_text()
+    assert f"| logged so far | step {last_loss['step']}, epoch " in md
+    assert f"| last logged loss | {last_loss['loss']:.4f} nats |" in md
+    assert f"| last kNN | top-1 {last_knn['knn_top1']:.2f}% (epoch {last_knn['epoch']:g}) |" in md
+    assert "final.json is missing" in md
+
+
+def test_retrieval_of_unlabelled_images_promises_no_class_colours():
+    image = np.zeros((8, 8, 3), np.uint8)
+    titles = [plot_retrieval([image], [q], [[image]], [[q]], [[0.5]], ["a"])._suptitle.get_text() for q in (0, -1)]
+    assert titles[0].endswith("green: same class, red: another") and "unlabelled" in titles[1] and "green" not in titles[1]
 
 
 def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys):
@@ -191,7 +229,7 @@ def direct_features(checkpoint: Path, images: torch.Tensor, mean, std) -> torch.
 def test_embed_in_memory_split_rows_in_order(trained, tmp_path):
     run, data = trained
     out = tmp_path / "emb.npy"
-    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(data), "--split", "test",
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--split", "test",  # the run's own data, as knn reads
                  "--out", str(out), "--device", "cpu", "--batch_size", "24"]) == 0
     features = np.load(out)
     rows = (tmp_path / "emb.files.txt").read_text().splitlines()
@@ -206,6 +244,23 @@ def test_embed_in_memory_split_rows_in_order(trained, tmp_path):
     expected = direct_features(run / "checkpoint.pt", x[pick], mean, std)
     np.testing.assert_allclose(features[pick], expected.numpy(), rtol=1e-3, atol=1e-4)
     assert not np.allclose(features[0], features[1])  # rows differ: a shuffled order would be caught
+
+
+def test_embed_that_cannot_write_keeps_the_earlier_features(trained, tmp_path, monkeypatch, capsys):
+    run, _ = trained
+    out = tmp_path / "emb.npy"
+    np.save(out, np.ones((2, 3), np.float32))
+
+    def disk_full_midway(f, array):
+        f.write(b"\x93NUMPY half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ressl.embed.np.save", disk_full_midway)
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 1
+    assert "No space left on device; free disk space or choose another --out" in capsys.readouterr().err
+    assert np.array_equal(np.load(out), np.ones((2, 3), np.float32)) and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "emb")]) == 2
+    assert "name the features file with .npy, e.g. --out " + str(tmp_path / "emb.npy") in capsys.readouterr().err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes but / and NUL, as on Linux")
