@@ -20,6 +20,7 @@ from ressl import dist
 from ressl.checkpoint import write_run_file
 from ressl.errors import NonFiniteLoss
 from ressl.monitor import health, queue_fill
+from ressl.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from ressl.config import Config
@@ -265,9 +266,9 @@ def _check_finite(bad: int, path: Path) -> None:
 
 
 def _progress(run: Run) -> Any:
+    """The epoch's progress bar on rank 0: live on a terminal, a state a minute in a log, so that a long run's log
+    stays small (with a state per step, the digits demo's 2,100 steps wrote 195 KB of them to a log file)."""
     if not dist.is_main():
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
-                unit="step", dynamic_ncols=True, leave=False)
+    return progress_bar(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
+                        unit="step")

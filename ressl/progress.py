@@ -1,5 +1,5 @@
-"""Progress bars for long work (embedding a bank, checking a folder's images, a linear probe), on stderr: live on a
-terminal; in a log file (a batch job's output) one state a minute, and nothing for work done within the minute."""
+"""Progress bars (training epochs, embedding a bank, checking a folder's images, a linear probe), on stderr: live on
+a terminal; in a log file (a batch job's output) one state a minute, and nothing for work done within the minute."""
 
 from __future__ import annotations
 
