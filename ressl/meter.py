@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ressl import dist
+from ressl import dist, progress
 from ressl.checkpoint import write_run_file
 from ressl.errors import NonFiniteLoss
 from ressl.monitor import health, queue_fill
-from ressl.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from ressl.config import Config
@@ -217,7 +216,8 @@ class Meter:
         self.run.state.loss = logged_loss = logged["loss"]
         self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}",
+                                      refresh=progress.live())
 
     def __enter__(self) -> Meter:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
@@ -270,5 +270,5 @@ def _progress(run: Run) -> Any:
     stays small (with a state per step, the digits demo's 2,100 steps wrote 195 KB of them to a log file)."""
     if not dist.is_main():
         return None
-    return progress_bar(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
+    return progress.bar(total=run.steps_per_epoch, initial=run.state.index, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
                         unit="step")

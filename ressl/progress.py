@@ -1,5 +1,6 @@
 """Progress bars (training epochs, embedding a bank, checking a folder's images, a linear probe), on stderr: live on
-a terminal; in a log file (a batch job's output) one state a minute, and nothing for work done within the minute."""
+a terminal or in a notebook; in a log file (a batch job's output) one state a minute, and nothing for work done
+within the minute."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ from typing import Any
 LOG_SECONDS = 60.0  # off a terminal: the first state after this long, then one every this long
 
 
+def live() -> bool:
+    """Whether stderr shows a bar as it changes (a terminal, or a Jupyter notebook's output), not a log file."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     """A ``tqdm`` bar over ``iterable`` (or updated by hand, with ``total``), gone once closed (``leave=False``), so
-    that the line reporting the result follows cleanly."""
+    that the line reporting the result follows cleanly. Callers that set a postfix pass ``refresh=live()``: a
+    postfix otherwise redraws the bar at once, whatever the interval."""
     from tqdm import tqdm
 
-    live = sys.stderr.isatty()
-    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=0.1 if live else LOG_SECONDS,
-                delay=0.0 if live else LOG_SECONDS, **kwargs)
+    if live():
+        return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+    # maxinterval: tqdm's monitor thread would otherwise redraw every 10 s after the first state
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
+                delay=LOG_SECONDS, **kwargs)

@@ -344,6 +344,25 @@ def test_a_run_whose_time_runs_out_between_logging_steps_logs_its_last_loss(npz_
     assert run.state.loss == logged[-1]["loss"] != logged[0]["loss"]
 
 
+def test_the_epochs_bar_is_live_on_a_terminal_and_silent_in_a_short_runs_log(npz_dir, tmp_path, monkeypatch):
+    """A log file gets a bar state a minute at most (none for an epoch shorter than that), also at the logging
+    steps, whose postfix (loss, lr, images/s) would otherwise redraw the bar each time."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stderr, live in ((io.StringIO(), False), (Terminal(), True)):
+        run = tiny_run(npz_dir, tmp_path / str(live), log_every=1)
+        monkeypatch.setattr(sys, "stderr", stderr)
+        train_one_epoch(run)
+        monkeypatch.undo()
+        written = stderr.getvalue()
+        assert ("loss=" in written and "epoch 1/5" in written) if live else written == "", written
+
+
 def _views_failing_after(n: int):
     for i in range(n):
         yield torch.full((4, 3, 8, 8), float(i)), torch.full((4, 3, 8, 8), -float(i))
