@@ -77,12 +77,15 @@ def new_file_mode() -> int:
 def replaced(path: Path, sync: bool = False) -> Iterator[BinaryIO]:
     """A binary file for ``path``'s new content: a temporary file beside it, renamed over ``path`` when the block
     ends. A write that fails (a full disk) or is interrupted removes the temporary file and leaves what ``path``
-    held, never a torn file. ``sync``: flushed to disk before the rename, so that a crash cannot tear it either."""
+    held, never a torn file. ``sync``: flushed to disk before the rename, so that a crash cannot tear it either.
+    A symbolic link is followed (the file it points to is replaced, the link kept); an existing file keeps its mode."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, new_file_mode())
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             if sync:

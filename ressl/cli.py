@@ -71,8 +71,8 @@ class Parser(argparse.ArgumentParser):
             if name == "--split" and value.lower().startswith("val"):
                 suggest = " (a val/ folder, like test/ or test.npz, is the test split: --split test)"
             message = f"{what} {value!r}{suggest}; choose from {', '.join(choices)}"
-        flagged = {b for a, b in itertools.pairwise(_given) if a in ("--checkpoint", "--resume")}
-        bare = [a for a in _given if a.endswith(".pt") and not a.startswith("-") and a not in flagged]
+        values = {i + 1 for i, (a, b) in enumerate(itertools.pairwise(_given)) if a.startswith("-") and "=" not in a}
+        bare = [a for i, a in enumerate(_given) if a.endswith(".pt") and not a.startswith("-") and i not in values]
         if "required: --checkpoint" in message and bare:
             message += f" (give the checkpoint with its flag: --checkpoint {bare[0]})"
         speaks = launcher.speaks_for_machine()
@@ -81,7 +81,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n" if speaks else None)
 
 
-_given: list[str] = []  # the command line being parsed, for the hints of Parser.error
+_given: list[str] = []  # the command line that Parser.parse_args is parsing (set by it), for the hints of Parser.error
 
 
 def _let_the_speaker_speak() -> None:

@@ -29,8 +29,8 @@ def embed(
     device: str = "auto", batch_size: int = 512, workers: int = 4,
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
-    ``out``'s ``.files.txt``, each replaced whole (a failed write leaves the earlier file); returns both paths and the
-    shape. ``dataset`` and ``data`` default to the run's."""
+    ``out``'s ``.files.txt``, replaced whole (a failed write leaves the earlier files); returns both paths and the
+    shape. ``dataset`` and ``data`` (None) are the run's unless given."""
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
 
@@ -49,11 +49,11 @@ def embed(
     files_path = files_list_path(out_path)
     if not dist.is_main():  # under torchrun every process holds all the features; rank 0 writes them
         return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
-    with writing(f"--out {out}", "free disk space or choose another --out"):
-        with replaced(out_path) as f:
-            np.save(f, feats.cpu().numpy().astype(np.float32))
-        with replaced(files_path) as f:  # a name that is not UTF-8 (Latin-1 on an old disk): the bytes the filesystem holds
-            f.write("".join(r + "\n" for r in rows).encode("utf-8", errors="surrogateescape"))
+    # both files written, then both renamed over the earlier ones; a failed write replaces neither
+    with writing(f"--out {out}", "free disk space or choose another --out"), replaced(out_path) as f, replaced(files_path) as g:
+        np.save(f, feats.cpu().numpy().astype(np.float32))
+        # a name that is not UTF-8 (Latin-1 on an old disk): the bytes the filesystem holds
+        g.write("".join(r + "\n" for r in rows).encode("utf-8", errors="surrogateescape"))
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 

@@ -80,6 +80,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         g = self.groups
         if not self.training or g == 1:
             return super().forward(x)
+        self._check_input_dim(x)
         n, c = x.shape[:2]
         if n % g:
             raise ValueError(f"a batch of {n} does not split into {g} BatchNorm groups")
@@ -92,17 +93,25 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(mean.view(g, c).mean(0))
             self.running_var.copy_(var.view(g, c).mean(0))
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-        return y.reshape(x.shape)
+        y = y.reshape(x.shape)  # the reshapes copy a channels-last input: give it back in the layout it came in
+        return y.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and _channels_last(x) else y
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
     """Replace every BatchNorm1d/2d in ``module`` by a :class:`SplitBatchNorm` of ``groups`` groups, keeping its
-    parameters and statistics; ``module`` itself with one group."""
+    parameters, statistics and momentum; ``module`` itself with one group. Every BatchNorm must be affine, track
+    running statistics and have a momentum (ours do)."""
     if groups == 1:
         return module
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            split = SplitBatchNorm(child.num_features, groups, child.eps, 0.1 if child.momentum is None else child.momentum)
+            if not (child.affine and child.track_running_stats and child.momentum is not None):
+                raise ValueError(f"{name}: split BatchNorm needs affine=True, track_running_stats=True and a momentum")
+            split = SplitBatchNorm(child.num_features, groups, child.eps, child.momentum)
             split.to(device=child.weight.device, dtype=child.weight.dtype)
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)

@@ -234,11 +234,13 @@ def _summary_rows(cfg: dict[str, Any], final: dict[str, Any] | None, records: li
                 top5 = f", top-5 {final[key]['top5']:.2f}%" if "top5" in final[key] else ""  # none of 5 classes or fewer
                 rows.append([what.format(k=final[key].get("k", cfg.get("knn_k"))), f"top-1 {final[key]['top1']:.2f}%{top5}"])
     else:  # a run stopped or still training: what metrics.jsonl holds so far
-        steps, losses = series(records, "loss")
-        if len(steps):
-            epoch = max((r["epoch"] for r in records if isinstance(r.get("epoch"), (int, float))), default=None)
-            rows.append(["logged so far", f"step {int(steps[-1])}" + (f", epoch {epoch} of {cfg.get('epochs')}" if epoch is not None else "")])
-            rows.append(["last logged loss", f"{losses[-1]:.4f} nats"])
+        logged = [r for r in records if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)]
+        if logged:
+            last = max(logged, key=lambda r: r["step"])
+            epoch = last.get("epoch")  # a loss record's epoch: the one in progress, counted from 0
+            where = f" (in epoch {epoch + 1} of {cfg.get('epochs')})" if isinstance(epoch, int) else ""
+            rows.append(["logged so far", f"step {last['step']}{where}"])
+            rows.append(["last logged loss", f"{last['loss']:.4f} nats"])
         knn_epochs, knn = series(records, "knn_top1", x="epoch")
         if len(knn):
             rows.append(["last kNN", f"top-1 {knn[-1]:.2f}% (epoch {knn_epochs[-1]:g})"])
@@ -389,8 +391,7 @@ def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, ba
     except (CheckpointError, DataError) as err:
         if isinstance(err, DataError) and (data is not None or dataset is not None):
             raise
-        report.notes.append(f"embedding map and retrieval grid left out: {err}")
-        say(f"ressl report: embedding plots left out: {err}")
+        report.notes.append(f"embedding map and retrieval grid left out: {err}")  # printed with the other notes
         return None
     gallery_split = ds.bank if ds.bank is not None else ds.train
     query_split = ds.test if ds.test is not None else gallery_split

@@ -81,3 +81,15 @@ def test_a_replaced_file_keeps_its_content_when_the_new_one_fails(tmp_path, fail
     with checkpoint.replaced(path) as f:
         f.write(b"the new features")
     assert path.read_bytes() == b"the new features" and [p.name for p in tmp_path.iterdir()] == ["features.npy"]
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_link_to_it_stays_a_link(tmp_path):
+    target = tmp_path / "big_disk" / "features.npy"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "features.npy"
+    link.symlink_to(target)
+    with checkpoint.replaced(link) as f:
+        f.write(b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o640

@@ -136,6 +136,7 @@ def test_common_slips_in_evaluation_commands_are_named(capsys):
     err = parse_error(["knn", "runs/c10/checkpoint.pt"], capsys)
     assert "required: --checkpoint (give the checkpoint with its flag: --checkpoint runs/c10/checkpoint.pt)" in err
     assert "give the checkpoint" not in parse_error(["knn", "--data", "d"], capsys)
+    assert "give the checkpoint" not in parse_error(["export", "--out", "backbone.pt"], capsys)  # a flag's value
     err = parse_error(["embed", "--checkpoint", "x.pt", "--split", "val", "--out", "f.npy"], capsys)
     assert "invalid choice 'val' (a val/ folder, like test/ or test.npz, is the test split: --split test)" in err
 

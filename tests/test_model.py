@@ -185,6 +185,7 @@ def test_split_batchnorm_normalises_each_group_apart(shape, channels_last):
     x_ref = x.detach().clone().requires_grad_(True)
     x.requires_grad_(True)
     y = split(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y_ref, running_mean, running_var = _naive_split(reference, x_ref, 3)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(split.running_mean, running_mean)
@@ -212,6 +213,10 @@ def test_split_batchnorm_in_eval_mode_uses_the_running_statistics():
     torch.testing.assert_close(split.eval()(x), plain.eval()(x))
     with pytest.raises(ValueError, match="a batch of 6 does not split into 4 BatchNorm groups"):
         SplitBatchNorm(4, groups=4).train()(x)
+    with pytest.raises(ValueError, match=r"expected a \(B, C\) or \(B, C, H, W\) input"):
+        SplitBatchNorm(4, groups=2).train()(torch.randn(6, 4, 3))
+    with pytest.raises(ValueError, match="needs affine=True"):
+        split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4, affine=False)), 2)
 
 
 def test_student_bn_groups_split_the_student_only_and_keep_the_state_dict():

@@ -16,6 +16,7 @@ from conftest import make_images
 from PIL import Image
 
 from ressl.augment import eval_transform
+from ressl.checkpoint import replaced
 from ressl.cli import main
 from ressl.data import Dataset, Split
 from ressl.evaluate import load_trained
@@ -128,7 +129,7 @@ def test_the_report_of_an_unfinished_run_shows_what_it_logged_so_far(trained, tm
     last_knn = [r for r in records if "knn_top1" in r][-1]
     assert main(["report", str(run), "--no-embeddings"]) == 0
     md = (run / "report.md").read_text()
-    assert f"| logged so far | step {last_loss['step']}, epoch " in md
+    assert f"| logged so far | step {last_loss['step']} (in epoch {last_loss['epoch'] + 1} of " in md
     assert f"| last logged loss | {last_loss['loss']:.4f} nats |" in md
     assert f"| last kNN | top-1 {last_knn['knn_top1']:.2f}% (epoch {last_knn['epoch']:g}) |" in md
     assert "final.json is missing" in md
@@ -259,6 +260,22 @@ def test_embed_that_cannot_write_keeps_the_earlier_features(trained, tmp_path, m
     assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 1
     assert "No space left on device; free disk space or choose another --out" in capsys.readouterr().err
     assert np.array_equal(np.load(out), np.ones((2, 3), np.float32)) and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]
+    monkeypatch.undo()
+    (tmp_path / "emb.files.txt").write_text("the earlier rows\n")
+    opened = []
+
+    def rows_fail(path, sync=False):  # the features are written, then the row list fails: neither is replaced
+        opened.append(path)
+        if str(path).endswith(".files.txt"):
+            raise OSError(28, "No space left on device")
+        return replaced(path, sync)
+
+    monkeypatch.setattr("ressl.embed.replaced", rows_fail)
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 1
+    assert np.array_equal(np.load(out), np.ones((2, 3), np.float32)) and len(opened) == 2
+    assert (tmp_path / "emb.files.txt").read_text() == "the earlier rows\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.files.txt", "emb.npy"]
+    capsys.readouterr()
     assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "emb")]) == 2
     assert "name the features file with .npy, e.g. --out " + str(tmp_path / "emb.npy") in capsys.readouterr().err
 
