@@ -68,7 +68,8 @@ class Config:
     flip: bool = True  # horizontal flips in both views (paper); off where mirroring changes the class (digits, text)
 
     teacher_bn: str = "shuffle"  # BatchNorm across processes: shuffle (MoCo's shuffle-BN for the teacher), sync (SyncBN), local
-    bn_groups: int = 1  # on one device: the teacher normalises this many shuffled groups apart (emulated shuffle-BN)
+    bn_groups: int = 1  # on one device: the teacher's BatchNorms normalise this many groups of its shuffled batch apart
+    #   (emulated shuffle-BN, the MoCo CIFAR demo's split BatchNorm)
     student_bn_groups: int = 1  # every BatchNorm of the student normalises this many groups of its batch apart (the
     #   MoCo CIFAR demo's split BatchNorm: with it and bn_groups 8, the authors' one-GPU runs on the small sets)
 
@@ -323,9 +324,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"{smallest}): raise --image_size{shrink}")
     for name in ("bn_groups", "student_bn_groups"):
         _check_groups(cfg.batch_size, world_size, name, getattr(cfg, name))
-    if cfg.student_bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "sync":
-        raise ConfigError(f"student_bn_groups {cfg.student_bn_groups} normalises groups of each process's batch apart; "
-                          "--teacher_bn sync normalises over every process's: drop one")
+        if getattr(cfg, name) > 1 and world_size > 1 and cfg.teacher_bn == "sync":  # SyncBatchNorm would replace them
+            raise ConfigError(f"{name} {getattr(cfg, name)} normalises groups of each process's batch apart; "
+                              "--teacher_bn sync normalises over every process's: drop one")
     if cfg.bn_groups > 1 and world_size > 1 and cfg.teacher_bn == "shuffle":
         raise ConfigError(f"bn_groups {cfg.bn_groups} emulates shuffle-BN on one device; with {world_size} processes "
                           "--teacher_bn shuffle shuffles across them instead: drop --bn_groups")

@@ -227,14 +227,14 @@ def shuffled_forward(teacher: nn.Module, weak: torch.Tensor, generator: torch.Ge
 
 @torch.no_grad()
 def grouped_forward(teacher: nn.Module, weak: torch.Tensor, groups: int, generator: torch.Generator) -> torch.Tensor:
-    """Emulated shuffle-BN on one device: the teacher normalises ``groups`` random subsets separately.
-
-    ``weak`` (B, ...) -> (B, D) in the input's order.
+    """Emulated shuffle-BN on one device: with ``groups`` > 1 the teacher, whose BatchNorms normalise that many groups
+    of its batch apart (``ressl.model.SplitBatchNorm``), sees the batch shuffled, so that each group is a random
+    subset; one forward pass, as the MoCo CIFAR demo's. ``weak`` (B, ...) -> (B, D) in the input's order.
     """
     if groups <= 1:
         return teacher(weak)
     perm = torch.randperm(weak.shape[0], generator=generator).to(weak.device, non_blocking=True)
-    shuffled = torch.cat([teacher(chunk) for chunk in weak[perm].chunk(groups)])
+    shuffled = teacher(weak[perm])
     out = torch.empty_like(shuffled)
     out[perm] = shuffled
     return out

@@ -240,18 +240,20 @@ def build_model(
     small_stem: bool | None = None,
     stem_maxpool: bool | None = None,
     student_bn_groups: int = 1,
+    teacher_bn_groups: int = 1,
 ) -> ReSSL:
     """The ReSSL pair for ``image_size`` images; ``None`` stem choices follow :func:`ressl.config.stem` (the small
     stem for images of 64 px or less, the max-pool only after the 7x7 one). The student's BatchNorms normalise
-    ``student_bn_groups`` groups of its batch apart (:class:`SplitBatchNorm`); the teacher's are plain."""
+    ``student_bn_groups`` groups of its batch apart, the teacher's ``teacher_bn_groups`` (:class:`SplitBatchNorm`)."""
     small, maxpool = stem(small_stem, stem_maxpool, image_size)
     net, feature_dim = build_backbone(backbone, small, width, maxpool)
     model = ReSSL(Encoder(net, feature_dim, hidden_dim, out_dim, head_bn), queue_size, out_dim)
-    split_batchnorm(model.student, student_bn_groups)  # after the teacher's copy
+    split_batchnorm(model.student, student_bn_groups)  # after the teacher's copy, each its own
+    split_batchnorm(model.teacher, teacher_bn_groups)
     return model
 
 
 def model_from_config(cfg: Config) -> ReSSL:
     """The ReSSL pair that a run's configuration describes (training, resuming and evaluating build the same one)."""
     return build_model(cfg.backbone, cfg.image_size, cfg.width, cfg.hidden_dim, cfg.out_dim, cfg.queue_size, cfg.head_bn,
-                       cfg.small_stem, cfg.stem_maxpool, cfg.student_bn_groups)
+                       cfg.small_stem, cfg.stem_maxpool, cfg.student_bn_groups, cfg.bn_groups)

@@ -154,12 +154,13 @@ def test_bn_groups_is_refused_where_shuffle_bn_already_runs_across_processes():
     config.validate(config.resolve("digits", {"bn_groups": 2, "teacher_bn": "local"}), world_size=2)
 
 
-def test_student_bn_groups_is_refused_beside_sync_batchnorm_across_processes():
-    cfg = config.resolve("digits", {"student_bn_groups": 2, "teacher_bn": "sync"})
+@pytest.mark.parametrize("name", ["bn_groups", "student_bn_groups"])
+def test_bn_groups_are_refused_beside_sync_batchnorm_across_processes(name):
+    cfg = config.resolve("digits", {name: 2, "teacher_bn": "sync"})
     config.validate(cfg, world_size=1)  # in one process sync BatchNorm is a plain one
-    with pytest.raises(ConfigError, match="--teacher_bn sync normalises over every process's"):
+    with pytest.raises(ConfigError, match=f"{name} 2 normalises groups of each process's batch apart; --teacher_bn sync"):
         config.validate(cfg, world_size=2)
-    config.validate(config.resolve("digits", {"student_bn_groups": 2}), world_size=2)  # shuffle-BN: groups per process
+    config.validate(config.resolve("digits", {name: 2, "teacher_bn": "local"}), world_size=2)  # groups per process
 
 
 def test_out_expands_the_home_directory(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
 from ressl.data import load_dataset
 from ressl.errors import DataError
+from ressl.model import SplitBatchNorm
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -417,12 +418,32 @@ def test_a_stop_is_agreed_within_seconds_of_steps_not_only_at_logging_steps(tmp_
 
 
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
-    teacher = Recorder()
+    """One forward pass of the teacher over its shuffled batch, whose split BatchNorm (4 groups of 2) normalises
+    each random pair apart: of two images, the brighter comes out at +1, the other at -1, in the input's order."""
+    recorder = Recorder()
+    teacher = nn.Sequential(_Saw(recorder), SplitBatchNorm(1, groups=4), nn.Flatten(), nn.Linear(4, 1, bias=False))
+    nn.init.constant_(teacher[-1].weight, 0.25)  # the mean of the 2 x 2 normalised pixels
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
-    out = dist.grouped_forward(teacher, weak, 4, torch.Generator().manual_seed(0))
-    assert len(teacher.seen) == 4 and all(len(s) == 2 for s in teacher.seen)
-    assert torch.cat(teacher.seen).tolist() != torch.arange(8.0).tolist()  # shuffled into groups
-    torch.testing.assert_close(out[:, 0], torch.arange(8.0))
+    out = dist.grouped_forward(teacher.train(), weak, 4, torch.Generator().manual_seed(0))[:, 0]
+    [seen] = recorder.seen  # one pass over all 8 images
+    order = seen.long()
+    assert order.tolist() != list(range(8))  # shuffled
+    partner = {int(order[j]): int(order[j + 4 if j < 4 else j - 4]) for j in range(8)}  # groups: positions j, j + 4
+    expected = torch.tensor([1.0 if i > partner[i] else -1.0 for i in range(8)])
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)
+    assert int(teacher[1].num_batches_tracked) == 1  # the running statistics move once, by the groups' mean
+
+
+class _Saw(nn.Module):
+    """Passes images on unchanged; tells ``recorder`` the order it saw them in (their mean values)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.recorder(x)
+        return x
 
 
 @pytest.mark.parametrize("in_srun", [False, True])

@@ -219,13 +219,15 @@ def test_split_batchnorm_in_eval_mode_uses_the_running_statistics():
         split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4, affine=False)), 2)
 
 
-def test_student_bn_groups_split_the_student_only_and_keep_the_state_dict():
+def test_bn_groups_split_each_network_apart_and_keep_the_state_dict():
     plain = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=True)
     split = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=True, student_bn_groups=4)
     norms = lambda net: [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(norms(split.student)) == len(norms(plain.student)) > 20  # the backbone's and the projector's
     assert all(isinstance(m, SplitBatchNorm) and m.groups == 4 for m in norms(split.student))
-    assert not any(isinstance(m, SplitBatchNorm) for m in norms(split.teacher))  # the teacher's groups: bn_groups
+    assert not any(isinstance(m, SplitBatchNorm) for m in norms(split.teacher))  # the teacher's groups are its own
+    both = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, student_bn_groups=4, teacher_bn_groups=2)
+    assert {m.groups for m in norms(both.student)} == {4} and {m.groups for m in norms(both.teacher)} == {2}
     assert split.state_dict().keys() == plain.state_dict().keys()
     split.load_state_dict(plain.state_dict())
     assert split.flatten_parameters()  # the EMA's flat buffers still pair student and teacher

@@ -193,16 +193,19 @@ def test_training_steps_lower_the_loss(tmp_path):
     assert last_epoch < second_epoch - 0.1, (second_epoch, last_epoch)
 
 
-def test_student_bn_groups_train_the_student_with_split_batchnorm(npz_dir, tmp_path):
-    """--student_bn_groups reaches the trained student (channels-last, as runs train by default): every one of its
-    BatchNorms normalises 4 groups apart through a step, the teacher's none."""
-    run = tiny_run(npz_dir, tmp_path, student_bn_groups=4, channels_last=True)
-    student_norms = [m for m in run.model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert student_norms and all(isinstance(m, SplitBatchNorm) and m.groups == 4 for m in student_norms)
-    assert not any(isinstance(m, SplitBatchNorm) for m in run.model.teacher.modules())
+@pytest.mark.parametrize("bn_groups", [1, 2])
+def test_bn_groups_train_each_network_with_its_split_batchnorm(npz_dir, tmp_path, bn_groups):
+    """--student_bn_groups and --bn_groups reach the trained networks (channels-last, as runs train by default):
+    every BatchNorm of the student normalises 4 groups apart through a step, the teacher's ``bn_groups`` (one
+    forward pass over its shuffled batch: the running statistics move once)."""
+    run = tiny_run(npz_dir, tmp_path, student_bn_groups=4, bn_groups=bn_groups, channels_last=True)
+    norms = lambda net: [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms(run.model.student) and all(isinstance(m, SplitBatchNorm) and m.groups == 4 for m in norms(run.model.student))
+    assert all(isinstance(m, SplitBatchNorm) == (bn_groups > 1) for m in norms(run.model.teacher))
     losses: list[float] = []
     train_step(run, *next(epoch_views(run, 0)), lambda loss, s, t: losses.append(loss.item()))
-    assert len(losses) == 1 and np.isfinite(losses[0]) and all(int(m.num_batches_tracked) == 1 for m in student_norms)
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    assert all(int(m.num_batches_tracked) == 1 for m in norms(run.model.student) + norms(run.model.teacher))
 
 
 def test_teacher_strong_switch_gives_teacher_colour_ops(npz_dir, tmp_path):
