@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,10 +200,7 @@ def listed(items: list[str]) -> str:
 
 def _unread_text(unread: list[str]) -> str:
     """``"1,200 .heic and 3 .dng: a.heic, b.heic ... and 1,201 more"``."""
-    counts: dict[str, int] = {}
-    for name in unread:
-        ext = os.path.splitext(name)[1].lower()
-        counts[ext] = counts.get(ext, 0) + 1
+    counts = Counter(os.path.splitext(name)[1].lower() for name in unread)
     kinds = [f"{n:,} {ext}" for ext, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
     return f"{' and '.join([', '.join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)}: {listed(sorted(unread))}"
 

@@ -22,8 +22,6 @@ def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     postfix otherwise redraws the bar at once, whatever the interval."""
     from tqdm import tqdm
 
-    if live():
-        return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
-    # maxinterval: tqdm's monitor thread would otherwise redraw every 10 s after the first state
-    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS,
-                delay=LOG_SECONDS, **kwargs)
+    # in a log: maxinterval too, or tqdm's monitor thread would redraw every 10 s after the first state
+    timing = {} if live() else dict(mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS, delay=LOG_SECONDS)
+    return tqdm(iterable, leave=False, dynamic_ncols=True, **timing, **kwargs)
