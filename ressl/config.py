@@ -89,7 +89,7 @@ class Config:
     #   (bf16 on a CPU also runs the loss's matmuls against the queue in bf16 math mode, float32 accumulation)
     channels_last: bool = True  # NHWC memory layout, faster convolutions with bf16 on CPU and GPU
     compile: bool = False  # torch.compile the student and teacher
-    cuda_graph: bool | None = None  # replay the network's part of each step as one CUDA graph; None: where it can run (CUDA, one process, bn_groups 1, no compile)
+    cuda_graph: bool | None = None  # replay the network's part of each step as one CUDA graph; None: where it can run (CUDA, one process, no compile)
     seed: int = 0  # initialisation, epoch order and augmentation draws (with the process's rank)
     out: str | None = None  # run directory; None: runs/<dataset>-<timestamp>
     log_every: int = 20  # steps between progress/metric updates (the only host syncs in the loop)

@@ -217,7 +217,7 @@ def shuffled_forward(teacher: nn.Module, weak: torch.Tensor, generator: torch.Ge
     """
     everything = all_gather_cat(weak)  # (W*B, ...)
     b = weak.shape[0]
-    perm = torch.randperm(everything.shape[0], generator=generator).to(weak.device, non_blocking=True)
+    perm = draw_shuffle(everything.shape[0], generator, weak.device)
     mine = perm[rank() * b : (rank() + 1) * b]
     shuffled = all_gather_cat(teacher(everything[mine]))  # row i embeds image perm[i]
     out = torch.empty_like(shuffled)
@@ -226,18 +226,24 @@ def shuffled_forward(teacher: nn.Module, weak: torch.Tensor, generator: torch.Ge
 
 
 @torch.no_grad()
-def grouped_forward(teacher: nn.Module, weak: torch.Tensor, groups: int, generator: torch.Generator) -> torch.Tensor:
-    """Emulated shuffle-BN on one device: with ``groups`` > 1 the teacher, whose BatchNorms normalise that many groups
-    of its batch apart (``ressl.model.SplitBatchNorm``), sees the batch shuffled, so that each group is a random
-    subset; one forward pass, as the MoCo CIFAR demo's. ``weak`` (B, ...) -> (B, D) in the input's order.
+def grouped_forward(teacher: nn.Module, weak: torch.Tensor, shuffle: torch.Tensor | None) -> torch.Tensor:
+    """Emulated shuffle-BN on one device: the teacher, whose BatchNorms normalise groups of its batch apart
+    (``ressl.model.SplitBatchNorm``), sees the batch in the order ``shuffle`` (B,) (a permutation on ``weak``'s device,
+    :func:`draw_shuffle`), so that each group is a random subset; one forward pass, as the MoCo CIFAR demo's.
+    ``weak`` (B, ...) -> (B, D) in the input's order; ``shuffle`` None: the teacher on ``weak`` as it is.
     """
-    if groups <= 1:
+    if shuffle is None:
         return teacher(weak)
-    perm = torch.randperm(weak.shape[0], generator=generator).to(weak.device, non_blocking=True)
-    shuffled = teacher(weak[perm])
+    shuffled = teacher(weak[shuffle])
     out = torch.empty_like(shuffled)
-    out[perm] = shuffled
+    out[shuffle] = shuffled
     return out
+
+
+def draw_shuffle(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random permutation of ``batch`` rows, drawn on the host from ``generator`` (its state is the checkpoint's)
+    and sent to ``device`` without waiting for it: (B,) int64."""
+    return torch.randperm(batch, generator=generator).to(device, non_blocking=True)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -322,4 +328,4 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["SyncBatchNorm", "all_gather_cat", "convert_sync_batchnorm", "grouped_forward", "init_from_env", "shuffled_forward"]
+__all__ = ["SyncBatchNorm", "all_gather_cat", "convert_sync_batchnorm", "draw_shuffle", "grouped_forward", "init_from_env", "shuffled_forward"]

@@ -131,13 +131,15 @@ def train_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, observe: Obse
     cfg, model = run.cfg, run.model
     lr = cosine_lr(run.state.step, run.total_steps, cfg.lr, round(cfg.warmup_epochs * run.steps_per_epoch))
     momentum = ema_momentum(run.state.step, run.total_steps, cfg.ema_momentum, cfg.ema_cosine)
+    shuffle = teacher_shuffle(run, weak.shape[0])  # (B,) the teacher's batch order with --bn_groups, else None
+    views = (weak, strong) if shuffle is None else (weak, strong, shuffle)
     # 1.-4. student, EMA, teacher, loss, backward, SGD step: one CUDA graph replay, or eager
     if run.graph is not None:
-        loss, student, teacher, everyone = run.graph(weak, strong, lr=lr, momentum=momentum)
+        loss, student, teacher, everyone = run.graph(*views, lr=lr, momentum=momentum)
     else:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss, student, teacher, everyone = network_step(run, weak, strong, momentum)
+        loss, student, teacher, everyone = network_step(run, *views, momentum=momentum)
     if observe is not None:
         observe(loss, student, teacher)
     # 5. the teacher's batch (from every process) enters the queue
@@ -145,9 +147,10 @@ def train_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, observe: Obse
     return lr, momentum
 
 
-def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: float | torch.Tensor,
-                 autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 1-4 of a ReSSL step on the finished (B, 3, S, S) views, at the learning rate the optimiser holds.
+def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, shuffle: torch.Tensor | None = None, *,
+                 momentum: float | torch.Tensor, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of a ReSSL step on the finished (B, 3, S, S) views, at the learning rate the optimiser holds;
+    ``shuffle`` (B,): the order the teacher sees its batch in with ``bn_groups`` > 1 (:func:`teacher_shuffle`).
 
     Returns the loss, the student's (B, D) and teacher's (B, D) embeddings and the teacher's embeddings of every
     process (world * B, D), all computed against the queue as it was before this step. ``momentum`` and the
@@ -161,7 +164,7 @@ def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: f
     # 2. EMA update of the teacher, then the teacher on the weak view (no gradient)
     model.update_teacher(momentum)
     with torch.no_grad(), autocast:
-        teacher, everyone = embed_weak(run, weak)  # (B, D) ours, (world * B, D) all processes
+        teacher, everyone = embed_weak(run, weak, shuffle)  # (B, D) ours, (world * B, D) all processes
     # 3. relational loss against the queue as it was before this batch (with bf16 autocast, its matmuls in bf16 on a CPU)
     loss = relational_loss(student, teacher, model.queue.queue, cfg.student_temperature, cfg.teacher_temperature,
                            bf16_matmul=run.amp_dtype == torch.bfloat16)
@@ -175,7 +178,7 @@ def network_step(run: Run, weak: torch.Tensor, strong: torch.Tensor, momentum: f
 def use_cuda_graph(cfg: Config, device: torch.device) -> bool:
     """``--cuda_graph``: None means wherever it can run; true where it cannot is a configuration error."""
     blockers = {"it needs a CUDA device": device.type != "cuda", "it runs in one process only": dist.is_distributed(),
-                "it needs --bn_groups 1": cfg.bn_groups != 1, "it does not combine with --compile": cfg.compile}
+                "it does not combine with --compile": cfg.compile}
     why_not = next((why for why, blocked in blockers.items() if blocked), None)
     if cfg.cuda_graph and why_not:
         raise config.ConfigError(f"--cuda_graph true: {why_not}")
@@ -188,7 +191,7 @@ def capture_network_step(run: Run) -> CapturedStep:
     lr, momentum = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    return CapturedStep(lambda weak, strong: network_step(run, weak, strong, momentum, autocast_cache=False),
+    return CapturedStep(lambda *views: network_step(run, *views, momentum=momentum, autocast_cache=False),
                         dict(lr=lr, momentum=momentum))
 
 
@@ -226,18 +229,25 @@ def train_one_epoch(run: Run, deadline: float | None = None) -> float | None:
     return state.loss
 
 
-def embed_weak(run: Run, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_shuffle(run: Run, batch: int) -> torch.Tensor | None:
+    """With ``bn_groups`` > 1 on one device, the order (B,) in which the teacher sees this step's batch, drawn on the
+    host before the step (a CUDA graph of the step takes it as an input); None otherwise."""
+    if run.cfg.bn_groups <= 1:
+        return None
+    return dist.draw_shuffle(batch, run.shuffle_generator, run.device)
+
+
+def embed_weak(run: Run, weak: torch.Tensor, shuffle: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's embeddings of the weak view: (B, D) for this process and (world * B, D) for the queue.
 
     Distributed with ``teacher_bn=shuffle``, the teacher sees a batch shuffled across processes
-    (shuffle-BN); on one device, ``bn_groups`` > 1 normalises shuffled groups apart instead.
+    (shuffle-BN); on one device, ``bn_groups`` > 1 normalises groups of it apart in the order ``shuffle`` instead.
     """
-    cfg = run.cfg
-    if dist.is_distributed() and cfg.teacher_bn == "shuffle":
+    if dist.is_distributed() and run.cfg.teacher_bn == "shuffle":
         everyone = dist.shuffled_forward(run.teacher_forward, weak, run.shuffle_generator)
         b = weak.shape[0]
         return everyone[dist.rank() * b : (dist.rank() + 1) * b], everyone
-    teacher = dist.grouped_forward(run.teacher_forward, weak, cfg.bn_groups, run.shuffle_generator)
+    teacher = dist.grouped_forward(run.teacher_forward, weak, shuffle)
     return teacher, dist.all_gather_cat(teacher)
 
 

@@ -424,7 +424,7 @@ def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     teacher = nn.Sequential(_Saw(recorder), SplitBatchNorm(1, groups=4), nn.Flatten(), nn.Linear(4, 1, bias=False))
     nn.init.constant_(teacher[-1].weight, 0.25)  # the mean of the 2 x 2 normalised pixels
     weak = torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2).contiguous()
-    out = dist.grouped_forward(teacher.train(), weak, 4, torch.Generator().manual_seed(0))[:, 0]
+    out = dist.grouped_forward(teacher.train(), weak, dist.draw_shuffle(8, torch.Generator().manual_seed(0), weak.device))[:, 0]
     [seen] = recorder.seen  # one pass over all 8 images
     order = seen.long()
     assert order.tolist() != list(range(8))  # shuffled

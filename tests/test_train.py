@@ -12,7 +12,16 @@ from ressl import config
 from ressl.errors import DataError
 from ressl.loss import relational_loss
 from ressl.model import SplitBatchNorm
-from ressl.train import _outlast_data_errors, capture_network_step, epoch_order, epoch_views, setup, train_one_epoch, train_step
+from ressl.train import (
+    _outlast_data_errors,
+    capture_network_step,
+    epoch_order,
+    epoch_views,
+    setup,
+    train_one_epoch,
+    train_step,
+    use_cuda_graph,
+)
 from ressl.views import ViewAugment
 
 
@@ -67,10 +76,12 @@ def test_one_step_follows_the_official_order(npz_dir, tmp_path, graph_body):
     assert run.state.step == 1
 
 
-def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path):
+@pytest.mark.parametrize("bn_groups", [1, 4])
+def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path, bn_groups):
     """Over steps whose learning rate and EMA momentum change (cosine schedules), the graph's body, reading
-    them from tensors, trains exactly as the eager step."""
-    runs = [tiny_run(npz_dir, tmp_path / name, epochs=2, ema_cosine=True) for name in ("eager", "graph")]
+    them from tensors, trains exactly as the eager step; with --bn_groups, the teacher's shuffle drawn for each
+    step reaches the body as one of its inputs."""
+    runs = [tiny_run(npz_dir, tmp_path / name, epochs=2, ema_cosine=True, bn_groups=bn_groups) for name in ("eager", "graph")]
     runs[1].graph = capture_network_step(runs[1])  # on a CPU: its body, run eagerly
     for run in runs:
         train_one_epoch(run)
@@ -134,6 +145,14 @@ def test_cuda_graph_on_a_cpu_is_a_configuration_error(npz_dir, tmp_path):
         tiny_run(npz_dir, tmp_path, cuda_graph=True, device="cpu")
 
 
+def test_cuda_graph_runs_with_bn_groups_but_not_with_compile():
+    cuda = torch.device("cuda")
+    assert use_cuda_graph(config.resolve(None, dict(bn_groups=8, student_bn_groups=8)), cuda)
+    assert not use_cuda_graph(config.resolve(None, dict(compile=True)), cuda)
+    with pytest.raises(config.ConfigError, match="does not combine with --compile"):
+        use_cuda_graph(config.resolve(None, dict(compile=True, cuda_graph=True)), cuda)
+
+
 @pytest.fixture
 def deterministic_cuda():
     """Deterministic cuDNN kernels and full float32 (no TF32): two runs of the same steps then agree to rounding,
@@ -148,17 +167,18 @@ def deterministic_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("student_bn_groups", [1, 4])
-def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda, student_bn_groups):
+@pytest.mark.parametrize("student_bn_groups,bn_groups", [(1, 1), (4, 1), (4, 4)])
+def test_cuda_graph_trains_as_the_eager_step(npz_dir, tmp_path, deterministic_cuda, student_bn_groups, bn_groups):
     """On CUDA the step's graph (a warm-up call, the capture, replays) trains as the eager step, with the student's
-    split BatchNorm too (whose running statistics the graph updates through copies).
+    split BatchNorm too (whose running statistics the graph updates through copies), and with the teacher's over
+    its batch shuffled anew each step (the shuffle an input of the graph).
 
     Step 1 is eager in both runs. Step 2, the first replay, starts from the same state, so it may differ by one
     step's rounding only (the capture may pick other cuDNN kernels). Over all eight steps, whose learning rate and EMA
     momentum change, differences grow through training, so there the bound is looser. It still catches a number the
     graph would have frozen at its capture (checked on a CPU: 2e-3 to 3e-2)."""
     runs = [tiny_run(npz_dir, tmp_path / str(g), device="cuda", epochs=2, ema_cosine=True, cuda_graph=g,
-                     student_bn_groups=student_bn_groups) for g in (False, True)]
+                     student_bn_groups=student_bn_groups, bn_groups=bn_groups) for g in (False, True)]
     runs[1].graph.warmup = 1
     orders = [list(epoch_views(r, 0)) for r in runs]  # the same 4 steps' views in both
     losses: list[list[float]] = [[], []]
