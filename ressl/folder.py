@@ -30,19 +30,31 @@ from typing import Any, overload
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, features
 
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
 from ressl.progress import bar as progress_bar
 
+
+def _pillow_reads(feature: str) -> bool:
+    """Whether the installed Pillow was built with ``feature`` (a codec whose library its wheels may lack)."""
+    try:
+        return bool(features.check(feature))
+    except ValueError:  # a Pillow too old to know the feature
+        return False
+
+
+# AVIF and JPEG 2000 where the installed Pillow decodes them (its wheels carry AVIF since 11.3), else counted as unread
+_OPTIONAL = {".avif": _pillow_reads("avif"), ".jp2": _pillow_reads("jpg_2000"), ".j2k": _pillow_reads("jpg_2000")}
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                                     ".ppm", ".pgm")
-# Images in formats we do not read (phones' HEIC, cameras' raw files, vector graphics, ...): passed over like any
-# other file, but counted and named in one DataWarning, so that a folder of them is not silently left out.
-UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".cr3",
-                                            ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw", ".svg", ".psd", ".tga",
-                                            ".ico", ".exr", ".hdr")
+                                     ".ppm", ".pgm", ".tga", *(e for e, read in _OPTIONAL.items() if read))
+# Images in formats we do not read (phones' HEIC, cameras' raw files, vector graphics, layered documents, icons, ...):
+# passed over like any other file, but counted and named in one DataWarning, so that a folder of them is not silently
+# left out.
+UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                            ".rw2", ".raf", ".raw", ".svg", ".psd", ".ico", ".exr", ".hdr",
+                                            *(e for e, read in _OPTIONAL.items() if not read))
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
 _TRUNCATED_LOCK = threading.Lock()
 

@@ -174,6 +174,26 @@ def test_jpeg_under_other_names_is_read(tmp_path: Path) -> None:
     assert _colour(load_rgb(idx.files[1]), 0, 0)[2] > 200
 
 
+@pytest.mark.parametrize("ext,feature", [(".tga", None), (".avif", "avif"), (".jp2", "jpg_2000"), (".J2K", "jpg_2000")])
+def test_formats_the_installed_pillow_decodes_are_read_and_otherwise_counted_as_unread(tmp_path: Path, ext, feature) -> None:
+    """TGA always; AVIF and JPEG 2000 where Pillow has their codecs, else they are named in the unread-format warning."""
+    from PIL import features
+
+    _solid(tmp_path / "a.png")
+    if feature is not None and not features.check(feature):
+        (tmp_path / f"b{ext}").write_bytes(b"not decoded")
+        with pytest.warns(DataWarning, match=f"1 {ext.lower()}: b{ext}"):
+            assert [p.name for p in scan_folder(tmp_path).files] == ["a.png"]
+        return
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / f"b{ext}", format={".tga": "TGA", ".avif": "AVIF"}.get(ext, "JPEG2000"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = scan_folder(tmp_path)
+    assert [p.name for p in idx.files] == ["a.png", f"b{ext}"]
+    red, green, blue = _colour(load_rgb(idx.files[1]), 8, 8)
+    assert blue > 200 and red < 40 and green < 40  # lossy codecs: near the colour written
+
+
 def test_images_in_formats_not_read_are_counted_in_one_warning(tmp_path: Path) -> None:
     _solid(tmp_path / "cat" / "1.png")
     _solid(tmp_path / "dog" / "2.png")
