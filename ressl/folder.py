@@ -451,9 +451,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     (``i+1, i+2, ...`` wrapping around), together with that sample's label. The
     first failure raises one :class:`DataWarning`; later ones are only recorded.
     :class:`DataError` is raised once more than ``max_bad_fraction`` of the files
-    failed. With DataLoader workers, each worker process keeps its own record, and
-    training's workers start afresh each epoch: with W workers up to about W times
-    the fraction may be replaced before one stops the run, each warning once per epoch.
+    failed. The record is in shared memory: the DataLoader workers of one dataset count
+    their failures together and pass over the files another found broken. (Training
+    makes a dataset per epoch, and each process under torchrun its own.)
     With ``replace=False`` (evaluations, whose rows stand for their files) the first
     failure raises a :class:`DataError` naming the file instead.
     """
@@ -466,8 +466,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
         self.replace = replace
-        self._failed: set[int] = set()
-        self._warned = False
+        # (N,) 1 where a file failed to decode; shared with the loader workers forked or spawned from here
+        self._failed = torch.zeros(len(index.files), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return len(self.index.files)
@@ -475,19 +475,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def failed_files(self) -> list[Path]:
         """Files that could not be decoded so far, in index order."""
-        return [self.index.files[i] for i in sorted(self._failed)]
+        return [self.index.files[i] for i in self._failed.nonzero().flatten().tolist()]
 
     def _record_failure(self, i: int) -> None:
-        self._failed.add(i)
-        n = len(self)
-        if len(self._failed) / n > self.max_bad_fraction or len(self._failed) == n:
+        first = not bool(self._failed.any())
+        self._failed[i] = 1
+        n, failed = len(self), int(self._failed.sum())
+        if failed / n > self.max_bad_fraction or failed == n:
             bad = [(p, "unreadable") for p in self.failed_files]
             raise DataError(
-                f"{len(self._failed)} of {n} images failed to load ({_summarise(bad)}); "
+                f"{failed} of {n} images failed to load ({_summarise(bad)}); "
                 f"fix or delete them, or raise max_bad_fraction (now {self.max_bad_fraction}) to skip them"
             )
-        if not self._warned:
-            self._warned = True
+        if first:
             warnings.warn(
                 f"could not decode {self.index.files[i]}; it is replaced by another sample "
                 f"(later failures are only recorded in ImageFolderDataset.failed_files)",
@@ -502,7 +502,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         i %= n
         for step in range(n):
             j = (i + step) % n
-            if j in self._failed:
+            if self._failed[j]:
                 continue
             image = load_rgb(self.index.files[j])
             if image is None and not self.replace:

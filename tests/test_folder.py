@@ -424,6 +424,21 @@ def test_dataset_replaces_file_broken_after_scan(tmp_path: Path, damage: str) ->
     assert ds.failed_files == [broken, idx.files[3]]
 
 
+def test_loader_workers_count_their_broken_files_together(tmp_path: Path) -> None:
+    """Two workers meet two broken files each: 4 of 20 is over the 15% allowed, though each worker's 2 are not."""
+    for i in range(20):
+        _solid(tmp_path / f"{i:02d}.png")
+    idx = scan_folder(tmp_path)
+    for i in (0, 2, 9, 11):  # worker 0 loads the even indices, worker 1 the odd: each replaces its own with the next
+        idx.files[i].write_bytes(b"broken after the scan")
+    ds = ImageFolderDataset(idx, max_bad_fraction=0.15)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+    with pytest.raises(DataError, match="4 of 20 images failed to load"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(loader)
+    assert [p.name for p in ds.failed_files] == ["00.png", "02.png", "09.png", "11.png"]  # seen here too
+
+
 def test_evaluation_datasets_stop_at_a_broken_file_instead_of_replacing_it(tmp_path: Path) -> None:
     """An evaluation's rows stand for their files (embed's files.txt): no other image may take a broken one's row."""
     idx = _coloured_classes(tmp_path)
