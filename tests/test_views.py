@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
-from scipy.stats import ks_2samp
+from scipy.stats import ks_2samp, spearmanr
 
 from ressl.augment import strong_augment, weak_augment
 from ressl.views import ViewAugment, draw_seed
@@ -72,6 +73,19 @@ def test_many_steps_in_one_draw_are_distributed_as_one_step_draws() -> None:
     orders = many["order"]  # jitter_order "batch": one permutation per step, its own for each step
     assert torch.equal(orders, orders[:, :1].expand_as(orders))
     assert len({tuple(o.tolist()) for o in orders[:, 0]}) > 10
+
+
+def test_each_draw_is_new_and_a_steps_two_views_are_drawn_apart() -> None:
+    """The second draw's parameters are not the first's again; a step's weak and strong crops are independent (the
+    Spearman correlation of their areas over 400 one-step draws, per image, within 5 / sqrt(400))."""
+    v = views(images_per_draw=12)  # 3 steps of 4 images per draw
+    first, second = v.params(0, 4, 20, 24), v.params(3, 4, 20, 24)
+    assert not same(first[0], second[0]) and not same(first[1], second[1])
+    v = views(images_per_draw=4)  # a draw per step
+    area = lambda p: (p["crop"][:, 2] * p["crop"][:, 3]).double()
+    weak, strong = (torch.stack(a) for a in zip(*(tuple(map(area, v.params(step, 4, 20, 24))) for step in range(400))))
+    for i in range(4):  # (400 steps, 4 images) each
+        assert abs(spearmanr(weak[:, i], strong[:, i]).statistic) < 5 / math.sqrt(400), i
 
 
 def grouped(steps_per_call: int = 4, images_per_draw: int = 48) -> ViewAugment:
