@@ -1,7 +1,7 @@
 #!/bin/bash
 # One short GPU check (its parts before the one-step-per-call variant, plus a profile, took 152 s on an H200): the CUDA tests, the four
-# benchmarks, and end to end with the eager step, with one step's views per augmentation call, and with the official per-image
-# pipeline beside them. Runs with whatever python3 holds PyTorch
+# benchmarks, and end to end with the eager step, with one step's views per augmentation call, with the authors' split BatchNorm
+# (8 groups in both networks), and with the official per-image pipeline beside them. Runs with whatever python3 holds PyTorch
 # (no virtual environment needed), from the repository's root:
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]     # DATA_DIR holds train.npz; default: 50,000 random 32x32 images
@@ -35,7 +35,7 @@ stamp "benchmarks (cifar10 preset)"
 timeout 240 python3 -m benchmarks --device cuda --data "$DATA" > "$LOGS/bench.log" 2>&1
 grep -a -v -e '%|' -e '^\[' "$LOGS/bench.log" | tail -11
 
-for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set augment_steps=1" "torchvision:--set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))"; do
+for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set augment_steps=1" "split_bn_8:--set bn_groups=8 --set student_bn_groups=8" "torchvision:--set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))"; do
     name=${variant%%:*}
     stamp "end to end, $name"
     # shellcheck disable=SC2086
