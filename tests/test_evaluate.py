@@ -171,3 +171,41 @@ def test_knn_of_a_checkpoint_reports_the_k_it_used(npz_dir, tmp_path):
     # the vote temperature (--temperature) reaches the vote: nearly the nearest alone at 0.01, nearly a count at 100
     sharp, flat = (evaluate_checkpoint(str(path), "knn", k=128, device="cpu", workers=0, temperature=t) for t in (0.01, 100.0))
     assert (sharp["temperature"], flat["temperature"]) == (0.01, 100.0) and sharp["top1"] != flat["top1"]
+
+
+def _features_on_many_scales() -> tuple[torch.Tensor, torch.Tensor]:
+    """600 two-class points whose 10 features lie on scales from 0.01 to 100, all offset by 50."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(600, 10, generator=g)
+    y = (z[:, 0] + 0.5 * z[:, 1] > 0).long()
+    return z * torch.logspace(-2, 2, 10)[torch.randperm(10, generator=g)] + 50.0, y
+
+
+def test_linear_probe_standardises_every_split_with_the_training_statistics():
+    """Unstandardised, SGD cannot fit features this far apart in scale; standardised with the test split's own
+    statistics, a test split of one class (its mean off the training mean) would be shifted onto the other."""
+    x, y = _features_on_many_scales()
+    train_x, train_y, test_x, test_y = x[:400], y[:400], x[400:], y[400:]
+    assert linear_probe(train_x, train_y, test_x, test_y, 2, epochs=20, batch_size=64)["top1"] > 90
+    ones = test_y == 1
+    assert linear_probe(train_x, train_y, test_x[ones], test_y[ones], 2, epochs=20, batch_size=64)["top1"] > 90
+
+
+def test_linear_probe_hands_its_weight_decay_and_momentum_to_sgd(monkeypatch):
+    """(Observed: decay shrinks the weights but hardly moves a linear probe's argmax, so accuracy cannot show it.)"""
+    made, real = [], torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda *args, **kwargs: made.append(kwargs) or real(*args, **kwargs))
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    linear_probe(x, y, x, y, 2, epochs=1, batch_size=8, weight_decay=0.3)
+    assert [(kw["weight_decay"], kw["momentum"]) for kw in made] == [(0.3, 0.9)]
+
+
+def test_linear_probe_shuffles_its_training_set_anew_each_epoch(monkeypatch):
+    """On images sorted by class every batch of 64 holds both classes, in another order the second epoch (the loss's
+    targets observed; the real loss still computed)."""
+    targets, real = [], F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, t: targets.append(t.clone()) or real(logits, t))
+    x, y = torch.randn(256, 3), torch.arange(256) // 128
+    linear_probe(x, y, x, y, 2, epochs=2, batch_size=64)
+    assert len(targets) == 8 and all(0 < int(t.sum()) < len(t) for t in targets)
+    assert not torch.equal(torch.cat(targets[:4]), torch.cat(targets[4:]))

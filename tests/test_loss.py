@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ressl.loss
 from ressl import relational_loss
 
 
@@ -131,3 +132,14 @@ def test_bf16_matmul_restores_the_setting_after_an_error():
     with pytest.raises(RuntimeError):
         relational_loss(unit(4, 8), unit(4, 8), unit(16, 6), bf16_matmul=True)  # D mismatch: the matmul fails
     assert matmul_precision() == before
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_bf16_matmul_request_reaches_the_forward_and_the_backward_matmul(monkeypatch, asked):
+    """``bf16_matmul`` sets the CPU matmul precision of both passes (observed, the real setting still applied)."""
+    seen, real = [], ressl.loss._cpu_matmul_precision
+    monkeypatch.setattr(ressl.loss, "_cpu_matmul_precision", lambda bf16: seen.append(bf16) or real(bf16))
+    student = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    teacher, queue = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(16, 8), dim=1)
+    relational_loss(student, teacher, queue, bf16_matmul=asked).backward()
+    assert seen == [asked, asked]

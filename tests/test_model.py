@@ -232,3 +232,36 @@ def test_bn_groups_split_each_network_apart_and_keep_the_state_dict():
     split.load_state_dict(plain.state_dict())
     assert split.flatten_parameters()  # the EMA's flat buffers still pair student and teacher
     assert split_batchnorm(plain.student, 1) is plain.student and not any(isinstance(m, SplitBatchNorm) for m in norms(plain.student))
+
+
+@pytest.mark.parametrize("head_bn", [False, True])
+def test_projector_is_linear_relu_linear_with_batchnorm_before_the_relu_when_asked(head_bn):
+    model = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=head_bn)
+    kinds = [type(m) for m in model.student.projector]
+    assert kinds == ([torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear] if head_bn
+                     else [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear])
+
+
+def test_split_batchnorm_keeps_the_momentum_of_the_batchnorm_it_replaces():
+    """Built from BatchNorm2d(momentum 0.3), 3 groups: the running mean moves 0.3 of the way to the groups' mean."""
+    split = split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(5, momentum=0.3)), 3)[0]
+    x = torch.randn(12, 5, 3, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    split(x)
+    means = torch.stack([x[j::3].mean(dim=(0, 2, 3)) for j in range(3)])  # the strided groups
+    torch.testing.assert_close(split.running_mean, 0.3 * means.mean(dim=0))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_ema_leaves_the_teachers_batchnorm_statistics_to_the_teacher(flat):
+    """The EMA averages parameters only, as MoCo's momentum update does: the teacher's running statistics are its
+    own, moved by its own forward passes."""
+    model = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32, head_bn=True)
+    if flat:
+        assert model.flatten_parameters()
+    with torch.no_grad():
+        for b in model.student.buffers():
+            b.add_(1)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items() if "running" in k or "num_batches" in k}
+    model.update_teacher(0.5)
+    after = model.teacher.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())

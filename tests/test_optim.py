@@ -148,3 +148,19 @@ def test_flat_sgd_step_with_a_closure_returns_its_loss_and_steps_as_sgd():
         got = ours.step(closure_for(flat, ours))
         torch.testing.assert_close(got, expected)
     assert_same(tensors, flat)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_sgd_momentum_comes_from_the_config(flat):
+    """--sgd_momentum 0.5: after gradients of ones twice, each weight moved lr * 1, then lr * (0.5 * 1 + 1)."""
+    model = build_model("resnet18", 16, width=8, hidden_dim=16, out_dim=8, queue_size=32)
+    if flat:
+        assert model.flatten_parameters()
+    optimizer = build_optimizer(model, Config(lr=0.1, sgd_momentum=0.5, weight_decay=0.0))
+    before = [p.detach().clone() for p in model.student.parameters()]
+    for _ in range(2):
+        for p in model.student.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    for b, p in zip(before, model.student.parameters()):
+        torch.testing.assert_close(p.detach(), b - 0.1 * (1 + 1.5))

@@ -13,14 +13,14 @@ def test_starts_with_unit_vectors():
 
 def test_first_in_first_out_with_wrap_around():
     q = EmbeddingQueue(6, 2)
-    batches = [torch.full((2, 2), float(i)) for i in range(1, 6)]
+    batches = [torch.tensor([[i, 0.1], [i + 0.5, 0.1]]) for i in range(1, 6)]  # rows apart within a batch too
     for b in batches[:3]:
         q.push(b)
-    assert q.queue[:, 0].tolist() == [1, 1, 2, 2, 3, 3] and int(q.pointer) == 0
-    q.push(batches[3])  # wraps: the oldest rows (batch 1) are overwritten first
-    assert q.queue[:, 0].tolist() == [4, 4, 2, 2, 3, 3] and int(q.pointer) == 2
+    assert q.queue[:, 0].tolist() == [1, 1.5, 2, 2.5, 3, 3.5] and int(q.pointer) == 0
+    q.push(batches[3])  # wraps: the oldest rows (batch 1) are overwritten first, in the batch's order
+    assert q.queue[:, 0].tolist() == [4, 4.5, 2, 2.5, 3, 3.5] and int(q.pointer) == 2
     q.push(batches[4])
-    assert q.queue[:, 0].tolist() == [4, 4, 5, 5, 3, 3] and int(q.pointer) == 4
+    assert q.queue[:, 0].tolist() == [4, 4.5, 5, 5.5, 3, 3.5] and int(q.pointer) == 4
 
 
 def test_refuses_batch_that_does_not_divide_k():

@@ -1,6 +1,7 @@
 import copy
 import itertools
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -86,14 +87,14 @@ def test_graph_body_follows_the_schedules_as_the_eager_step(npz_dir, tmp_path, b
     for run in runs:
         train_one_epoch(run)
     assert runs[0].state.step == 4
-    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # the momentum buffers sum raw gradients (conv1's reach ~2.5): the float32 noise of a convolution's backward
-    # differs between CPUs (AMD EPYC: 7e-5 of a buffer's largest value), a slip of the schedules would be percents
+    # Measured apart by rounding alone: the learning rate is a Python float in one, a float32 tensor in the other
+    # (1e-7 apart), and four steps of a tiny network amplify that to 5e-3 of a tensor's largest value with one
+    # thread (1e-6 to 2e-4 with two). A frozen learning rate or momentum, or a lost shuffle: 0.1 to 20.
     eager, graph = (run.optimizer.state_dict()["state"] for run in runs)
-    for i in eager:
-        a, b = eager[i]["momentum_buffer"], graph[i]["momentum_buffer"]
-        assert (a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-6, i
+    pairs = [*zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()),
+             *((eager[i]["momentum_buffer"], graph[i]["momentum_buffer"]) for i in eager)]
+    for a, b in pairs:
+        assert (a.double() - b.double()).abs().max() <= 3e-2 * a.double().abs().max() + 1e-6
 
 
 @pytest.mark.parametrize("scale,flip", [(0.5, True), (0.9, False)])
@@ -107,14 +108,14 @@ def test_both_views_follow_the_runs_crop_scale_and_flip(npz_dir, tmp_path, scale
 
 
 def test_training_follows_the_cosine_ema_schedule_and_logs_it(npz_dir, tmp_path):
-    from ressl.schedule import ema_momentum
-
+    """BYOL's increase written out: 1 - (1 - 0.9) (cos(pi s / 8) + 1) / 2 at step s of 8."""
     run = tiny_run(npz_dir, tmp_path, epochs=2, ema_cosine=True, ema_momentum=0.9)
     for _ in range(2):
         train_one_epoch(run)
     logged = [r["ema_momentum"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
               if "ema_momentum" in r]
-    assert len(logged) == 8 and logged == pytest.approx([ema_momentum(s, run.total_steps, 0.9, True) for s in range(8)])
+    assert run.total_steps == 8
+    assert logged == pytest.approx([1 - 0.1 * (math.cos(math.pi * s / 8) + 1) / 2 for s in range(8)])
 
 
 def test_the_logged_relation_entropies_use_each_networks_temperature(npz_dir, tmp_path):
