@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 from PIL import Image
 
 from ressl.batches import eval_batches, pretrain_batches
@@ -483,3 +484,82 @@ def test_tiny_imagenet_layout_with_a_missing_val_image(tmp_path):
         ds = load_dataset("tinyimagenet", str(tmp_path))
     assert ds.bank.folder.classes == ["n01", "n02"] and len(ds.test) == 119
     assert ds.test.folder.labels[:3] == [0, 1, 0] and "val_7.JPEG" not in [p.name for p in ds.test.folder.files]
+
+
+# --- which images each step trains on (mutation audit, fourteenth session) ---------------------------------------
+
+
+def _tagged_npz(npz_dir):
+    """The npz set with each training image's index written into its first pixel (128 images: fits a uint8)."""
+    ds = load_dataset("npz", str(npz_dir))
+    ds.train.images[:, 0, 0, 0] = torch.arange(len(ds.train), dtype=torch.uint8)
+    return ds
+
+
+def _tags(batches) -> list[list[int]]:
+    return [weak[:, 0, 0, 0].tolist() for weak, _ in batches]
+
+
+def test_pretrain_batches_follow_the_epochs_order_step_by_step_from_start(npz_dir):
+    ds, order = _tagged_npz(npz_dir), torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    for start in (0, 1, 3):
+        got = _tags(pretrain_batches(ds, 32, 16, 0.2, 0, order, start, torch.device("cpu")))
+        assert got == [order[s * 32 : (s + 1) * 32].tolist() for s in range(start, 4)], start
+
+
+@pytest.mark.parametrize("loader", [False, True], ids=["in-memory", "loader"])
+def test_two_processes_take_disjoint_halves_of_each_global_batch(npz_dir, monkeypatch, loader):
+    """Under torchrun (its rank and world size stood in for), each process's share of a step is its own half of the
+    global batch, on the in-memory path and through loader workers' views alike (resumed at batch 1 here)."""
+    from ressl import dist
+    from ressl.batches import TwoViews
+
+    ds, order = _tagged_npz(npz_dir), torch.randperm(128, generator=torch.Generator().manual_seed(1))
+    views = TwoViews(lambda x: x, lambda x: x) if loader else None
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        shares.append(_tags(pretrain_batches(ds, 32, 16, 0.2, 0, order, 1, torch.device("cpu"), views=views)))
+    assert len(shares[0]) == len(shares[1]) == 3
+    for step, (mine, theirs) in enumerate(zip(*shares), start=1):
+        assert len(mine) == len(theirs) == 16
+        assert sorted(mine + theirs) == sorted(order[step * 32 : (step + 1) * 32].tolist())
+
+
+def test_an_epochs_last_partial_batch_is_dropped(tmp_path):
+    x, y = make_images(100, 16, 4)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    ds = load_dataset("npz", str(tmp_path))
+    assert [w.shape[0] for w, _ in pretrain_batches(ds, 32, 16, 0.2, 0, torch.randperm(100), 0, torch.device("cpu"))] == [32] * 3
+
+
+def test_epoch_seeds_differ_for_every_seed_and_epoch():
+    from ressl.batches import epoch_seed
+
+    assert len({epoch_seed(s, e) for s in range(20) for e in range(200)}) == 20 * 200
+
+
+def test_digits_splits_keep_their_labels_and_their_statistics_are_the_training_images():
+    """Every image keeps scikit-learn's label for it; the test split is held out; mean and std are the training
+    images' (a few digits are drawn identically in scikit-learn's set: their rows may repeat)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    truth: dict[tuple[int, ...], set[int]] = {}
+    for image, label in zip(digits.images, digits.target):
+        truth.setdefault(tuple((image * (255.0 / 16.0)).round().astype(np.uint8).flatten().tolist()), set()).add(int(label))
+    ds = load_dataset("digits", None)
+    for split in (ds.train, ds.test):
+        assert all(int(y) in truth[tuple(x.flatten().tolist())] for x, y in zip(split.images, split.labels))
+    rows = lambda split: {(*x.flatten().tolist(), int(y)) for x, y in zip(split.images, split.labels)}
+    assert (len(ds.train), len(ds.test)) == (1347, 450) and len(rows(ds.train) & rows(ds.test)) < 10
+    x = ds.train.images.float() / 255
+    assert np.allclose(ds.mean, [x.mean().item()] * 3, atol=1e-5) and np.allclose(ds.std, [x.std().item()] * 3, atol=1e-4)
+
+
+def test_npz_statistics_are_the_training_images_per_channel(npz_dir):
+    ds = load_dataset("npz", str(npz_dir))
+    x = ds.train.images.float() / 255
+    assert np.allclose(ds.mean, x.mean(dim=(0, 2, 3)).tolist(), atol=1e-5)
+    assert np.allclose(ds.std, x.std(dim=(0, 2, 3)).tolist(), atol=1e-4)

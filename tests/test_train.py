@@ -405,3 +405,83 @@ def test_a_process_whose_images_fail_keeps_stepping_on_its_last_views_and_asks_t
     assert all(weak.shape == strong.shape == (4, 3, 8, 8) for weak, strong in seen)
     if good == 0:
         assert all(not weak.any() and not strong.any() for weak, strong in seen)
+
+
+# --- the loop's bookkeeping (mutation audit, fourteenth session) ------------------------------------------------
+
+
+def test_the_epoch_order_is_the_epochs_own_and_new_each_epoch(npz_dir, tmp_path):
+    run = tiny_run(npz_dir, tmp_path)
+    first = epoch_order(run)
+    run.state.step, run.state.index = 2, 2  # later in the same epoch (a resume)
+    assert torch.equal(epoch_order(run), first)
+    run.state.epoch, run.state.step, run.state.index = 1, 4, 0
+    assert not torch.equal(epoch_order(run), first)
+
+
+def test_loader_views_are_drawn_anew_each_epoch(npz_dir, tmp_path, monkeypatch):
+    """With the per-image pipeline, the same images get the same views again in the same epoch, new ones the next."""
+    import ressl.train
+
+    run = tiny_run(npz_dir, tmp_path, augment_backend="torchvision", workers=0)
+    order = torch.randperm(128)
+    monkeypatch.setattr(ressl.train, "epoch_order", lambda run: order)  # the same images in each epoch
+    first = next(iter(epoch_views(run, 0)))[0]
+    assert torch.equal(next(iter(epoch_views(run, 0)))[0], first)
+    run.state.epoch = 1
+    assert not torch.equal(next(iter(epoch_views(run, 0)))[0], first)
+
+
+def test_checkpoints_inside_an_epoch_fall_on_multiples_of_checkpoint_every(npz_dir, tmp_path, monkeypatch):
+    """--checkpoint_every 2 over two epochs of 4 steps: steps 2 and 6 inside them (the loop saves; epoch ends are
+    saved by pretrain)."""
+    import ressl.train
+
+    run = tiny_run(npz_dir, tmp_path, checkpoint_every=2, epochs=3)
+    saved, real = [], ressl.train.save_checkpoint
+    monkeypatch.setattr(ressl.train, "save_checkpoint", lambda run: saved.append(run.state.step) or real(run))
+    train_one_epoch(run)
+    train_one_epoch(run)
+    assert saved == [2, 6]
+
+
+def test_the_runs_knn_check_samples_the_bank_from_the_bank_and_the_queries_from_the_test_split(npz_dir, tmp_path, monkeypatch):
+    import ressl.train
+    from ressl.data import sample_split
+
+    run = tiny_run(npz_dir, tmp_path)
+    seen, real = [], ressl.train.split_features
+    monkeypatch.setattr(ressl.train, "split_features", lambda backbone, split, *args: seen.append(split) or real(backbone, split, *args))
+    ressl.train.evaluate_knn(run, 40)
+    assert torch.equal(seen[0].images, sample_split(run.dataset.bank, 40).images)
+    assert torch.equal(seen[1].images, sample_split(run.dataset.test, 40).images)
+
+
+def test_a_run_stopped_inside_an_epoch_and_resumed_trains_as_the_unbroken_one(npz_dir, tmp_path):
+    """Stopped one step into the second epoch (its time out), checkpointed, built again from the checkpoint: the same
+    weights, optimiser, generators and place, and after the epoch the same weights, bit for bit, as a run never
+    stopped. (The SIGKILL test of test_resume.py kills at a random step, sometimes an epoch's end.)"""
+    import time
+
+    from ressl.resume import save_checkpoint
+
+    unbroken = tiny_run(npz_dir, tmp_path / "a", epochs=2, bn_groups=2)
+    train_one_epoch(unbroken)
+    train_one_epoch(unbroken)
+    broken = tiny_run(npz_dir, tmp_path / "b", epochs=2, bn_groups=2)
+    train_one_epoch(broken)
+    train_one_epoch(broken, deadline=time.time() - 1)  # out of time after step 1 of epoch 2
+    broken.clock -= 600  # ten minutes spent so far
+    save_checkpoint(broken)
+    resumed = tiny_run(npz_dir, tmp_path / "b", epochs=2, bn_groups=2)
+    assert (resumed.state.epoch, resumed.state.index, resumed.state.step) == (1, 1, 5) and resumed.state == broken.state
+    assert torch.equal(resumed.shuffle_generator.get_state(), broken.shuffle_generator.get_state())
+    assert abs(resumed.minutes() - broken.minutes()) < 0.05 and resumed.minutes() > 9.9
+    for key, value in broken.model.state_dict().items():  # the queue and its pointer included
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    a, b = broken.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+    train_one_epoch(resumed)
+    assert resumed.state.step == unbroken.state.step == 8
+    for key, value in unbroken.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
