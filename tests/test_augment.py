@@ -308,8 +308,8 @@ def assert_uniform_permutations(orders: torch.Tensor) -> None:
     """``orders`` (N, 4): each row a permutation of 0..3, all 24 equally likely (a chi-square test of their counts;
     each op's frequency in each position alone would pass a draw from half of them, the even ones)."""
     assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand_as(orders))
-    codes = orders @ torch.tensor([64, 16, 4, 1])
-    counts = torch.bincount(codes, minlength=256)[torch.tensor(list(itertools.permutations(range(4)))) @ torch.tensor([64, 16, 4, 1])]
+    code = torch.tensor([64, 16, 4, 1])  # a permutation as one number in base 4
+    counts = torch.bincount(orders @ code, minlength=256)[torch.tensor(list(itertools.permutations(range(4)))) @ code]
     assert counts.sum() == len(orders) and counts.min() > 0
     assert chisquare(counts.numpy()).pvalue > 1e-6, counts.tolist()
 

@@ -25,9 +25,19 @@ def test_npz_directory(npz_dir):
     assert len(ds.mean) == 3 and all(0 < s < 1 for s in ds.std)
 
 
-def test_pretrain_batches_cover_an_epoch_without_repeats(npz_dir):
+def _tagged_npz(npz_dir):
+    """The npz set with each training image's index written into its first pixel (128 images: fits a uint8)."""
     ds = load_dataset("npz", str(npz_dir))
-    ds.train.images[:, 0, 0, 0] = torch.arange(128, dtype=torch.uint8)  # tag each image
+    ds.train.images[:, 0, 0, 0] = torch.arange(len(ds.train), dtype=torch.uint8)
+    return ds
+
+
+def _tags(batches) -> list[list[int]]:
+    return [weak[:, 0, 0, 0].tolist() for weak, _ in batches]
+
+
+def test_pretrain_batches_cover_an_epoch_without_repeats(npz_dir):
+    ds = _tagged_npz(npz_dir)
     seen = []
     for weak, strong in pretrain_batches(ds, 32, 16, 0.2, 0, torch.randperm(128), 0, torch.device("cpu")):
         assert weak.shape == (32, 3, 16, 16) and weak.dtype == torch.uint8
@@ -487,17 +497,6 @@ def test_tiny_imagenet_layout_with_a_missing_val_image(tmp_path):
 
 
 # --- which images each step trains on (mutation audit, fourteenth session) ---------------------------------------
-
-
-def _tagged_npz(npz_dir):
-    """The npz set with each training image's index written into its first pixel (128 images: fits a uint8)."""
-    ds = load_dataset("npz", str(npz_dir))
-    ds.train.images[:, 0, 0, 0] = torch.arange(len(ds.train), dtype=torch.uint8)
-    return ds
-
-
-def _tags(batches) -> list[list[int]]:
-    return [weak[:, 0, 0, 0].tolist() for weak, _ in batches]
 
 
 def test_pretrain_batches_follow_the_epochs_order_step_by_step_from_start(npz_dir):
