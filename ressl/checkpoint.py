@@ -48,21 +48,15 @@ def writing(what: str, fix: str = WRITE_FIX) -> Iterator[None]:
 
 
 def write_run_file(path: Path, text: str, mode: str = "w") -> None:
-    """Write (``mode`` "w": whole, through a temporary file renamed over ``path``, so that a full disk never leaves it
+    """Write (``mode`` "w": whole, through :func:`replaced`, so that a full disk never leaves it
     cut short) or append ("a") ``text`` to a file of the run directory; a failure is a one-line :class:`WriteError`."""
     with writing(str(path)):
         if mode == "a":
             with path.open("a") as f:
                 f.write(text)
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+        with replaced(path) as f:
+            f.write(text.encode())
 
 
 def new_file_mode() -> int:

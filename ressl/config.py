@@ -262,7 +262,12 @@ def stem(small_stem: bool | None, stem_maxpool: bool | None, image_size: int) ->
     """The network's stem as built: (3x3/1 convolution, max-pool after it), with each ``None`` worked out: the small
     stem for images of ``SMALL_IMAGE_MAX`` px or less, the max-pool only after the 7x7 stem."""
     small = small_stem if small_stem is not None else image_size <= SMALL_IMAGE_MAX
-    return small, stem_maxpool if stem_maxpool is not None else not small
+    return small, keeps_maxpool(small, stem_maxpool)
+
+
+def keeps_maxpool(small_stem: bool, stem_maxpool: bool | None) -> bool:
+    """Whether the max-pool follows the stem: ``stem_maxpool``, or if None only after the 7x7 stem (the paper)."""
+    return stem_maxpool if stem_maxpool is not None else not small_stem
 
 
 def min_image_size(cfg: Config) -> int:

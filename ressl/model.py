@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from ressl.config import Config, stem
+from ressl.config import Config, keeps_maxpool, stem
 from ressl.queue import EmbeddingQueue
 
 # name -> (block, blocks per stage, feature dim at width 64)
@@ -48,7 +48,7 @@ def build_backbone(name: str, small_stem: bool, width: int = 64, maxpool: bool |
         net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
     elif width != 64:
         net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-    if not (maxpool if maxpool is not None else not small_stem):
+    if not keeps_maxpool(small_stem, maxpool):
         net.maxpool = nn.Identity()  # type: ignore[assignment]
     net.fc = nn.Identity()  # type: ignore[assignment]
     for m in net.modules():  # torchvision's initialisation, applied again to every convolution and BatchNorm (ours too)

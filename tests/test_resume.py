@@ -173,7 +173,14 @@ print(checkpoint.load(path)["model"]["w"].tolist())
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path):
+def no_space_for_temporaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the temporary file of every replacing write cannot be made (files are still appended to)."""
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", no_space)
+
+
+def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path, monkeypatch):
     from ressl.meter import MetricsLog
 
     with pytest.raises(WriteError, match="could not write .*metrics.jsonl: No such file or directory"):
@@ -182,10 +189,11 @@ def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (1, 2, 3):
         log.write(step=step, loss=0.5)
-    (tmp_path / ".metrics.jsonl.tmp").mkdir()
-    with pytest.raises(WriteError, match="could not write .*metrics.jsonl: Is a directory; free disk space"):
+    no_space_for_temporaries(monkeypatch)
+    with pytest.raises(WriteError, match="could not write .*metrics.jsonl: No space left on device; free disk space"):
         log.keep_until(2)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
 def test_writing_names_the_file_and_the_fix_and_lets_other_errors_through(tmp_path):

@@ -14,6 +14,7 @@ import yaml
 from conftest import make_images
 from PIL import Image
 from test_cli import TINY
+from test_resume import no_space_for_temporaries
 
 from ressl.cli import main
 
@@ -121,15 +122,16 @@ def test_a_second_pretrain_on_the_same_out_is_refused_while_the_first_runs(npz_d
     assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0  # the lock ends with its process
 
 
-def test_a_run_that_fails_to_start_leaves_its_directory_free(npz_dir, tmp_path, capsys):
+def test_a_run_that_fails_to_start_leaves_its_directory_free(npz_dir, tmp_path, capsys, monkeypatch):
     """The Python API goes on after a failed start: the lock must not outlive it (another process would be refused)."""
     out = tmp_path / "run"
     assert main(pretrain(npz_dir, out, "--epochs", "1")) == 0
     (out / "checkpoint.pt").unlink()
     (out / "final.json").unlink()
-    (out / ".metrics.jsonl.tmp").mkdir()  # the log cannot be started afresh: set-up fails after the lock was taken
     capsys.readouterr()
-    assert main(pretrain(npz_dir, out, "--epochs", "1")) == 1
+    with monkeypatch.context() as full_disk:  # the run's files cannot be written: set-up fails after the lock was taken
+        no_space_for_temporaries(full_disk)
+        assert main(pretrain(npz_dir, out, "--epochs", "1")) == 1
     assert "could not write" in one_line_error(capsys)
     claim = ("import sys, torch; from pathlib import Path; from ressl import rundir; "
              "print(rundir.claim(Path(sys.argv[1]), torch.device('cpu')))")
