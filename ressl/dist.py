@@ -105,8 +105,12 @@ def resolve_device(name: str) -> torch.device:
     if init_from_env(device.type) and device.type == "cuda":
         device = torch.device("cuda", local_device_index())
     if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it
-        torch.cuda.set_device(device)
-        device = torch.device("cuda", torch.cuda.current_device())
+        index = torch.cuda.current_device() if device.index is None else device.index  # "cuda": the current one
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible, "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)  # which takes only a device with an index
     return device
 
 

@@ -88,7 +88,12 @@ class CapturedStep:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        # thread_local: loader threads may pin memory (a CUDA call) while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._outputs = tuple(self.body(*self._inputs))
+        main = torch.cuda.current_stream()
+        try:
+            # thread_local: loader threads may pin memory (a CUDA call) while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._outputs = tuple(self.body(*self._inputs))
+        except BaseException:
+            torch.cuda.set_stream(main)  # a capture that fails to end leaves torch.cuda.graph's own stream current
+            raise
         self.graph = graph

@@ -52,3 +52,20 @@ def test_a_failed_capture_warns_and_leaves_the_step_eager(monkeypatch):
     assert step.eager_only and not step.captured
     (out,) = step(torch.ones(2), torch.zeros(2), scale=4.0)  # and stays eager, without another attempt
     torch.testing.assert_close(out, torch.full((2,), 4.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_capture_that_cuda_refuses_runs_eagerly_on_the_stream_it_was_called_on():
+    """A body that reads a number on the host cannot be captured: the step warns, runs eagerly, and leaves the
+    caller's stream current (torch.cuda.graph leaves its own when the capture fails to end)."""
+    scale = torch.zeros((), device="cuda")
+
+    def syncing(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * float(scale.item()),)  # a host sync: CUDA refuses it inside a capture
+    step = CapturedStep(syncing, dict(scale=scale), warmup=1)
+    before = torch.cuda.current_stream()
+    step(torch.ones(3, device="cuda"), scale=2.0)  # warm-up
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        (out,) = step(torch.full((3,), 2.0, device="cuda"), scale=3.0)
+    assert torch.cuda.current_stream() == before and step.eager_only and not step.captured
+    torch.testing.assert_close(out, torch.full((3,), 6.0, device="cuda"))

@@ -246,6 +246,27 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("name, expected", [("auto", 1), ("cuda", 1), ("cuda:0", 0), ("cuda:1", 1), ("cuda:2", None)])
+def test_a_cuda_device_is_made_current_with_its_index(monkeypatch, name, expected):
+    """On a machine with two GPUs, the second current: ``auto`` and ``cuda`` (no index, which torch.cuda.set_device
+    refuses) name the current one, ``cuda:N`` that one, and a GPU that is not there is a one-line configuration
+    error. torch.cuda is faked at its boundary (no GPU here); the CUDA test below checks the same on a GPU."""
+    from ressl.config import ConfigError
+    from ressl.dist import resolve_device
+
+    made_current = []
+    def set_device(device: torch.device) -> None:
+        made_current.append(torch.cuda._utils._get_device_index(device))  # as torch.cuda.set_device reads it
+    for fake in (("is_available", lambda: True), ("device_count", lambda: 2), ("current_device", lambda: 1),
+                 ("set_device", set_device)):
+        monkeypatch.setattr(torch.cuda, *fake)
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"--device cuda:2: only 2 CUDA device\(s\) are visible, cuda:0 to cuda:1"):
+            resolve_device(name)
+        return
+    assert resolve_device(name) == torch.device("cuda", expected) and made_current == [expected]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_asked_for_becomes_the_current_device():
     """Streams, events and CUDA graphs are made on the current device: --device cuda:N must make it N."""
