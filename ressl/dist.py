@@ -102,6 +102,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    local_processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if device.type == "cuda" and local_processes > gpus:  # NCCL would refuse two processes on one GPU, in a traceback
+        raise ConfigError(f"torchrun started {local_processes} processes on this machine but {gpus} CUDA GPU(s) are "
+                          f"visible: one process per GPU (--nproc_per_node {gpus}); on one GPU, --bn_groups stands in "
+                          "for the shuffled BatchNorm of several processes")
     if init_from_env(device.type) and device.type == "cuda":
         device = torch.device("cuda", local_device_index())
     if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it

@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -126,7 +126,7 @@ def save_checkpoint(run: Run) -> None:
         return
     state = {
         "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": plain_learning_rates(run.optimizer.state_dict()),
         "state": dataclasses.asdict(run.state),
         "minutes": run.minutes(),  # --max_minutes counts the run's time over every invocation
         "world_size": dist.world_size(),  # the augmentation's parameters depend on the rank (ressl.views)
@@ -138,6 +138,13 @@ def save_checkpoint(run: Run) -> None:
         "train_images": len(run.dataset.train),  # a resume onto a folder that changed since restarts the epoch
     }
     checkpoint.save_atomic(state, run.out / "checkpoint.pt")
+
+
+def plain_learning_rates(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimiser's ``state_dict`` with each group's learning rate a number: a CUDA graph's run holds it in a 0-dim
+    device tensor (:func:`ressl.train.capture_network_step`), which a machine without that device could not load."""
+    groups = [dict(g, lr=float(g["lr"])) for g in state["param_groups"]]
+    return dict(state, param_groups=groups)
 
 
 def resume_command(out: Path) -> str:

@@ -401,6 +401,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         return _train_and_measure(run)
     finally:
         rundir.release(run.out)
+        run.graph = None  # its body refers to the run: without this cycle, the run's GPU memory goes with the run
 
 
 def _train_and_measure(run: Run) -> dict[str, Any]:

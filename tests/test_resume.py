@@ -545,3 +545,25 @@ def test_files_unreadable_during_training_stop_it_in_one_line_with_a_checkpoint(
         path.unlink()
     assert main(argv) == 0
     assert checkpoint.load(out / "checkpoint.pt")["state"]["epoch"] == 2
+
+
+def test_a_graphed_runs_checkpoint_holds_its_learning_rate_as_a_number(npz_dir, tmp_path, capsys):
+    """A CUDA graph's run keeps the learning rate in a 0-dim device tensor, which a machine without that device
+    could not load: the checkpoint holds the number, and the run resumes from it (here the graph's body runs
+    eagerly on a CPU, its learning rate a tensor as on a GPU)."""
+    from ressl import config
+    from ressl.resume import save_checkpoint
+    from ressl.train import capture_network_step, setup, train_one_epoch
+
+    out = tmp_path / "run"
+    flags = ["--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "2", "--log_every", "1"]
+    run = setup(config.resolve(None, {k[2:]: v for k, v in zip(flags[0::2], flags[1::2])}))
+    run.graph = capture_network_step(run)
+    train_one_epoch(run)
+    assert all(isinstance(g["lr"], torch.Tensor) for g in run.optimizer.param_groups)
+    save_checkpoint(run)
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [type(g["lr"]) for g in groups] == [float] * len(groups)
+    assert [g["lr"] for g in groups] == [float(g["lr"]) for g in run.optimizer.param_groups] and groups[0]["lr"] > 0
+    capsys.readouterr()
+    assert main(["pretrain", *flags]) == 0 and "resuming from" in capsys.readouterr().out

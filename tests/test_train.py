@@ -267,6 +267,26 @@ def test_a_cuda_device_is_made_current_with_its_index(monkeypatch, name, expecte
     assert resolve_device(name) == torch.device("cuda", expected) and made_current == [expected]
 
 
+def test_more_processes_than_gpus_on_a_machine_is_a_one_line_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine with one GPU: NCCL would refuse two processes on one GPU in a
+    traceback at the first collective; the mistake is named before the process group is joined."""
+    from ressl.config import ConfigError
+    from ressl.dist import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"torchrun started 2 processes on this machine but 1 CUDA GPU\(s\) are "
+                                          r"visible: one process per GPU \(--nproc_per_node 1\)"):
+        resolve_device("auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines of one GPU each: this one is fine (not joined here)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_asked_for_becomes_the_current_device():
     """Streams, events and CUDA graphs are made on the current device: --device cuda:N must make it N."""
