@@ -251,8 +251,9 @@ def grouped_forward(teacher: nn.Module, weak: torch.Tensor, shuffle: torch.Tenso
 
 def draw_shuffle(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """A random permutation of ``batch`` rows, drawn on the host from ``generator`` (its state is the checkpoint's)
-    and sent to ``device`` without waiting for it: (B,) int64."""
-    return torch.randperm(batch, generator=generator).to(device, non_blocking=True)
+    and sent to ``device`` without waiting for it (through pinned memory on a GPU): (B,) int64."""
+    order = torch.randperm(batch, generator=generator)
+    return (order.pin_memory() if device.type == "cuda" else order).to(device, non_blocking=True)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -54,7 +54,7 @@ class ViewAugment:
         self.seed = tuple(int(s) for s in seed)
         self.images_per_draw = int(images_per_draw)
         self.steps_per_call = max(1, int(steps_per_call))
-        self._key: tuple[int, int, int, int] | None = None  # (draw, B, H, W) of the parameters held
+        self._key: tuple[int, int, int, int, bool] | None = None  # (draw, B, H, W, pinned) of the parameters held
         self._draw: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})  # (steps, B, ...) each
 
     def __repr__(self) -> str:
@@ -71,11 +71,13 @@ class ViewAugment:
         wanted = max(1, min(self.steps_per_call, VIEW_BYTES_PER_CALL // view_bytes))
         return math.gcd(wanted, self.steps_per_draw(batch))
 
-    def params(self, step: int, batch: int, height: int, width: int, steps: int = 1) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def params(self, step: int, batch: int, height: int, width: int, steps: int = 1,
+               pin: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The (weak, strong) parameters of steps ``step .. step + steps - 1`` for ``batch`` images of ``height x
-        width`` each, as one batch of ``steps * batch`` (see ``BatchAugment.sample_params``)."""
+        width`` each, as one batch of ``steps * batch`` (see ``BatchAugment.sample_params``). ``pin``: in pinned
+        memory, for views made on a GPU (a copy from pageable memory may wait for the GPU's queue to drain)."""
         n = self.steps_per_draw(batch)
-        key = (step // n, batch, height, width)
+        key = (step // n, batch, height, width, pin)
         first = step % n
         if first + steps > n:
             raise ValueError(f"steps {step}..{step + steps - 1} span two draws of {n} steps")
@@ -83,6 +85,8 @@ class ViewAugment:
             generator = torch.Generator().manual_seed(draw_seed(self.seed, key[0]))
             weak = self.weak.sample_steps(n, batch, height, width, generator)
             strong = self.strong.sample_steps(n, batch, height, width, generator, order_steps=self.call_steps(batch))
+            if pin:  # once per draw (64 steps or more); the slices each call copies to the GPU are pinned too
+                weak, strong = ({k: v.pin_memory() for k, v in d.items()} for d in (weak, strong))
             self._draw, self._key = (weak, strong), key
         return tuple({k: v[first : first + steps].flatten(0, 1) for k, v in d.items()} for d in self._draw)  # type: ignore[return-value]
 
@@ -94,7 +98,7 @@ class ViewAugment:
             raise ValueError(f"the weak and strong sources differ in shape: {tuple(weak_source.shape)} and {tuple(strong_source.shape)}")
         if rows % steps:
             raise ValueError(f"{rows} images do not split into {steps} steps")
-        weak_params, strong_params = self.params(step, rows // steps, h, w, steps)
+        weak_params, strong_params = self.params(step, rows // steps, h, w, steps, pin=strong_source.is_cuda)
         return self.weak.apply(weak_source, weak_params), self.strong.apply(strong_source, strong_params)
 
     def stream(self, sources: Iterable[tuple[Tensor, Tensor]], step: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -136,3 +136,17 @@ def test_steps_per_call_stay_within_a_draw_and_the_memory_budget() -> None:
     assert grouped(1).call_steps(4) == 1
     with pytest.raises(ValueError, match="span two draws"):
         grouped().params(10, 4, 20, 24, steps=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_views_made_on_a_gpu_read_their_parameters_from_pinned_memory() -> None:
+    """Sources on a GPU: each draw is pinned once, so that the slices each call copies to the GPU never wait for its
+    queue (a copy from pageable memory may); the views are those the same parameters give on a CPU."""
+    source = torch.randint(0, 256, (8, 3, 20, 24), dtype=torch.uint8)
+    on_cpu = views()(source, source, step=0, steps=2)
+    on_gpu = views()
+    made = on_gpu(source.cuda(), source.cuda(), step=0, steps=2)
+    assert all(v.is_pinned() for draw in on_gpu._draw for v in draw.values())
+    for cpu, gpu in zip(on_cpu, made):
+        assert gpu.is_cuda
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
