@@ -1,8 +1,10 @@
 """checkpoint.load: what it refuses (damaged files) and what it lets through (a checkpoint as torch.save wrote it)."""
 
+import random
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +95,35 @@ def test_a_replaced_file_keeps_its_mode_and_a_link_to_it_stays_a_link(tmp_path):
     with checkpoint.replaced(link) as f:
         f.write(b"new")
     assert link.is_symlink() and target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o640
+
+
+def test_only_temporaries_a_killed_write_left_are_removed(tmp_path):
+    """``replaced``'s temporaries are hidden (``.checkpoint.pt.XXXX.tmp``): the cleanup at a run's start removes those,
+    never the run's own files or a file of the user's that merely ends in ``.tmp``."""
+    for name in (".checkpoint.pt.k2f9x.tmp", ".final.json.tmp", "checkpoint.pt", "metrics.jsonl", "notes.tmp", ".keep"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".cache.tmp").mkdir()  # a directory: not a temporary file
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", ".keep", "checkpoint.pt", "metrics.jsonl", "notes.tmp"]
+
+
+def test_random_number_states_come_back_from_a_checkpoint(tmp_path):
+    """torch's, numpy's (a cached Gaussian included) and Python's generators continue as if never stopped."""
+    np.random.standard_normal()  # numpy now holds the second of a pair of Gaussians
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"model": {}, "config": {}, "rng": checkpoint.rng_states()}, path)
+    expected = torch.rand(4), np.random.standard_normal(3), np.random.rand(2), random.random()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    checkpoint.set_rng_states(checkpoint.load(path)["rng"])
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.standard_normal(3), expected[1]) and np.array_equal(np.random.rand(2), expected[2])
+    assert random.random() == expected[3]
+
+
+@pytest.mark.parametrize("state", [{"config": {"lr": 0.1}, "state_dict": {"w": torch.ones(2)}}, {"model": {"w": torch.ones(2)}}])
+def test_a_torch_file_without_model_and_config_is_not_a_ressl_checkpoint(tmp_path, state):
+    """Another program's checkpoint (its weights under ``state_dict``) is refused in one line, not a KeyError later."""
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"is not a ressl checkpoint \(no 'model' and 'config'\)"):
+        checkpoint.load(path)

@@ -122,9 +122,10 @@ def test_scan_warnings_come_from_the_first_process_of_a_machine_only(tmp_path: P
             _solid(tmp_path / cls / f"{i}.png")
     _solid(tmp_path / "stray.png")
     (tmp_path / "cat" / "broken.png").write_text("this is not a png")
+    (tmp_path / "dog" / "IMG_1.heic").write_bytes(b"not decoded")
     with pytest.warns(DataWarning) as record:
         first = scan_folder(tmp_path, max_bad_fraction=0.5)
-    assert len(record) == 2  # the stray, the unreadable file
+    assert len(record) == 3  # the stray, the unread format, the unreadable file
     monkeypatch.setenv("LOCAL_RANK", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -139,6 +140,18 @@ def test_mostly_loose_images_stay_one_unlabeled_folder(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         idx = scan_folder(tmp_path)
     assert idx.labels is None and len(idx.files) == 4
+
+
+def test_one_sub_folder_beside_loose_images_is_part_of_one_unlabeled_folder(tmp_path: Path) -> None:
+    """Strays need two or more class folders: one sub-folder, however full, is not a set of classes (a label that is
+    always 0 would teach nothing and hide the loose image)."""
+    for name in ("cover.png", "album/1.png", "album/2.png", "album/3.png"):
+        _solid(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx = scan_folder(tmp_path)
+    assert idx.labels is None and idx.classes is None
+    assert [p.relative_to(tmp_path).as_posix() for p in idx.files] == ["album/1.png", "album/2.png", "album/3.png", "cover.png"]
 
 
 def test_scan_order_is_deterministic(tmp_path: Path) -> None:
@@ -261,7 +274,7 @@ def test_scan_skips_unreadable_with_one_warning(odd_folder: Path) -> None:
         idx = scan_folder(odd_folder, max_bad_fraction=0.5)
     assert len([w for w in record if issubclass(w.category, DataWarning)]) == 1
     msg = str(record[0].message)
-    assert "zero.jpg" in msg and "text.png" in msg and "2" in msg
+    assert "zero.jpg (empty file)" in msg and "text.png (not a readable image)" in msg and "skipped 2 unreadable" in msg
     names = {p.name for p in idx.files}
     assert "zero.jpg" not in names and "text.png" not in names
     assert {"truncated.jpg", "cmyk.jpg", "rgba.png", "palette.png", "gray16.png"} <= names
@@ -298,6 +311,11 @@ def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path, monke
     r, g, b = _colour(t, 2, 2)
     assert r > 200 and g < 50 and b < 50  # decoded part kept
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # global flag not leaked
+    with warnings.catch_warnings(record=True) as later:  # later truncated files: used the same way, without a warning
+        warnings.simplefilter("always")
+        again = load_rgb(odd_folder / "truncated.jpg")
+    assert again is not None and torch.equal(again, t)
+    assert [str(w.message) for w in later if issubclass(w.category, DataWarning)] == []
 
 
 def test_cmyk_colours(odd_folder: Path) -> None:
@@ -359,6 +377,33 @@ def test_too_many_bad_files_raise(tmp_path: Path) -> None:
     assert "\n" not in msg and "max_bad_fraction" in msg and "2 of 3" in msg and "bad1.jpg" in msg
     with pytest.warns(DataWarning):
         assert len(scan_folder(tmp_path, max_bad_fraction=0.7).files) == 1
+
+
+def test_bad_files_at_exactly_max_bad_fraction_are_skipped(tmp_path: Path) -> None:
+    """``max_bad_fraction`` is the most that may fail: at it the files are skipped, only past it the scan stops."""
+    _solid(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    with pytest.warns(DataWarning, match="skipped 1 unreadable of 2"):
+        assert [p.name for p in scan_folder(tmp_path, max_bad_fraction=0.5).files] == ["good.png"]
+
+
+def test_labels_stay_with_their_files_when_unreadable_ones_are_dropped(tmp_path: Path) -> None:
+    (tmp_path / "apple" / "0.png").parent.mkdir()
+    (tmp_path / "apple" / "0.png").write_text("not a png")
+    _solid(tmp_path / "apple" / "1.png")
+    _solid(tmp_path / "pear" / "2.png")
+    with pytest.warns(DataWarning, match="apple/0.png"):
+        idx = scan_folder(tmp_path, max_bad_fraction=0.5)
+    assert [p.relative_to(tmp_path).as_posix() for p in idx.files] == ["apple/1.png", "pear/2.png"]
+    assert idx.labels == [0, 1] and idx.classes == ["apple", "pear"]
+
+
+def test_bad_file_lists_name_ten_then_count_the_rest() -> None:
+    from ressl.folder import listed
+
+    ten = [f"{i}.png" for i in range(10)]
+    assert listed(ten) == ", ".join(ten)
+    assert listed([*ten, "10.png", "11.png"]) == ", ".join(ten) + " ... and 2 more"
 
 
 def test_all_bad_raises_even_with_high_threshold(tmp_path: Path) -> None:
@@ -524,7 +569,9 @@ def test_symlinks_back_into_the_data_list_no_image_twice(tmp_path: Path) -> None
     elsewhere = tmp_path.parent / f"{tmp_path.name}-extra"
     _solid(elsewhere / "deep" / "x.png")
     (tmp_path / "red" / "more").symlink_to(elsewhere)  # a link out of the tree is followed
-    idx = scan_folder(tmp_path)
+    _solid(tmp_path / "stray.png")  # skipped beside the classes: not taken into blue/ by way of blue/up either
+    with pytest.warns(DataWarning, match="skipped 1 image file directly in"):
+        idx = scan_folder(tmp_path)
     rel = [p.relative_to(tmp_path).as_posix() for p in idx.files]
     assert rel == ["blue/0.png", "blue/1.png", "red/0.png", "red/1.png", "red/more/deep/x.png"]
     assert idx.labels == [0, 0, 1, 1, 1]

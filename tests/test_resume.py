@@ -229,6 +229,8 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     assert "different width" in capsys.readouterr().err
     assert main(base + ["--batch_size", "16"]) == 2  # the checkpoint's place in its epoch counts batches of the old size
     assert "different batch_size" in capsys.readouterr().err
+    assert main(base + ["--image_size", "24"]) == 2  # the weights (and the normalisation) were trained at 16 px
+    assert "different image_size (image_size=16)" in capsys.readouterr().err
     # the stem is compared as built: a checkpoint from before stem_maxpool existed (no max-pool after the 3x3 stem)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     del saved["config"]["stem_maxpool"]
@@ -323,6 +325,14 @@ def test_rerunning_a_complete_run_changes_nothing(npz_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "already complete (1/1 epochs" in printed and "starts over" not in printed
     assert _files(out) == before
+    other = tmp_path / "copy"  # the data copied elsewhere (a job's local disk): no note of it, nothing goes on
+    other.mkdir()
+    for name in ("train.npz", "test.npz"):
+        (other / name).write_bytes((npz_dir / name).read_bytes())
+    assert main([*argv[:4], str(other), *argv[5:]]) == 0
+    printed = capsys.readouterr().out
+    assert "already complete (1/1 epochs" in printed and "was trained on" not in printed
+    assert _files(out) == before
 
 
 def test_a_continued_run_keeps_its_random_init_knn_and_its_time(npz_dir, tmp_path):
@@ -413,6 +423,13 @@ def test_resuming_with_fewer_epochs_than_done_is_refused(npz_dir, tmp_path, caps
     capsys.readouterr()
     assert main(argv + ["--epochs", "1"]) == 2
     assert "is at epoch 2 (+0 steps), past --epochs 1: pass --epochs 2 or more" in capsys.readouterr().err
+    assert _files(out) == before
+    # a checkpoint one step into epoch 2 (a run stopped there) is past --epochs 1 too: it would not train back
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(saved, state=dict(saved["state"], epoch=1, index=1, step=5)), out / "checkpoint.pt")
+    before = _files(out)
+    assert main(argv + ["--epochs", "1"]) == 2
+    assert "is at epoch 1 (+1 steps), past --epochs 1: pass --epochs 2 or more" in capsys.readouterr().err
     assert _files(out) == before
 
 
@@ -508,6 +525,31 @@ def test_a_resume_onto_a_training_set_of_another_size_restarts_the_epoch(npz_dir
     state = checkpoint.load(out / "checkpoint.pt")["state"]
     assert (state["epoch"], state["index"], state["step"]) == (2, 0, 6)
     assert json.loads((out / "final.json").read_text())["steps"] == 6
+
+
+def test_an_older_checkpoint_whose_place_the_smaller_training_set_lacks_restarts_the_epoch(npz_dir, tmp_path, capsys):
+    """A checkpoint written before the training set's size was saved with it: a set that lost images shows only where
+    the place inside the epoch no longer exists, as index 3 (the old epoch's last step) in an epoch of 3 steps (0-2):
+    the epoch starts over there too."""
+    from ressl import config
+    from ressl.resume import save_checkpoint
+    from ressl.train import setup
+
+    values = dict(dataset="npz", data=str(npz_dir), out=str(tmp_path / "run"), image_size=16, width=8, hidden_dim=32,
+                  out_dim=16, batch_size=32, queue_size=64, epochs=2, precision="fp32", device="cpu")
+    run = setup(config.resolve(None, values))
+    run.state.epoch, run.state.index, run.state.step = 1, 3, 7  # before the last of epoch 2's 4 steps
+    save_checkpoint(run)
+    saved = torch.load(run.out / "checkpoint.pt", weights_only=True)
+    del saved["train_images"]  # as an older ressl wrote it
+    torch.save(saved, run.out / "checkpoint.pt")
+    with np.load(npz_dir / "train.npz") as arrays:
+        np.savez(npz_dir / "train.npz", x=arrays["x"][:96], y=arrays["y"][:96])  # 3 steps per epoch
+    capsys.readouterr()
+    resumed = setup(config.resolve(None, values))
+    assert (resumed.state.epoch, resumed.state.index, resumed.state.step) == (1, 0, 3)
+    assert "with another number of training images, the data now holds 96: epoch 2 starts over, at step 3" in (
+        capsys.readouterr().out)
 
 
 def test_files_unreadable_during_training_stop_it_in_one_line_with_a_checkpoint(tmp_path, monkeypatch, capsys):

@@ -78,6 +78,9 @@ def test_an_out_holding_something_else_is_refused_and_left_alone(npz_dir, tmp_pa
     assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
     assert main(pretrain(tmp_path / "nowhere", mine, "--epochs", "1")) == 2  # refused before the data is read
     assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
+    (mine / "config.yaml").write_text("backbone: resnet50\nepochs: 90\n")  # another project's, with a key alike
+    assert main(pretrain(tmp_path / "nowhere", mine, "--epochs", "1")) == 2
+    assert "holds a config.yaml that is not a ressl run's" in one_line_error(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -165,6 +168,36 @@ def test_an_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]) == 2
     assert "is inside --data" in one_line_error(capsys)
+
+
+def test_an_out_beside_the_folders_a_run_reads_is_allowed_one_inside_them_refused(tmp_path, monkeypatch):
+    """With train/ (and val/) the run reads only those: runs/ beside them is fine; inside them, by an absolute or a
+    relative path, the run's own images would be read as training images."""
+    from ressl import config
+    from ressl.rundir import check_outside_data
+
+    data = tmp_path / "photos"
+    for part in ("train/cat", "train/dog", "val/cat"):
+        (data / part).mkdir(parents=True)
+    cfg = config.resolve(None, {"dataset": "folder", "data": str(data)})
+    check_outside_data(data / "runs" / "first", cfg)
+    for out in (data / "train" / "run", data / "val" / "cat" / "run"):
+        with pytest.raises(config.ConfigError, match="is inside --data"):
+            check_outside_data(out, cfg)
+    monkeypatch.chdir(data / "train")
+    with pytest.raises(config.ConfigError, match="--out run is inside --data"):
+        check_outside_data(Path("run"), cfg)
+
+
+def test_a_new_out_is_made_with_the_folders_above_it(tmp_path):
+    """``--out runs/2026/first`` where ``runs/`` does not exist yet: every folder on the way is made, and locked."""
+    from ressl import rundir
+
+    out = tmp_path / "runs" / "2026" / "first"
+    try:
+        assert rundir.claim(out, torch.device("cpu")) is True and (out / rundir.LOCK_NAME).is_file()
+    finally:
+        rundir.release(out)
 
 
 def test_memory_that_cannot_be_had_is_one_line_naming_what_to_lower(npz_dir, tmp_path, capsys):
