@@ -57,14 +57,10 @@ def _slurm_to_torchrun_env() -> None:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
-        return nodelist
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """The first host of a SLURM node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``, ``rack[1-2]-n[01-04]`` -> ``rack1-n01``."""
+    entry = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip())  # up to the first comma outside brackets
+    assert entry is not None  # the pattern matches the empty string
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry.group(0))
 
 
 def leave(together: bool = True) -> None:
@@ -73,8 +69,8 @@ def leave(together: bool = True) -> None:
     the group still open can die with SIGABRT while gloo's threads serve a slower peer."""
     if not is_distributed():
         return
-    if together:
-        torch_dist.barrier()
+    if together:  # NCCL's barrier is told the process's GPU (else it warns that it guesses the current one)
+        torch_dist.barrier(device_ids=[torch.cuda.current_device()] if torch_dist.get_backend() == "nccl" else None)
     torch_dist.destroy_process_group()
     _PATIENT.clear()
 

@@ -478,6 +478,8 @@ def test_each_process_takes_its_gpu_also_when_it_sees_only_its_own(monkeypatch, 
 def test_slurm_node_list():
     assert dist.first_host("gpu[03-05,07],cpu1") == "gpu03"
     assert dist.first_host("node7") == "node7"
+    assert dist.first_host("rack[1-2]-node[01-04],login1") == "rack1-node01"  # every bracket of the first entry
+    assert dist.first_host("a[1-2]b,c") == "a1b" and dist.first_host(" x[7,9] ") == "x7"
 
 
 # --- torchrun end to end ------------------------------------------------------------------------
