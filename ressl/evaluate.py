@@ -88,8 +88,9 @@ def extract_features(
     mine = bank[:filled] if bank is not None else torch.cat(feats)
     features, labels_all = dist.all_gather_cat(mine), dist.all_gather_cat(torch.cat(labels))
     keep = labels_all != PAD_LABEL  # rows that only padded a process's share
-    if bool(keep.all()):  # one process, or no padding: no copy
-        return features, labels_all
+    real = int(keep.sum())
+    if bool(keep[:real].all()):  # one process, or padding only after the last image (the last share's): no copy
+        return features[:real], labels_all[:real]
     return features[keep], labels_all[keep]
 
 

@@ -48,6 +48,25 @@ def spawn(fn, tmp_path: Path) -> list:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+# --- gathering ---------------------------------------------------------------------------------
+
+
+def _gather_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    mine = torch.arange(6, dtype=torch.bfloat16).view(3, 2) + 10 * rank  # (3, 2) rows of this rank
+    gathered = {"single": dist.all_gather_cat(mine)}
+    torch_dist.all_gather_single = None  # as in torch versions before it: the gather into views of the result
+    gathered["views"] = dist.all_gather_cat(mine)
+    torch.save(gathered, f"{tmp}/rank{rank}.pt")
+
+
+def test_gathered_rows_come_in_rank_order_with_either_collective(tmp_path):
+    expected = torch.cat([torch.arange(6, dtype=torch.bfloat16).view(3, 2) + 10 * r for r in range(WORLD)])
+    for result in spawn(_gather_worker, tmp_path):
+        for how in ("single", "views"):
+            assert result[how].dtype == torch.bfloat16 and torch.equal(result[how], expected), how
+
+
 # --- the queue ---------------------------------------------------------------------------------
 
 
