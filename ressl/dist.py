@@ -98,7 +98,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    local_processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda" and local_processes > gpus:  # NCCL would refuse two processes on one GPU, in a traceback
         raise ConfigError(f"torchrun started {local_processes} processes on this machine but {gpus} CUDA GPU(s) are "
                           f"visible: one process per GPU (--nproc_per_node {gpus}); on one GPU, --bn_groups stands in "
@@ -107,9 +108,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device("cuda", local_device_index())
     if device.type == "cuda":  # the current device too: streams, events and CUDA graphs are made on it
         index = torch.cuda.current_device() if device.index is None else device.index  # "cuda": the current one
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible, "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if index >= gpus:
+            raise ConfigError(f"--device {name}: only {gpus} CUDA device(s) are visible, cuda:0 to cuda:{gpus - 1}")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)  # which takes only a device with an index
     return device

@@ -16,9 +16,16 @@ import pytest
 import torch
 from test_cli import TINY
 
-from ressl import checkpoint
+from ressl import checkpoint, config
 from ressl.cli import main
 from ressl.errors import WriteError
+from ressl.train import Run, setup
+
+
+def run_of_flags(flags: list[str]) -> Run:
+    """The run ``ressl pretrain FLAGS`` would set up (``--name value`` pairs), to step it from the test and then
+    continue it through the command line with the same flags."""
+    return setup(config.resolve(None, {k[2:]: v for k, v in zip(flags[0::2], flags[1::2])}))
 
 
 def command(npz_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -504,13 +511,12 @@ def test_a_resume_onto_a_training_set_of_another_size_restarts_the_epoch(npz_dir
     the new order, so the epoch starts over at the step the new size gives, and the run trains on to its end."""
     import numpy as np
 
-    from ressl import config
     from ressl.resume import save_checkpoint
-    from ressl.train import setup, train_one_epoch
+    from ressl.train import train_one_epoch
 
     out = tmp_path / "run"
     flags = ["--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "2", "--log_every", "1"]
-    run = setup(config.resolve(None, {k[2:]: v for k, v in zip(flags[0::2], flags[1::2])}))
+    run = run_of_flags(flags)
     assert run.steps_per_epoch == 4  # 128 images, batch 32
     train_one_epoch(run)
     train_one_epoch(run, deadline=time.time() - 1)  # one step into epoch 2, then out of time
@@ -531,13 +537,11 @@ def test_an_older_checkpoint_whose_place_the_smaller_training_set_lacks_restarts
     """A checkpoint written before the training set's size was saved with it: a set that lost images shows only where
     the place inside the epoch no longer exists, as index 3 (the old epoch's last step) in an epoch of 3 steps (0-2):
     the epoch starts over there too."""
-    from ressl import config
-    from ressl.resume import save_checkpoint
-    from ressl.train import setup
+    from test_train import tiny_run
 
-    values = dict(dataset="npz", data=str(npz_dir), out=str(tmp_path / "run"), image_size=16, width=8, hidden_dim=32,
-                  out_dim=16, batch_size=32, queue_size=64, epochs=2, precision="fp32", device="cpu")
-    run = setup(config.resolve(None, values))
+    from ressl.resume import save_checkpoint
+
+    run = tiny_run(npz_dir, tmp_path, epochs=2)
     run.state.epoch, run.state.index, run.state.step = 1, 3, 7  # before the last of epoch 2's 4 steps
     save_checkpoint(run)
     saved = torch.load(run.out / "checkpoint.pt", weights_only=True)
@@ -546,7 +550,7 @@ def test_an_older_checkpoint_whose_place_the_smaller_training_set_lacks_restarts
     with np.load(npz_dir / "train.npz") as arrays:
         np.savez(npz_dir / "train.npz", x=arrays["x"][:96], y=arrays["y"][:96])  # 3 steps per epoch
     capsys.readouterr()
-    resumed = setup(config.resolve(None, values))
+    resumed = tiny_run(npz_dir, tmp_path, epochs=2)
     assert (resumed.state.epoch, resumed.state.index, resumed.state.step) == (1, 0, 3)
     assert "with another number of training images, the data now holds 96: epoch 2 starts over, at step 3" in (
         capsys.readouterr().out)
@@ -593,13 +597,12 @@ def test_a_graphed_runs_checkpoint_holds_its_learning_rate_as_a_number(npz_dir, 
     """A CUDA graph's run keeps the learning rate in a 0-dim device tensor, which a machine without that device
     could not load: the checkpoint holds the number, and the run resumes from it (here the graph's body runs
     eagerly on a CPU, its learning rate a tensor as on a GPU)."""
-    from ressl import config
     from ressl.resume import save_checkpoint
-    from ressl.train import capture_network_step, setup, train_one_epoch
+    from ressl.train import capture_network_step, train_one_epoch
 
     out = tmp_path / "run"
     flags = ["--dataset", "npz", "--data", str(npz_dir), "--out", str(out), *TINY, "--epochs", "2", "--log_every", "1"]
-    run = setup(config.resolve(None, {k[2:]: v for k, v in zip(flags[0::2], flags[1::2])}))
+    run = run_of_flags(flags)
     run.graph = capture_network_step(run)
     train_one_epoch(run)
     assert all(isinstance(g["lr"], torch.Tensor) for g in run.optimizer.param_groups)

@@ -246,20 +246,27 @@ def test_torchvision_backend_trains_on_views_from_the_workers(npz_dir, tmp_path)
     assert losses[-1] < losses[0]
 
 
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int, current: int) -> list[int]:
+    """``count`` GPUs, ``current`` the current one, faked at torch.cuda's boundary (no GPU here); returns the
+    indices ``torch.cuda.set_device`` is called with, read as it reads them (it refuses a device without one)."""
+    made_current: list[int] = []
+    def set_device(device: torch.device) -> None:
+        made_current.append(torch.cuda._utils._get_device_index(device))
+    for fake in (("is_available", lambda: True), ("device_count", lambda: count), ("current_device", lambda: current),
+                 ("set_device", set_device)):
+        monkeypatch.setattr(torch.cuda, *fake)
+    return made_current
+
+
 @pytest.mark.parametrize("name, expected", [("auto", 1), ("cuda", 1), ("cuda:0", 0), ("cuda:1", 1), ("cuda:2", None)])
 def test_a_cuda_device_is_made_current_with_its_index(monkeypatch, name, expected):
     """On a machine with two GPUs, the second current: ``auto`` and ``cuda`` (no index, which torch.cuda.set_device
     refuses) name the current one, ``cuda:N`` that one, and a GPU that is not there is a one-line configuration
-    error. torch.cuda is faked at its boundary (no GPU here); the CUDA test below checks the same on a GPU."""
+    error. The CUDA test below checks the same on a GPU."""
     from ressl.config import ConfigError
     from ressl.dist import resolve_device
 
-    made_current = []
-    def set_device(device: torch.device) -> None:
-        made_current.append(torch.cuda._utils._get_device_index(device))  # as torch.cuda.set_device reads it
-    for fake in (("is_available", lambda: True), ("device_count", lambda: 2), ("current_device", lambda: 1),
-                 ("set_device", set_device)):
-        monkeypatch.setattr(torch.cuda, *fake)
+    made_current = fake_gpus(monkeypatch, count=2, current=1)
     if expected is None:
         with pytest.raises(ConfigError, match=r"--device cuda:2: only 2 CUDA device\(s\) are visible, cuda:0 to cuda:1"):
             resolve_device(name)
@@ -273,17 +280,15 @@ def test_more_processes_than_gpus_on_a_machine_is_a_one_line_error(monkeypatch):
     from ressl.config import ConfigError
     from ressl.dist import resolve_device
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    made_current = fake_gpus(monkeypatch, count=1, current=0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"torchrun started 2 processes on this machine but 1 CUDA GPU\(s\) are "
                                           r"visible: one process per GPU \(--nproc_per_node 1\)"):
         resolve_device("auto")
+    assert made_current == []  # refused before any GPU was taken
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines of one GPU each: this one is fine (not joined here)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     assert resolve_device("auto") == torch.device("cuda", 0)
 
 
