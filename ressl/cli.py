@@ -18,7 +18,16 @@ from typing import Any, NoReturn
 import ressl
 from ressl import allocator, config, launcher
 from ressl.config import FIELDS, ConfigError
-from ressl.errors import CheckpointError, DataError, Interrupted, LateDataError, NonFiniteLoss, WriteError, own_message
+from ressl.errors import (
+    CheckpointError,
+    DataError,
+    Interrupted,
+    LateDataError,
+    NonFiniteLoss,
+    StoppedWithRankZero,
+    WriteError,
+    own_message,
+)
 
 # Only what parses the command line is imported above: torch and the modules that use it load once the command is
 # known to be well formed, so --help and a mistyped flag answer at once.
@@ -354,6 +363,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if dist.is_main() or not isinstance(err, NonFiniteLoss):  # under torchrun every process stops at the same NaN
             print(f"ressl {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except StoppedWithRankZero:  # rank 0 could not write a file of the run, and says why
         return 1
     except RuntimeError as err:  # torch.OutOfMemoryError is one too
         from ressl import dist

@@ -39,6 +39,11 @@ class WriteError(Exception):
     file held before is intact."""
 
 
+class StoppedWithRankZero(Exception):
+    """Under torchrun: rank 0 could not write a file of the run (its :class:`WriteError` says why, once); every other
+    process stops with it at the same point, silently, with exit code 1."""
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 

@@ -36,15 +36,18 @@ def _evaluation_of(record: dict[str, Any] | None, step: int) -> bool:
 
 class MetricsLog:
     """Append-only JSON lines, written by rank 0 only; the same scalars as TensorBoard events when
-    ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``."""
+    ``tensorboard`` is installed (``pip install ressl[tensorboard]``), in ``RUN_DIR/tensorboard``. Under torchrun
+    every process calls its methods at the same points and learns whether rank 0's write failed
+    (:func:`ressl.dist.main_writes` on ``device``), unless told not to agree (after an error)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.path, self.device = path, device
         self._board: Any = None
 
-    def write(self, **record: Any) -> None:
-        if not dist.is_main():
-            return
+    def write(self, *, agree: bool = True, **record: Any) -> None:
+        dist.main_writes(lambda: self._append(record), self.device, agree)
+
+    def _append(self, record: dict[str, Any]) -> None:
         write_run_file(self.path, json.dumps(record) + "\n", mode="a")
         board = self._tensorboard()
         if board is not None:
@@ -65,12 +68,15 @@ class MetricsLog:
 
     def _keep(self, wanted: Callable[[dict[str, Any] | None], bool]) -> None:
         """Rewrite the log (rank 0) with the lines whose record (None: a torn line) is ``wanted``, if any is not."""
-        if not dist.is_main() or not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if wanted(parse_record(line))]
-        if len(kept) < len(lines):
-            write_run_file(self.path, "".join(kept))
+        def rewrite() -> None:
+            if not self.path.exists():
+                return
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if wanted(parse_record(line))]
+            if len(kept) < len(lines):
+                write_run_file(self.path, "".join(kept))
+
+        dist.main_writes(rewrite, self.device)
 
     def _tensorboard(self) -> Any:
         if self._board is None:
@@ -214,7 +220,8 @@ class Meter:
         _check_finite(int(first_bad), self.run.out / "checkpoint.pt")
         logged = dict(zip(names, numbers))
         self.run.state.loss = logged_loss = logged["loss"]
-        self.run.log.write(step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record, **logged)
+        self.run.log.write(agree=agree, step=record.pop("step"), epoch=record.pop("epoch"), loss=logged.pop("loss"), **record,
+                           **logged)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{record['lr']:.4f}", img_s=f"{record['images_per_s']:.0f}",
                                       refresh=progress.live())

@@ -117,14 +117,18 @@ def _restart_epoch(run: Run, path: Path, images: int | None) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Write ``out/checkpoint.pt`` atomically (rank 0); refuse to overwrite the last good one with non-finite weights."""
+    """Write ``out/checkpoint.pt`` atomically (rank 0, and every process learns whether it could); refuse to
+    overwrite the last good one with non-finite weights."""
     norms = torch._foreach_norm([p.detach() for p in run.model.student.parameters()])
     if not bool(torch.isfinite(torch.stack(norms)).all()):  # the same weights, so the same answer, on every rank
         raise NonFiniteLoss(f"the student's weights became NaN or infinite by step {run.state.step}: lower --lr "
                             f"or try --precision fp32; {checkpoint_kept(run.out / 'checkpoint.pt')}")
-    if not dist.is_main():
-        return
-    state = {
+    dist.main_writes(lambda: checkpoint.save_atomic(_checkpoint_state(run), run.out / "checkpoint.pt"), run.device)
+
+
+def _checkpoint_state(run: Run) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds: everything a run needs to continue where it stopped."""
+    return {
         "model": run.model.state_dict(),
         "optimizer": plain_learning_rates(run.optimizer.state_dict()),
         "state": dataclasses.asdict(run.state),
@@ -137,7 +141,6 @@ def save_checkpoint(run: Run) -> None:
         "normalisation": {"mean": list(run.dataset.mean), "std": list(run.dataset.std)},
         "train_images": len(run.dataset.train),  # a resume onto a folder that changed since restarts the epoch
     }
-    checkpoint.save_atomic(state, run.out / "checkpoint.pt")
 
 
 def plain_learning_rates(state: dict[str, Any]) -> dict[str, Any]:

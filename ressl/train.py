@@ -306,8 +306,8 @@ def setup(cfg: Config) -> Run:
         taken = rundir.claim(out, device) or taken  # a new run directory exists from here on
         if dist.is_main():
             checkpoint.remove_stale_temporaries(out)
-            if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
-                run.log.keep_until(-1)
+        if run.state.step == 0:  # what a run stopped before its first checkpoint logged is logged again
+            run.log.keep_until(-1)
     except BaseException:
         if taken:  # a run that could not start leaves its directory free (the Python API goes on)
             rundir.release(out)
@@ -340,7 +340,7 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     state = TrainState()
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
     run = Run(cfg, device, autocast_dtype(cfg.precision, device), dataset, model, optimizer, augment, loader_views,
-              shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl"),
+              shuffle_generator, student_forward, teacher_forward, state, out, MetricsLog(out / "metrics.jsonl", device),
               len(dataset.train) // cfg.batch_size)
     run.clock = time.time()
     own = out / "checkpoint.pt"
@@ -415,9 +415,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
             "raise --epochs or --max_minutes to train it further, or pass another --out for a new run", flush=True)
         assert final is not None  # on every process
         return final
-    if dist.is_main():
-        config.save(dataclasses.replace(cfg, out=str(run.out)), run.out / "config.yaml")  # the default --out, resolved
-        (run.out / "final.json").unlink(missing_ok=True)  # the results of fewer steps: final.json is the run's last word
+    dist.main_writes(lambda: _start_files(run), run.device)
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
@@ -454,10 +452,17 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         before = final.get("knn_random_init", {}).get("top1")
         say(f"kNN {accuracy_text(acc, run.dataset.num_classes)}" + (f"  (random init: {before:.2f}%)" if before is not None else ""),
             flush=True)
-    if dist.is_main():
-        checkpoint.write_run_file(run.out / "final.json", json.dumps(final, indent=2))
-        say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
+    dist.main_writes(lambda: checkpoint.write_run_file(run.out / "final.json", json.dumps(final, indent=2)), run.device)
+    say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
+
+
+def _start_files(run: Run) -> None:
+    """A run that trains (or measures) again: its resolved configuration (the default --out too) in ``config.yaml``,
+    and no ``final.json`` until its new last word."""
+    config.save(dataclasses.replace(run.cfg, out=str(run.out)), run.out / "config.yaml")
+    with checkpoint.writing(str(run.out / "final.json")):  # the results of fewer steps
+        (run.out / "final.json").unlink(missing_ok=True)
 
 
 def _per_process(batch_size: int) -> str:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
 from ressl.data import load_dataset
-from ressl.errors import DataError
+from ressl.errors import DataError, StoppedWithRankZero, WriteError
 from ressl.model import SplitBatchNorm
 
 pytestmark = pytest.mark.distributed
@@ -65,6 +65,35 @@ def test_gathered_rows_come_in_rank_order_with_either_collective(tmp_path):
     for result in spawn(_gather_worker, tmp_path):
         for how in ("single", "views"):
             assert result[how].dtype == torch.bfloat16 and torch.equal(result[how], expected), how
+
+
+# --- rank 0's writes ---------------------------------------------------------------------------
+
+
+def _write_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    outcomes, writers = [], []
+
+    def write(fails: bool) -> None:
+        writers.append(rank)
+        if fails:
+            raise WriteError("could not write checkpoint: No space left on device")
+
+    for fails, agree in ((False, True), (True, True), (True, False)):  # no agreement after an error: others may be elsewhere
+        try:
+            dist.main_writes(lambda fails=fails: write(fails), torch.device("cpu"), agree)
+            outcomes.append("ok")
+        except (WriteError, StoppedWithRankZero) as err:
+            outcomes.append(type(err).__name__)
+    torch.save({"outcomes": outcomes, "writers": writers}, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_write_that_fails_on_rank_0_stops_every_process_at_once(tmp_path):
+    """Rank 0 alone writes the run's files; every process learns at once whether it could, so that none goes on to
+    wait for rank 0 in its next collective (NCCL: 30 minutes): rank 0 raises its error, the others stop silently."""
+    rank_0, rank_1 = spawn(_write_worker, tmp_path)
+    assert rank_0 == {"outcomes": ["ok", "WriteError", "WriteError"], "writers": [0, 0, 0]}
+    assert rank_1 == {"outcomes": ["ok", "StoppedWithRankZero", "ok"], "writers": []}
 
 
 # --- the queue ---------------------------------------------------------------------------------

@@ -191,9 +191,9 @@ def test_run_files_that_cannot_be_written_are_one_line_errors(tmp_path, monkeypa
     from ressl.meter import MetricsLog
 
     with pytest.raises(WriteError, match="could not write .*metrics.jsonl: No such file or directory"):
-        MetricsLog(tmp_path / "gone" / "metrics.jsonl").write(step=1, loss=0.5)
+        MetricsLog(tmp_path / "gone" / "metrics.jsonl", torch.device("cpu")).write(step=1, loss=0.5)
     # a resume rewrites metrics.jsonl through a temporary file: one that cannot be made is one line too, the log intact
-    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log = MetricsLog(tmp_path / "metrics.jsonl", torch.device("cpu"))
     for step in (1, 2, 3):
         log.write(step=step, loss=0.5)
     no_space_for_temporaries(monkeypatch)
