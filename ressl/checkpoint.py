@@ -105,8 +105,9 @@ def remove_stale_temporaries(out: Path) -> None:
     """Delete the temporary files a killed process left in the run directory ``out`` (``.checkpoint.pt.*.tmp``,
     ``.final.json.tmp`` ...): the files they were to replace are never torn."""
     for tmp in out.glob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # best effort (another user's file): a leftover harms nothing
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

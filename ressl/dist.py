@@ -13,7 +13,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ressl.errors import StoppedWithRankZero, WriteError
+from ressl.errors import StoppedWithRankZero
 from ressl.launcher import launched_rank, launched_world_size, local_rank, speaks_for_machine  # noqa: F401 (dist.X for callers)
 
 T = TypeVar("T")
@@ -184,22 +184,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(max_each([float(flag)], device)[0])
 
 
-def main_writes(write: Callable[[], None], device: torch.device, agree: bool = True) -> None:
-    """Run ``write`` (a file of the run: checkpoint, metrics, configuration, results) on rank 0 alone. Under torchrun,
-    where every process calls this at the same point (``agree``), they then learn its outcome in one collective: a
-    write that failed on rank 0 (a full disk) raises its :class:`WriteError` there and :class:`StoppedWithRankZero`
-    everywhere else, at once. Without the agreement the others would go on to their next collective and wait there
-    for rank 0, with NCCL until its 30-minute timeout."""
-    failure: WriteError | None = None
+def main_writes(write: Callable[[], T], device: torch.device, agree: bool = True) -> T | None:
+    """Run ``write`` (a file of the run: checkpoint, metrics, configuration, results) on rank 0 alone; returns what it
+    returns there, None elsewhere. Under torchrun, where every process calls this at the same point (``agree``), they
+    then learn its outcome in one collective: a write that failed on rank 0 (a full disk: a :class:`WriteError`, or
+    any other error) raises its error there and :class:`StoppedWithRankZero` everywhere else, at once. Without the
+    agreement the others would go on to their next collective and wait there for rank 0, with NCCL until its
+    30-minute timeout."""
+    failure: Exception | None = None
+    result = None
     if is_main():
         try:
-            write()
-        except WriteError as err:
+            result = write()
+        except Exception as err:
+            if not (agree and is_distributed()):
+                raise
             failure = err
-    if agree and is_distributed() and any_rank(failure is not None, device) and failure is None:
-        raise StoppedWithRankZero("rank 0 could not write a file of the run (its message says why)")
-    if failure is not None:
-        raise failure
+    if agree and is_distributed() and any_rank(failure is not None, device):
+        if failure is not None:
+            raise failure
+        raise StoppedWithRankZero("rank 0 failed to write a file of the run (its message says why)")
+    return result
 
 
 def messages_of_all(message: str | None) -> list[str]:

@@ -25,6 +25,18 @@ def own_message(err: Exception) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def load_failure(err: Exception) -> str | None:
+    """The message of ``err`` when it is a failure to load images (a :class:`DataError`, or any error in a loader
+    worker, one that died included: the host's out-of-memory killer, a crash in an image decoder), else None."""
+    if isinstance(err, DataError):
+        return own_message(err)
+    if "DataLoader worker" not in str(err):
+        return None
+    message = own_message(err)
+    died = "exited unexpectedly" in message or "killed by signal" in message
+    return message + " (if the host ran out of memory: lower --workers)" if died else message
+
+
 class DataWarning(UserWarning):
     """Warning about skipped or replaced image files (filterable category); shown as one line, without source."""
 
@@ -40,8 +52,8 @@ class WriteError(Exception):
 
 
 class StoppedWithRankZero(Exception):
-    """Under torchrun: rank 0 could not write a file of the run (its :class:`WriteError` says why, once); every other
-    process stops with it at the same point, silently, with exit code 1."""
+    """Under torchrun: rank 0 failed to write a file of the run (its own error says why, once); every other process
+    stops with it at the same point, silently, with exit code 1."""
 
 
 class NonFiniteLoss(FloatingPointError):

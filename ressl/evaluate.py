@@ -13,7 +13,7 @@ from torch import nn
 
 from ressl import dist
 from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rows_per_rank, worker_batches
-from ressl.errors import DataError, LateDataError, own_message
+from ressl.errors import LateDataError, load_failure
 from ressl.precision import autocast, autocast_dtype
 from ressl.progress import bar as progress_bar
 from ressl.schedule import cosine_lr
@@ -58,7 +58,7 @@ def extract_features(
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     store, bank, filled = store_dtype, None, 0
-    failure: DataError | None = None
+    failure: str | None = None
     bar = None if progress is None else _embedding_bar(progress)
     try:
         for images, y in batches:
@@ -76,10 +76,10 @@ def extract_features(
             labels.append(y)
             if bar is not None:  # rank 0 counts for all: the processes take equal shares (only the last one padded)
                 bar.update(min(filled * dist.world_size(), bar.total) - bar.n)
-    except DataError as err:  # an image that broke after the scan
-        if not dist.is_distributed():
+    except Exception as err:  # an image that broke after the scan, a loader worker that died
+        failure = load_failure(err)
+        if failure is None or not dist.is_distributed():
             raise
-        failure = err
     finally:
         backbone.train(was_training)
         if bar is not None:
@@ -103,11 +103,11 @@ def _embedding_bar(images: int) -> Any:
     return progress_bar(total=images, desc=f"embedding {images:,} images", unit="img")
 
 
-def _agree_on_failure(failure: DataError | None, device: torch.device) -> None:
+def _agree_on_failure(failure: str | None, device: torch.device) -> None:
     """Under torchrun, before the features are gathered: if any process's images failed to load, every process
     stops with the messages of all that did, instead of the others waiting for them in the gather."""
     if dist.any_rank(failure is not None, device):
-        raise LateDataError("\n".join(dist.messages_of_all(None if failure is None else own_message(failure))))
+        raise LateDataError("\n".join(dist.messages_of_all(failure)))
 
 
 def split_features(

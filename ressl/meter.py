@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ressl import dist, progress
-from ressl.checkpoint import write_run_file
+from ressl.checkpoint import write_run_file, writing
 from ressl.errors import NonFiniteLoss
 from ressl.monitor import health, queue_fill
 
@@ -49,12 +49,13 @@ class MetricsLog:
 
     def _append(self, record: dict[str, Any]) -> None:
         write_run_file(self.path, json.dumps(record) + "\n", mode="a")
-        board = self._tensorboard()
-        if board is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    board.add_scalar(key, value, record.get("step", 0))
-            board.flush()
+        with writing(f"TensorBoard events in {self.path.parent / 'tensorboard'}"):
+            board = self._tensorboard()
+            if board is not None:
+                for key, value in record.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        board.add_scalar(key, value, record.get("step", 0))
+                board.flush()
 
     def forget_evaluation(self, step: int) -> None:
         """Drop the kNN records (no loss) of ``step``: a final kNN measured again is logged once."""

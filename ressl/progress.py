@@ -1,14 +1,26 @@
 """Progress bars (training epochs, embedding a bank, checking a folder's images, a linear probe), on stderr: live on
 a terminal or in a notebook; in a log file (a batch job's output) one state a minute, and nothing for work done
-within the minute."""
+within the minute. And the lines a run prints as it goes (:func:`say`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 LOG_SECONDS = 60.0  # off a terminal: the first state after this long, then one every this long
+
+
+def say(*args: Any, **kwargs: Any) -> bool:
+    """``print``; False when stdout can no longer be written (its reader has gone: ``ressl pretrain | head``; a log file
+    on a full disk), and from then on stdout goes nowhere, silently, instead of an error in the middle of a run."""
+    try:
+        print(*args, **kwargs)
+        return True
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def live() -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ressl import checkpoint, config, dist
+from ressl import checkpoint, config, dist, progress
 from ressl.errors import NonFiniteLoss
 from ressl.meter import checkpoint_kept
 
@@ -78,9 +78,11 @@ def resume(run: Run, path: Path) -> None:
         raise config.ConfigError(f"{path} is at epoch {run.state.epoch} (+{run.state.index} steps), past --epochs "
                                  f"{run.cfg.epochs}: pass --epochs {run.state.epoch + (run.state.index > 0)} or more, "
                                  "or another --out for a new run")
-    run.clock = time.time() - 60 * float(saved.get("minutes", 0.0))  # older checkpoints: the clock starts now
+    minutes = float(saved.get("minutes", 0.0))  # older checkpoints: the clock starts now
+    run.clock = time.time() - 60 * minutes
     world = saved.get("world_size", len(saved.get("generators", ())) or None)  # older checkpoints: a generator per process
-    trained = run.state.epoch >= run.cfg.epochs or (run.cfg.max_minutes and run.minutes() >= run.cfg.max_minutes)
+    # from the checkpoint's minutes, not each process's clock: every process must come to the same answer
+    trained = run.state.epoch >= run.cfg.epochs or (run.cfg.max_minutes and minutes >= run.cfg.max_minutes)
     if world is not None and world != dist.world_size() and not trained:  # a finished run only measures its final kNN
         raise config.ConfigError(f"{path} was written by {world} processes, this run has {dist.world_size()}: "
                                  "resume with the same number of processes")
@@ -96,12 +98,13 @@ def resume(run: Run, path: Path) -> None:
               for k in RECIPE_KEYS if old.get(k, _UNSAVED.get(k, "unset")) != getattr(run.cfg, k)]
     if dist.is_main():
         if recipe and not trained:  # a finished run trains no further: nothing goes on with the new recipe
-            print(f"note: {path} was trained with another recipe; the run goes on with this one: {', '.join(recipe)}",
-                  flush=True)
+            progress.say(f"note: {path} was trained with another recipe; the run goes on with this one: "
+                         f"{', '.join(recipe)}", flush=True)
         if moved and not trained:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
-            print(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if they "
-                  "held the same images; pass another --out if they do not", flush=True)
-        print(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}", flush=True)
+            progress.say(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if "
+                         "they held the same images; pass another --out if they do not", flush=True)
+        progress.say(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}",
+                     flush=True)
 
 
 def _restart_epoch(run: Run, path: Path, images: int | None) -> None:
@@ -112,8 +115,8 @@ def _restart_epoch(run: Run, path: Path, images: int | None) -> None:
     before = f"{images:,} training images" if images is not None else "another number of training images"
     state.step, state.index = state.epoch * run.steps_per_epoch, 0
     if dist.is_main():
-        print(f"{path} was written with {before}, the data now holds {len(run.dataset.train):,}: epoch "
-              f"{state.epoch + 1} starts over, at step {state.step}", flush=True)
+        progress.say(f"{path} was written with {before}, the data now holds {len(run.dataset.train):,}: epoch "
+                     f"{state.epoch + 1} starts over, at step {state.step}", flush=True)
 
 
 def save_checkpoint(run: Run) -> None:

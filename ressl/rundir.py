@@ -41,7 +41,7 @@ def reuse_problem(out: Path) -> str | None:
         return (f"--out {out} holds a finished run's final.json but no checkpoint.pt: choose another --out (or delete "
                 "final.json to train a new run there)")
     own = out / "config.yaml"
-    if own.is_file() and not _is_run_config(own):
+    if own.is_file() and not is_run_config(own):
         return f"--out {out} holds a config.yaml that is not a ressl run's: choose another --out, so that it is not overwritten"
     if (out / "metrics.jsonl").exists() and not own.is_file():  # a run writes its config.yaml before any metric
         return f"--out {out} holds a metrics.jsonl but no run's config.yaml: choose another --out, so that it is not overwritten"
@@ -62,7 +62,8 @@ def check_outside_data(out: Path, cfg: Config) -> None:
                           "read as training images; choose an --out outside it")
 
 
-def _is_run_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.yaml`` that ressl wrote for a run (not another program's)."""
     try:
         values = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
@@ -75,25 +76,30 @@ def claim(out: Path, device: torch.device) -> bool:
     ``ressl pretrain`` with the same ``--out`` (started twice, or a requeued job while the first still runs) is
     refused instead of mixing its checkpoints and logs with this one's. Rank 0 holds it for the whole job. Returns
     whether this call took the lock (False where this process held it already, and on the other processes)."""
-    busy = taken = False
-    if dist.is_main() and out.resolve() not in _HELD:
-        with writing(f"--out {out}"):
-            out.mkdir(parents=True, exist_ok=True)
-        if fcntl is not None:
-            with writing(str(out / LOCK_NAME), "remove it, or choose another --out"):
-                fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-                try:  # a POSIX lock: loader workers forked from this process do not inherit it (flock's would)
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as err:
-                    os.close(fd)
-                    busy = err.errno in (errno.EACCES, errno.EAGAIN)  # else a filesystem without locks: run unlocked
-                else:
-                    _HELD[out.resolve()] = fd  # an empty file, never rewritten: a finished run's directory stays as it was
-                    taken = True
+    busy, taken = dist.main_writes(lambda: _lock(out), device) or (False, False)  # a full disk stops every process
     if dist.any_rank(busy, device):
         raise ConfigError(f"another ressl pretrain is running with --out {out}: wait for it to end, or choose another "
                           "--out")
     return taken
+
+
+def _lock(out: Path) -> tuple[bool, bool]:
+    """:func:`claim` on rank 0: whether another process holds ``out``'s lock, and whether this call took it."""
+    if out.resolve() in _HELD:
+        return False, False
+    with writing(f"--out {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return False, False
+    with writing(str(out / LOCK_NAME), "remove it, or choose another --out"):
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # a POSIX lock: loader workers forked from this process do not inherit it (flock's would)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        return err.errno in (errno.EACCES, errno.EAGAIN), False  # else a filesystem without locks: run unlocked
+    _HELD[out.resolve()] = fd  # an empty file, never rewritten: a finished run's directory stays as it was
+    return False, True
 
 
 def release(out: Path) -> None:

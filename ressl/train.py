@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,12 +17,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ressl import checkpoint, config, dist, precision, rundir
+from ressl import checkpoint, config, dist, precision, progress, rundir
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset, sample_split, to_device
-from ressl.errors import DataError, Interrupted, LateDataError, own_message
+from ressl.errors import DataError, Interrupted, LateDataError, load_failure, own_message
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
@@ -112,8 +110,10 @@ def _outlast_data_errors(run: Run, views: Iterator[tuple[torch.Tensor, torch.Ten
     try:
         for weak, strong in views:
             yield weak, strong
-    except DataError as err:
-        run.data_error = own_message(err)
+    except Exception as err:
+        run.data_error = load_failure(err)
+        if run.data_error is None:
+            raise
         if weak is None or strong is None:
             size = run.cfg.image_size
             weak = strong = torch.zeros(run.cfg.batch_size // dist.world_size(), 3, size, size, device=run.device)
@@ -318,6 +318,7 @@ def setup(cfg: Config) -> Run:
 def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     """:func:`setup`'s data, model, optimiser and view makers, resumed where ``out`` (or ``--resume``) has a checkpoint."""
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
+    same_data_everywhere(dataset, device)
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
     if cfg.augment_backend != "torchvision":  # whose loader workers read the images from host memory
@@ -346,7 +347,7 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     own = out / "checkpoint.pt"
     if exists_everywhere(own, device):  # the run's own progress comes first: re-running a --resume command after a stop continues it
         if cfg.resume and dist.is_main():
-            print(f"{out} has its own checkpoint: continuing from it, not from --resume {cfg.resume}", flush=True)
+            progress.say(f"{out} has its own checkpoint: continuing from it, not from --resume {cfg.resume}", flush=True)
         resume(run, own)
     elif cfg.resume and exists_everywhere(Path(cfg.resume), device, "--resume"):
         resume(run, Path(cfg.resume))
@@ -355,6 +356,19 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
     return run
+
+
+def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:
+    """Under torchrun every process loads the data itself (an npz, a torchvision set), from its own machine's disk:
+    copies that differ (a job's local disks) would end the processes' epochs at different steps, each then waiting
+    for the others forever. Refused at start, on every process (a collective; a no-op in one process)."""
+    sizes = {"training images": len(dataset.train), "labelled": -1 if dataset.bank is None else len(dataset.bank),
+             "held-out": -1 if dataset.test is None else len(dataset.test), "classes": dataset.num_classes}
+    highest = dist.max_each([*sizes.values(), *(-n for n in sizes.values())], device)
+    differ = [f"{name} {-low:,.0f} to {high:,.0f}" for name, high, low in zip(sizes, highest, highest[len(sizes):]) if high != -low]
+    if differ:
+        raise config.ConfigError(f"the processes loaded different data ({', '.join(differ)}; -1: none): give every "
+                                 "machine the same copy of --data")
 
 
 def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
@@ -486,16 +500,14 @@ def _data_failures_saved(run: Run) -> Iterator[None]:
 
 
 def _printer(run: Run) -> Callable[..., None]:
-    """``print`` on rank 0, a no-op elsewhere. When stdout's reader has gone (``ressl pretrain | head``), the run
-    stops at the next step boundary with a checkpoint, as on Ctrl-C, instead of dying inside a step."""
+    """``print`` on rank 0, a no-op elsewhere. When stdout can no longer be written (its reader has gone: ``ressl
+    pretrain | head``), the run stops at the next step boundary with a checkpoint, as on Ctrl-C, instead of dying
+    inside a step."""
     if not dist.is_main():
         return lambda *args, **kwargs: None
 
     def say(*args: Any, **kwargs: Any) -> None:
-        try:
-            print(*args, **kwargs)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later output goes nowhere, silently
+        if not progress.say(*args, **kwargs):
             run.stop_requested = True
 
     return say

@@ -107,6 +107,18 @@ def test_only_temporaries_a_killed_write_left_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", ".keep", "checkpoint.pt", "metrics.jsonl", "notes.tmp"]
 
 
+def test_a_temporary_that_cannot_be_removed_is_left(tmp_path, monkeypatch):
+    """The cleanup is best effort (another user's file in a shared run directory): a run still starts."""
+    (tmp_path / ".final.json.tmp").write_text("x")
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert (tmp_path / ".final.json.tmp").exists()
+
+
 def test_random_number_states_come_back_from_a_checkpoint(tmp_path):
     """torch's, numpy's (a cached Gaussian included) and Python's generators continue as if never stopped."""
     np.random.standard_normal()  # numpy now holds the second of a pair of Gaussians

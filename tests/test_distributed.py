@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,9 +23,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
+from ressl.config import ConfigError
 from ressl.data import load_dataset
 from ressl.errors import DataError, StoppedWithRankZero, WriteError
 from ressl.model import SplitBatchNorm
+from ressl.train import same_data_everywhere
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -70,6 +73,10 @@ def test_gathered_rows_come_in_rank_order_with_either_collective(tmp_path):
 # --- rank 0's writes ---------------------------------------------------------------------------
 
 
+def write_tensorboard_events() -> None:
+    raise OSError(28, "No space left on device")
+
+
 def _write_worker(rank: int, tmp: str) -> None:
     _join(rank, tmp)
     outcomes, writers = [], []
@@ -78,13 +85,22 @@ def _write_worker(rank: int, tmp: str) -> None:
         writers.append(rank)
         if fails:
             raise WriteError("could not write checkpoint: No space left on device")
+        return "written"
 
     for fails, agree in ((False, True), (True, True), (True, False)):  # no agreement after an error: others may be elsewhere
         try:
-            dist.main_writes(lambda fails=fails: write(fails), torch.device("cpu"), agree)
-            outcomes.append("ok")
+            outcomes.append(dist.main_writes(lambda fails=fails: write(fails), torch.device("cpu"), agree))
         except (WriteError, StoppedWithRankZero) as err:
             outcomes.append(type(err).__name__)
+    try:  # any error of rank 0's write (TensorBoard's own OSError, a host out of memory) stops every process too
+        dist.main_writes(lambda: write_tensorboard_events(), torch.device("cpu"))
+    except (OSError, StoppedWithRankZero) as err:
+        outcomes.append(type(err).__name__)
+    try:  # processes that loaded different copies of the data (a job's local disks) refuse to start, all of them
+        data = SimpleNamespace(train=range(64), bank=range(64), test=range(20 + rank), num_classes=10)
+        same_data_everywhere(data, torch.device("cpu"))
+    except ConfigError as err:
+        outcomes.append(str(err))
     torch.save({"outcomes": outcomes, "writers": writers}, f"{tmp}/rank{rank}.pt")
 
 
@@ -92,8 +108,9 @@ def test_a_write_that_fails_on_rank_0_stops_every_process_at_once(tmp_path):
     """Rank 0 alone writes the run's files; every process learns at once whether it could, so that none goes on to
     wait for rank 0 in its next collective (NCCL: 30 minutes): rank 0 raises its error, the others stop silently."""
     rank_0, rank_1 = spawn(_write_worker, tmp_path)
-    assert rank_0 == {"outcomes": ["ok", "WriteError", "WriteError"], "writers": [0, 0, 0]}
-    assert rank_1 == {"outcomes": ["ok", "StoppedWithRankZero", "ok"], "writers": []}
+    different = "the processes loaded different data (held-out 20 to 21; -1: none): give every machine the same copy of --data"
+    assert rank_0 == {"outcomes": ["written", "WriteError", "WriteError", "OSError", different], "writers": [0, 0, 0]}
+    assert rank_1 == {"outcomes": [None, "StoppedWithRankZero", None, "StoppedWithRankZero", different], "writers": []}
 
 
 # --- the queue ---------------------------------------------------------------------------------
@@ -612,6 +629,7 @@ def test_torchrun_user_mistake_is_reported_once(tmp_path):
 BREAK_AFTER_SCAN = """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import ressl.train
 from ressl.cli import main

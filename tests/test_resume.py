@@ -454,6 +454,16 @@ def test_records_logged_after_the_checkpoint_are_not_kept_twice(npz_dir, tmp_pat
     assert steps == list(range(1, 9)) and 99.0 not in logged.values()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_output_that_cannot_be_written_is_said_so_once_and_then_goes_nowhere():
+    """stdout on a full disk (/dev/full: every write fails with ENOSPC): ``say`` answers False, once, instead of
+    raising in the middle of a run; what follows goes nowhere, and the process exits cleanly."""
+    script = "from ressl.progress import say; import sys; print(say('a', flush=True), say('b', flush=True), file=sys.stderr)"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", script], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "False True\n", done.stderr
+
+
 @pytest.mark.slow
 def test_a_closed_stdout_stops_the_run_with_a_checkpoint(npz_dir, tmp_path):
     """``ressl pretrain ... | head -2``: when the reader goes away, the run stops as on Ctrl-C, checkpoint saved."""

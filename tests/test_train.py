@@ -453,6 +453,38 @@ def test_a_process_whose_images_fail_keeps_stepping_on_its_last_views_and_asks_t
         assert all(not weak.any() and not strong.any() for weak, strong in seen)
 
 
+def _views_whose_worker_dies():
+    yield torch.ones(4, 3, 8, 8), torch.ones(4, 3, 8, 8)
+    raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+
+def test_a_loader_worker_that_dies_in_one_process_asks_every_process_to_stop():
+    """Under torchrun, a loader worker killed in one process (the host's out-of-memory killer) is a stop that every
+    process agrees on, as an unreadable image is; an error of the step itself is not caught."""
+    run = SimpleNamespace(cfg=SimpleNamespace(batch_size=4, image_size=8), device=torch.device("cpu"), data_error=None)
+    seen = list(itertools.islice(_outlast_data_errors(run, _views_whose_worker_dies()), 3))
+    assert len(seen) == 3 and run.data_error == ("DataLoader worker (pid(s) 4242) exited unexpectedly (if the host "
+                                                 "ran out of memory: lower --workers)")
+
+    def failing_step():
+        yield from ()
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        next(_outlast_data_errors(run, failing_step()))
+
+
+def test_load_failures_are_told_from_other_errors():
+    from ressl.errors import load_failure
+
+    worker = ValueError("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1\nValueError: image file is truncated')
+    assert load_failure(worker) == "image file is truncated"
+    assert load_failure(RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")).endswith("lower --workers)")
+    assert load_failure(DataError("photos/cat/1.png failed to load")) == "photos/cat/1.png failed to load"
+    assert load_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+
+
 # --- the loop's bookkeeping (mutation audit, fourteenth session) ------------------------------------------------
 
 
