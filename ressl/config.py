@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet", "npz", "folder")
+DOWNLOADABLE = ("cifar10", "cifar100", "stl10")  # the sets torchvision fetches (--download)
 
 
 @dataclass
@@ -292,6 +293,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.dataset == "digits" and cfg.data is not None:  # it would read the directory as images, with the demo's recipe
         raise ConfigError(f"dataset digits is scikit-learn's embedded set and reads no --data: for {cfg.data}, pass "
                           "--dataset folder (images) or --dataset npz (train.npz/test.npz), or leave out --dataset")
+    if cfg.download and cfg.dataset not in DOWNLOADABLE:  # it would be ignored: a folder or npz arrays are read as they are
+        raise ConfigError(f"--download fetches {', '.join(DOWNLOADABLE)} only, not --dataset {cfg.dataset}: leave out --download")
     for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")

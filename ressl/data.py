@@ -431,6 +431,9 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
         return load_npz(root, dataset)
     # under torchrun: rank 0 downloads before the others read, and scans a folder for all of them
     if dataset in TORCHVISION_SETS:
+        if holds_images(root):  # a preset's dataset (cifar10) with a folder of one's own images
+            raise DataError(f"--data {root} holds image files, not {dataset}'s: for your own images pass --dataset folder "
+                            "(after --preset, if any)")
         return dist.rank_0_first(lambda: load_torchvision(dataset, root, download, can_download))
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 

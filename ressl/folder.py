@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, features
 
+from ressl import progress
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
 from ressl.progress import bar as progress_bar
@@ -66,10 +67,10 @@ def _format_data_warning(message: Warning | str, category: type[Warning], filena
                          line: str | None = None) -> str:
     """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning` and for PIL's warning about an image of
     over 89 million pixels (past 179 million PIL refuses it, and the file is skipped as unreadable); other warnings
-    are formatted as before. A loader worker's starts on a line of its own: the training's progress bar, drawn by
-    another process, leaves its line open."""
+    are formatted as before. A loader worker's starts on a line of its own on a terminal: the training's progress
+    bar, drawn there by another process, leaves its line open (in a log file no bar is drawn within a minute)."""
     if issubclass(category, (DataWarning, Image.DecompressionBombWarning)):
-        lead = "\n" if torch.utils.data.get_worker_info() is not None else ""
+        lead = "\n" if torch.utils.data.get_worker_info() is not None and progress.live() else ""
         return f"{lead}ressl: warning: {message}\n"
     return _plain_formatwarning(message, category, filename, lineno, line)
 

@@ -534,9 +534,13 @@ def test_other_warnings_keep_their_format() -> None:
     assert huge == "ressl: warning: Image size exceeds limit\n"
 
 
-def test_a_loader_workers_data_warning_starts_on_a_line_of_its_own() -> None:
-    """In a loader worker the main process's progress bar holds the terminal's line: the warning starts below it."""
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_loader_workers_data_warning_starts_on_a_line_of_its_own(terminal: bool, monkeypatch) -> None:
+    """In a loader worker the main process's progress bar holds the terminal's line: the warning starts below it. In
+    a log file no bar is drawn within a minute, and no blank line comes first."""
     from torch.utils.data import DataLoader
+
+    from ressl import progress
 
     class Warns(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -545,8 +549,9 @@ def test_a_loader_workers_data_warning_starts_on_a_line_of_its_own() -> None:
         def __getitem__(self, index: int) -> str:
             return warnings.formatwarning("truncated", DataWarning, "/x/y.py", 7)
 
+    monkeypatch.setattr(progress, "live", lambda: terminal)  # the workers are forked with it
     assert [text for batch in DataLoader(Warns(), batch_size=None, num_workers=1) for text in [batch]] == [
-        "\nressl: warning: truncated\n"]
+        ("\n" if terminal else "") + "ressl: warning: truncated\n"]
 
 
 def test_own_message_strips_a_loader_workers_traceback() -> None:

@@ -150,6 +150,9 @@ def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, c
     (tmp_path / "a_file").write_text("x")
     assert main(["report", str(tmp_path / "a_file")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("foo: 1\n")  # another program's: no report is written into its directory
+    assert main(["report", str(tmp_path)]) == 2
+    assert "its config.yaml is not a ressl run's" in capsys.readouterr().err and not (tmp_path / "report.md").exists()
 
 
 def test_figures_plot_the_logged_values(trained):
