@@ -294,7 +294,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"dataset digits is scikit-learn's embedded set and reads no --data: for {cfg.data}, pass "
                           "--dataset folder (images) or --dataset npz (train.npz/test.npz), or leave out --dataset")
     if cfg.download and cfg.dataset not in DOWNLOADABLE:  # it would be ignored: a folder or npz arrays are read as they are
-        raise ConfigError(f"--download fetches {', '.join(DOWNLOADABLE)} only, not --dataset {cfg.dataset}: leave out --download")
+        raise ConfigError(f"--download fetches {', '.join(DOWNLOADABLE)} only (pass --dataset or --preset with one of them), "
+                          f"not {cfg.dataset}: otherwise leave out --download")
     for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -285,6 +285,8 @@ def load_torchvision(name: str, root: Path, download: bool, can_download: bool =
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
             why = str(err).split(" You can use download=True")[0].rstrip(".")  # that advice is the Python API's
             fix = "add --download to fetch it, or point --data at it" if can_download else "point --data at a directory that holds it"
+            if holds_images(root):  # a preset's dataset (cifar10) with a folder of one's own images: not a download into it
+                fix = f"{root} holds image files: for your own images pass --dataset folder (after --preset, if any)"
             raise DataError(f"{name} not found in {root} ({why}); {fix}") from None
         except OSError as err:  # no network (URLError), a full disk ...
             if root.is_dir() and not any(root.iterdir()):
@@ -431,9 +433,6 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
         return load_npz(root, dataset)
     # under torchrun: rank 0 downloads before the others read, and scans a folder for all of them
     if dataset in TORCHVISION_SETS:
-        if holds_images(root):  # a preset's dataset (cifar10) with a folder of one's own images
-            raise DataError(f"--data {root} holds image files, not {dataset}'s: for your own images pass --dataset folder "
-                            "(after --preset, if any)")
         return dist.rank_0_first(lambda: load_torchvision(dataset, root, download, can_download))
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 

@@ -48,14 +48,15 @@ def embed(
     out_path = Path(out).expanduser()
     files_path = files_list_path(out_path)
     # under torchrun every process holds all the features: rank 0 writes them, and all learn whether it could
-    dist.main_writes(lambda: _write_features(feats, rows, out_path, files_path), dev)
+    dist.main_writes(lambda: _write_features(feats, rows, out, files_path), dev)
     return out_path, files_path, (int(feats.shape[0]), int(feats.shape[1]))
 
 
-def _write_features(feats: torch.Tensor, rows: list[str], out_path: Path, files_path: Path) -> None:
-    """The (N, F) features as float32 ``.npy`` and the rows' origins, both written, then both renamed over the
-    earlier ones: a failed write replaces neither."""
-    with writing(f"--out {out_path}", "free disk space or choose another --out"), replaced(out_path) as f, replaced(files_path) as g:
+def _write_features(feats: torch.Tensor, rows: list[str], out: str, files_path: Path) -> None:
+    """The (N, F) features as float32 ``.npy`` in ``out`` (as the user wrote it) and the rows' origins, both written,
+    then both renamed over the earlier ones: a failed write replaces neither."""
+    out_path = Path(out).expanduser()
+    with writing(f"--out {out}", "free disk space or choose another --out"), replaced(out_path) as f, replaced(files_path) as g:
         np.save(f, feats.cpu().numpy().astype(np.float32))
         # a name that is not UTF-8 (Latin-1 on an old disk): the bytes the filesystem holds
         g.write("".join(r + "\n" for r in rows).encode("utf-8", errors="surrogateescape"))

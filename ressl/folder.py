@@ -183,11 +183,19 @@ def holds_images(root: Path) -> bool:
     torchvision's files of a dataset. A glance (64 sub-folders a level), not a scan."""
     level = [root]
     for _ in range(3):
-        children = [e for d in level if d.is_dir() for e in os.scandir(d) if not e.name.startswith(".")]
+        children = [e for d in level for e in _entries(d) if not e.name.startswith(".")]
         if any(e.is_file() and _is_image_name(e.name) for e in children):
             return True
         level = [Path(e.path) for e in children if e.is_dir()][:64]
     return False
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    """What ``directory`` holds; nothing where it cannot be read (``lost+found`` at a disk's root) or is no directory."""
+    try:
+        return list(os.scandir(directory))
+    except OSError:
+        return []
 
 
 def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:

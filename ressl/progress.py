@@ -12,15 +12,19 @@ from typing import Any
 LOG_SECONDS = 60.0  # off a terminal: the first state after this long, then one every this long
 
 
+_lost = False  # stdout could not be written once: it goes nowhere since
+
+
 def say(*args: Any, **kwargs: Any) -> bool:
-    """``print``; False when stdout can no longer be written (its reader has gone: ``ressl pretrain | head``; a log file
-    on a full disk), and from then on stdout goes nowhere, silently, instead of an error in the middle of a run."""
+    """``print``; False once stdout could not be written (its reader has gone: ``ressl pretrain | head``; a log file on
+    a full disk), from then on: stdout then goes nowhere, silently, instead of an error in the middle of a run."""
+    global _lost
     try:
         print(*args, **kwargs)
-        return True
     except OSError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
+        _lost = True
+    return not _lost
 
 
 def live() -> bool:

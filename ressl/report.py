@@ -39,7 +39,7 @@ from ressl.plots import (
     save_png,
     series,
 )
-from ressl.rundir import is_run_config
+from ressl.rundir import run_values
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -282,9 +282,6 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         raise RunDirError(f"run directory {run} {what}: pass the --out of ressl pretrain")
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.yaml or metrics.jsonl): pass the --out of ressl pretrain")
-    if not (run / "metrics.jsonl").is_file() and not is_run_config(run / "config.yaml"):  # another program's config.yaml
-        raise RunDirError(f"{run} is not a run directory (its config.yaml is not a ressl run's, and it has no metrics.jsonl): "
-                          "pass the --out of ressl pretrain")
     report = Report(run / "report.md", run / "report.html")
     cfg: dict[str, Any] = {}
     if (run / "config.yaml").is_file():
@@ -293,6 +290,10 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             loaded = None
             report.notes.append(f"config.yaml could not be read ({type(err).__name__}): the configuration is left out")
+        else:
+            if not run_values(loaded) and not (run / "metrics.jsonl").is_file():  # another program's config.yaml
+                raise RunDirError(f"{run} is not a run directory (its config.yaml is not a ressl run's, and it has no "
+                                  "metrics.jsonl): pass the --out of ressl pretrain")
         cfg = loaded if isinstance(loaded, dict) else {}
     records = read_metrics(run / "metrics.jsonl")
     final = None

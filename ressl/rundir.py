@@ -63,11 +63,16 @@ def check_outside_data(out: Path, cfg: Config) -> None:
 
 
 def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a ``config.yaml`` that ressl wrote for a run (not another program's)."""
+    """Whether ``path`` is a ``config.yaml`` that ressl wrote for a run (not another program's, nor unreadable)."""
     try:
         values = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return False
+    return run_values(values)
+
+
+def run_values(values: Any) -> bool:
+    """Whether ``values``, a ``config.yaml`` as loaded, are a run's configuration."""
     return isinstance(values, dict) and {"backbone", "queue_size", "student_temperature"} <= set(values)
 
 

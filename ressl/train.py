@@ -501,8 +501,8 @@ def _data_failures_saved(run: Run) -> Iterator[None]:
 
 def _printer(run: Run) -> Callable[..., None]:
     """``print`` on rank 0, a no-op elsewhere. When stdout can no longer be written (its reader has gone: ``ressl
-    pretrain | head``), the run stops at the next step boundary with a checkpoint, as on Ctrl-C, instead of dying
-    inside a step."""
+    pretrain | head``), or could not be when the run was set up, the run stops at the next step boundary with a
+    checkpoint, as on Ctrl-C, instead of dying inside a step."""
     if not dist.is_main():
         return lambda *args, **kwargs: None
 

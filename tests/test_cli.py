@@ -69,9 +69,10 @@ def test_a_preset_keeps_its_dataset_when_data_is_given(tmp_path, capsys):
     assert "no images found" in bad(["pretrain", "--data", str(tmp_path / "cifar10")], capsys)
     Image.new("RGB", (8, 8)).save(tmp_path / "cifar10" / "cat.png")  # a preset's dataset with a folder of one's own images
     err = bad(["pretrain", "--preset", "cifar10", "--data", str(tmp_path / "cifar10")], capsys)
-    assert "holds image files, not cifar10's: for your own images pass --dataset folder" in err and "--download" not in err
+    assert "holds image files: for your own images pass --dataset folder" in err and "--download" not in err
     err = bad(["pretrain", "--data", str(tmp_path / "cifar10"), "--download"], capsys)  # it would be ignored
-    assert err.endswith("--download fetches cifar10, cifar100, stl10 only, not --dataset folder: leave out --download")
+    assert err.endswith("--download fetches cifar10, cifar100, stl10 only (pass --dataset or --preset with one of them), not "
+                        "folder: otherwise leave out --download")
 
 
 def bad(argv, capsys, code: int = 2) -> str:

@@ -430,6 +430,13 @@ def test_dataset_npz_on_a_folder_of_images_points_at_dataset_folder(tmp_path):
         load_dataset("npz", str(empty))
 
 
+def test_the_sets_that_download_are_the_ones_torchvision_reads():
+    from ressl.config import DOWNLOADABLE
+    from ressl.data import TORCHVISION_SETS
+
+    assert set(DOWNLOADABLE) == set(TORCHVISION_SETS)
+
+
 def test_download_is_suggested_only_where_the_command_has_the_flag(tmp_path):
     """pretrain has --download; knn, linear and embed do not, so their errors must not suggest it."""
     (tmp_path / "empty").mkdir()

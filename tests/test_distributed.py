@@ -629,7 +629,6 @@ def test_torchrun_user_mistake_is_reported_once(tmp_path):
 BREAK_AFTER_SCAN = """
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import ressl.train
 from ressl.cli import main

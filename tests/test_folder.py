@@ -580,3 +580,24 @@ def test_symlinks_back_into_the_data_list_no_image_twice(tmp_path: Path) -> None
     rel = [p.relative_to(tmp_path).as_posix() for p in idx.files]
     assert rel == ["blue/0.png", "blue/1.png", "red/0.png", "red/1.png", "red/more/deep/x.png"]
     assert idx.labels == [0, 0, 1, 1, 1]
+
+
+def test_a_glance_for_images_passes_over_folders_it_cannot_read(tmp_path: Path, monkeypatch) -> None:
+    """A data root at a disk's top holds lost+found, which only root may read: the glance that tells an image folder
+    from torchvision's files goes past it instead of raising."""
+    from ressl import folder
+
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    scandir = folder.os.scandir
+
+    def refusing(path):
+        if Path(path).name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", refusing)
+    assert not folder.holds_images(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "cifar-10-batches-py" / "x.png")
+    assert folder.holds_images(tmp_path)

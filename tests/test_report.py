@@ -153,6 +153,11 @@ def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, c
     (tmp_path / "config.yaml").write_text("foo: 1\n")  # another program's: no report is written into its directory
     assert main(["report", str(tmp_path)]) == 2
     assert "its config.yaml is not a ressl run's" in capsys.readouterr().err and not (tmp_path / "report.md").exists()
+    damaged = tmp_path / "damaged"  # a run's config.yaml that cannot be read is a note, whatever else the run holds
+    damaged.mkdir()
+    (damaged / "config.yaml").write_text("a: [unclosed")
+    assert main(["report", str(damaged), "--no-embeddings"]) == 0
+    assert "config.yaml could not be read" in capsys.readouterr().out
 
 
 def test_figures_plot_the_logged_values(trained):
