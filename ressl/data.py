@@ -437,6 +437,20 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
 
 
+def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:
+    """Under torchrun every process loads the data itself (an npz, a torchvision set), from its own machine's disk:
+    copies that differ (a job's local disks) would end the processes' epochs (or their shares of an evaluation) at
+    different steps, each then waiting for the others forever. Refused at start, on every process (a collective; a
+    no-op in one process)."""
+    sizes = {"training images": len(dataset.train), "labelled": -1 if dataset.bank is None else len(dataset.bank),
+             "held-out": -1 if dataset.test is None else len(dataset.test), "classes": dataset.num_classes}
+    highest = dist.max_each([*sizes.values(), *(-n for n in sizes.values())], device)
+    differ = [f"{name} {-low:,.0f} to {high:,.0f}" for name, high, low in zip(sizes, highest, highest[len(sizes):]) if high != -low]
+    if differ:
+        raise config.ConfigError(f"the processes loaded different data ({', '.join(differ)}; -1: none): give every "
+                                 "machine the same copy of --data")
+
+
 def sample_split(split: Split, size: int, seed: int = 0) -> Split:
     """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order."""
     if len(split) <= size:

@@ -406,11 +406,12 @@ def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset:
     """A checkpoint's backbone and configuration, and the data to evaluate it on (``ressl.data.evaluation_source``:
     the run's unless ``dataset``/``data`` say otherwise), normalised as the run's training images were. Without
     that, other data would be normalised by its own statistics (npz arrays, digits), unlike what the network saw."""
-    from ressl.data import evaluation_source, load_dataset
+    from ressl.data import evaluation_source, load_dataset, same_data_everywhere
 
     backbone, cfg, normalisation = load_trained(path, teacher, device)
     ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download if download is None else download,
                       can_download=False)  # knn, linear, embed and report have no --download to suggest
+    same_data_everywhere(ds, device)
     if normalisation is not None:
         ds = dataclasses.replace(ds, mean=normalisation[0], std=normalisation[1])
     return backbone, cfg, ds

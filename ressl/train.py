@@ -21,7 +21,7 @@ from ressl import checkpoint, config, dist, precision, progress, rundir
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
 from ressl.config import Config
-from ressl.data import Dataset, load_dataset, sample_split, to_device
+from ressl.data import Dataset, load_dataset, same_data_everywhere, sample_split, to_device
 from ressl.errors import DataError, Interrupted, LateDataError, load_failure, own_message
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
@@ -356,19 +356,6 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     if graphed:  # after resume: the graph reads the optimiser's memory as loaded
         run.graph = capture_network_step(run)
     return run
-
-
-def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:
-    """Under torchrun every process loads the data itself (an npz, a torchvision set), from its own machine's disk:
-    copies that differ (a job's local disks) would end the processes' epochs at different steps, each then waiting
-    for the others forever. Refused at start, on every process (a collective; a no-op in one process)."""
-    sizes = {"training images": len(dataset.train), "labelled": -1 if dataset.bank is None else len(dataset.bank),
-             "held-out": -1 if dataset.test is None else len(dataset.test), "classes": dataset.num_classes}
-    highest = dist.max_each([*sizes.values(), *(-n for n in sizes.values())], device)
-    differ = [f"{name} {-low:,.0f} to {high:,.0f}" for name, high, low in zip(sizes, highest, highest[len(sizes):]) if high != -low]
-    if differ:
-        raise config.ConfigError(f"the processes loaded different data ({', '.join(differ)}; -1: none): give every "
-                                 "machine the same copy of --data")
 
 
 def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:

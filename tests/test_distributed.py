@@ -24,10 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ressl import EmbeddingQueue, build_model, dist, relational_loss
 from ressl.config import ConfigError
-from ressl.data import load_dataset
+from ressl.data import load_dataset, same_data_everywhere
 from ressl.errors import DataError, StoppedWithRankZero, WriteError
 from ressl.model import SplitBatchNorm
-from ressl.train import same_data_everywhere
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
