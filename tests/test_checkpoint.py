@@ -107,12 +107,14 @@ def test_only_temporaries_a_killed_write_left_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", ".keep", "checkpoint.pt", "metrics.jsonl", "notes.tmp"]
 
 
-def test_a_temporary_that_cannot_be_removed_is_left(tmp_path, monkeypatch):
-    """The cleanup is best effort (another user's file in a shared run directory): a run still starts."""
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system")])
+def test_a_temporary_that_cannot_be_removed_is_left(tmp_path, monkeypatch, error):
+    """The cleanup is best effort (another user's file in a shared run directory, a run directory on a disk mounted
+    read-only to look at it): a run still starts."""
     (tmp_path / ".final.json.tmp").write_text("x")
 
     def refused(self, missing_ok=False):
-        raise PermissionError(13, "Permission denied")
+        raise error
 
     monkeypatch.setattr(Path, "unlink", refused)
     checkpoint.remove_stale_temporaries(tmp_path)

@@ -15,6 +15,17 @@ def test_every_preset_resolves():
         config.resolve(name, {})
 
 
+def test_download_is_refused_for_every_set_torchvision_does_not_fetch():
+    """--download would be ignored there (a folder, arrays, ImageNet's own files): refused, naming the sets it fetches."""
+    for dataset in config.DATASETS:
+        values = {"dataset": dataset, "download": True}
+        if dataset in config.DOWNLOADABLE:
+            assert config.resolve(None, values).download
+        else:
+            with pytest.raises(ConfigError, match=f"^--download fetches cifar10, cifar100, stl10 only .*, not {dataset}: "):
+                config.resolve(None, values)
+
+
 def test_paper_defaults_in_presets():
     c = config.resolve("cifar10", {})
     assert (c.backbone, c.image_size, c.queue_size, c.ema_momentum, c.batch_size, c.epochs) == ("resnet18", 32, 4096, 0.99, 256, 200)

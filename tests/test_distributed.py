@@ -76,6 +76,44 @@ def write_tensorboard_events() -> None:
     raise OSError(28, "No space left on device")
 
 
+def _run_files(rank: int, tmp: str) -> dict:
+    """What becomes of the run's own files on process ``rank`` (test_a_write_that_fails_on_rank_0_stops_every_process_at_once)."""
+    import ressl.train
+    from ressl import config
+    from ressl.embed import embed
+    from ressl.meter import MetricsLog
+    from ressl.resume import save_checkpoint
+
+    cpu, seen = torch.device("cpu"), {}
+    values = dict(dataset="npz", out=f"{tmp}/run", image_size=16, width=8, hidden_dim=32, out_dim=16, batch_size=32,
+                  queue_size=64, epochs=1, precision="fp32", channels_last=False, knn_k=10, device="cpu", workers=0)
+    try:  # each process its own copy of --data (a job's local disks), one of them with more images
+        ressl.train.setup(config.resolve(None, dict(values, data=f"{tmp}/data{rank}")))
+    except ConfigError as err:
+        seen["set-up"] = str(err)
+    run = ressl.train.setup(config.resolve(None, dict(values, data=f"{tmp}/data")))
+    save_checkpoint(run)
+    if rank == 0:  # a line logged by rank 0 alone (after an error, where the others may be elsewhere): no collective
+        try:
+            run.log.write(agree=False, step=1, loss=0.5)
+            seen["alone"] = dist.max_each([1.0], cpu)[0]
+        except StoppedWithRankZero:  # a collective of its own would meet rank 1's below
+            seen["alone"] = "StoppedWithRankZero"
+    else:
+        seen["alone"] = dist.max_each([5.0], cpu)[0]
+    (Path(tmp) / "unreadable.jsonl").mkdir(exist_ok=True)  # a log that rank 0 cannot read back to rewrite it
+    (Path(tmp) / "a_file").touch()  # where embed's --out would need a folder
+    for what, write in (("log rewrite", lambda: MetricsLog(Path(tmp) / "unreadable.jsonl", cpu).keep_until(-1)),
+                        ("features", lambda: embed(str(run.out / "checkpoint.pt"), None, f"{tmp}/a_file/f.npy", device="cpu",
+                                                   workers=0))):
+        try:
+            write()
+            seen[what] = "done"
+        except (OSError, WriteError, StoppedWithRankZero) as err:
+            seen[what] = type(err).__name__
+    return seen
+
+
 def _write_worker(rank: int, tmp: str) -> None:
     _join(rank, tmp)
     outcomes, writers = [], []
@@ -96,18 +134,29 @@ def _write_worker(rank: int, tmp: str) -> None:
     except (OSError, StoppedWithRankZero) as err:
         outcomes.append(type(err).__name__)
     try:  # processes that loaded different copies of the data (a job's local disks) refuse to start, all of them
-        data = SimpleNamespace(train=range(64), bank=range(64), test=range(20 + rank), num_classes=10)
+        data = SimpleNamespace(train=range(64), bank=range(50) if rank else None, test=range(20 + rank), num_classes=10 + rank)
         same_data_everywhere(data, torch.device("cpu"))
     except ConfigError as err:
         outcomes.append(str(err))
-    torch.save({"outcomes": outcomes, "writers": writers}, f"{tmp}/rank{rank}.pt")
+    torch.save({"outcomes": outcomes, "writers": writers, "run files": _run_files(rank, tmp)}, f"{tmp}/rank{rank}.pt")
 
 
 def test_a_write_that_fails_on_rank_0_stops_every_process_at_once(tmp_path):
     """Rank 0 alone writes the run's files; every process learns at once whether it could, so that none goes on to
-    wait for rank 0 in its next collective (NCCL: 30 minutes): rank 0 raises its error, the others stop silently."""
+    wait for rank 0 in its next collective (NCCL: 30 minutes): rank 0 raises its error, the others stop silently. So
+    do a log rewrite and embed's features; a metrics line that rank 0 writes alone (after an error) waits for no other
+    process; set-up refuses copies of the data that differ between processes, on all of them."""
+    for name, n in (("data0", 64), ("data1", 96), ("data", 64)):
+        (tmp_path / name).mkdir()
+        x, y = make_images(n, 16, 4)
+        np.savez(tmp_path / name / "train.npz", x=x, y=y)
     rank_0, rank_1 = spawn(_write_worker, tmp_path)
-    different = "the processes loaded different data (held-out 20 to 21; -1: none): give every machine the same copy of --data"
+    files = {"set-up": "the processes loaded different data (training images 64 to 96, labelled 64 to 96; -1: none): give "
+                       "every machine the same copy of --data", "alone": 5.0}
+    assert rank_0.pop("run files") == {**files, "log rewrite": "IsADirectoryError", "features": "WriteError"}
+    assert rank_1.pop("run files") == {**files, "log rewrite": "StoppedWithRankZero", "features": "StoppedWithRankZero"}
+    different = ("the processes loaded different data (labelled -1 to 50, held-out 20 to 21, classes 10 to 11; -1: none): give "
+                 "every machine the same copy of --data")
     assert rank_0 == {"outcomes": ["written", "WriteError", "WriteError", "OSError", different], "writers": [0, 0, 0]}
     assert rank_1 == {"outcomes": [None, "StoppedWithRankZero", None, "StoppedWithRankZero", different], "writers": []}
 

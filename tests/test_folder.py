@@ -552,6 +552,8 @@ def test_a_loader_workers_data_warning_starts_on_a_line_of_its_own(terminal: boo
     monkeypatch.setattr(progress, "live", lambda: terminal)  # the workers are forked with it
     assert [text for batch in DataLoader(Warns(), batch_size=None, num_workers=1) for text in [batch]] == [
         ("\n" if terminal else "") + "ressl: warning: truncated\n"]
+    # outside a loader worker the warning is its one line, on a terminal too
+    assert warnings.formatwarning("truncated", DataWarning, "/x/y.py", 7) == "ressl: warning: truncated\n"
 
 
 def test_own_message_strips_a_loader_workers_traceback() -> None:
@@ -601,3 +603,5 @@ def test_a_glance_for_images_passes_over_folders_it_cannot_read(tmp_path: Path, 
     assert not folder.holds_images(tmp_path)
     Image.new("RGB", (4, 4)).save(tmp_path / "cifar-10-batches-py" / "x.png")
     assert folder.holds_images(tmp_path)
+    # a --data that does not exist, or is a file: no images, not an error
+    assert not folder.holds_images(tmp_path / "nowhere") and not folder.holds_images(tmp_path / "cifar-10-batches-py" / "x.png")

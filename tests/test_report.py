@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import make_images
 from PIL import Image
 
+from ressl import config
 from ressl.augment import eval_transform
 from ressl.checkpoint import replaced
 from ressl.cli import main
@@ -153,11 +154,28 @@ def test_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path, c
     (tmp_path / "config.yaml").write_text("foo: 1\n")  # another program's: no report is written into its directory
     assert main(["report", str(tmp_path)]) == 2
     assert "its config.yaml is not a ressl run's" in capsys.readouterr().err and not (tmp_path / "report.md").exists()
+    (tmp_path / "config.yaml").write_text("")  # an empty one is no run's either
+    assert main(["report", str(tmp_path)]) == 2
+    assert "its config.yaml is not a ressl run's" in capsys.readouterr().err and not (tmp_path / "report.md").exists()
     damaged = tmp_path / "damaged"  # a run's config.yaml that cannot be read is a note, whatever else the run holds
     damaged.mkdir()
     (damaged / "config.yaml").write_text("a: [unclosed")
     assert main(["report", str(damaged), "--no-embeddings"]) == 0
     assert "config.yaml could not be read" in capsys.readouterr().out
+
+
+def test_a_runs_config_alone_or_its_log_beside_another_config_is_reported(tmp_path, capsys):
+    """Only a directory with neither a run's config.yaml nor a metrics.jsonl is refused: a run stopped before its
+    first record (its config.yaml alone) gets its report, as does a run's log beside a config.yaml of other keys."""
+    started, logged = tmp_path / "started", tmp_path / "logged"
+    started.mkdir()
+    config.save(config.resolve(None, {}), started / "config.yaml")
+    assert main(["report", str(started), "--no-embeddings"]) == 0
+    logged.mkdir()
+    (logged / "config.yaml").write_text("foo: 1\n")
+    (logged / "metrics.jsonl").write_text('{"step": 0, "epoch": 0}\n')
+    assert main(["report", str(logged), "--no-embeddings"]) == 0
+    assert (started / "report.md").is_file() and (logged / "report.md").is_file()
 
 
 def test_figures_plot_the_logged_values(trained):
@@ -286,6 +304,9 @@ def test_embed_that_cannot_write_keeps_the_earlier_features(trained, tmp_path, m
     capsys.readouterr()
     assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "emb")]) == 2
     assert "name the features file with .npy, e.g. --out " + str(tmp_path / "emb.npy") in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # the row list still fails: the error names --out as the user typed it
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", "~/emb.npy", "--device", "cpu"]) == 1
+    assert "could not write --out ~/emb.npy: No space left on device" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes but / and NUL, as on Linux")

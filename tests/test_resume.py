@@ -458,8 +458,9 @@ def test_records_logged_after_the_checkpoint_are_not_kept_twice(npz_dir, tmp_pat
 def test_output_that_cannot_be_written_is_said_so_once_and_then_goes_nowhere():
     """stdout on a full disk (/dev/full: every write fails with ENOSPC): ``say`` answers False instead of raising in
     the middle of a run, and keeps answering so (a run told at its set-up stops at its first line); what follows goes
-    nowhere, and the process exits cleanly."""
-    script = "from ressl.progress import say; import sys; print(say('a', flush=True), say('b', flush=True), file=sys.stderr)"
+    nowhere (a plain ``print`` too), and the process exits cleanly."""
+    script = ("from ressl.progress import say; import sys; print(say('a', flush=True), say('b', flush=True), file=sys.stderr); "
+              "print('c', flush=True)")
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-c", script], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "False False\n", done.stderr

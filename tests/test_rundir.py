@@ -218,4 +218,7 @@ def test_a_finished_run_reruns_complete_with_another_number_of_processes(npz_dir
     assert "already complete" in capsys.readouterr().out
     assert main(pretrain(npz_dir, out, "--epochs", "2")) == 2  # training on would draw other views: refused
     assert "was written by 2 processes, this run has 1" in one_line_error(capsys)
+    torch.save(dict(saved, world_size=2, minutes=6.0), out / "checkpoint.pt")  # its time spent, by the checkpoint's minutes
+    assert main(pretrain(npz_dir, out, "--epochs", "2", "--max_minutes", "5")) == 0
+    assert "its --max_minutes 5.0 are spent" in capsys.readouterr().out
 
