@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +34,11 @@ WORLD = 2
 
 
 def _join(rank: int, tmp: str) -> None:
+    """Join the two processes' gloo group; a collective that one process never reaches fails after two minutes (a
+    test that fails), not gloo's default half hour (a suite that hangs)."""
     torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                                  timeout=timedelta(minutes=2))
 
 
 def _run_worker(rank: int, fn, tmp: str) -> None:
