@@ -41,7 +41,7 @@ def reuse_problem(out: Path) -> str | None:
         return (f"--out {out} holds a finished run's final.json but no checkpoint.pt: choose another --out (or delete "
                 "final.json to train a new run there)")
     own = out / "config.yaml"
-    if own.is_file() and not is_run_config(own):
+    if own.is_file() and not _is_run_config(own):
         return f"--out {out} holds a config.yaml that is not a ressl run's: choose another --out, so that it is not overwritten"
     if (out / "metrics.jsonl").exists() and not own.is_file():  # a run writes its config.yaml before any metric
         return f"--out {out} holds a metrics.jsonl but no run's config.yaml: choose another --out, so that it is not overwritten"
@@ -62,7 +62,7 @@ def check_outside_data(out: Path, cfg: Config) -> None:
                           "read as training images; choose an --out outside it")
 
 
-def is_run_config(path: Path) -> bool:
+def _is_run_config(path: Path) -> bool:
     """Whether ``path`` is a ``config.yaml`` that ressl wrote for a run (not another program's, nor unreadable)."""
     try:
         values = yaml.safe_load(path.read_text())

@@ -433,10 +433,10 @@ def test_the_epochs_bar_is_live_on_a_terminal_and_silent_in_a_short_runs_log(npz
         assert ("loss=" in written and "epoch 1/5" in written) if live else written == "", written
 
 
-def _views_failing_after(n: int):
+def _views_failing_after(n: int, error: Exception | None = None):
     for i in range(n):
         yield torch.full((4, 3, 8, 8), float(i)), torch.full((4, 3, 8, 8), -float(i))
-    raise DataError("photos/cat/1.png failed to load")
+    raise error or DataError("photos/cat/1.png failed to load")
 
 
 @pytest.mark.parametrize("good", [2, 0])
@@ -453,25 +453,17 @@ def test_a_process_whose_images_fail_keeps_stepping_on_its_last_views_and_asks_t
         assert all(not weak.any() and not strong.any() for weak, strong in seen)
 
 
-def _views_whose_worker_dies():
-    yield torch.ones(4, 3, 8, 8), torch.ones(4, 3, 8, 8)
-    raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
-
-
 def test_a_loader_worker_that_dies_in_one_process_asks_every_process_to_stop():
     """Under torchrun, a loader worker killed in one process (the host's out-of-memory killer) is a stop that every
     process agrees on, as an unreadable image is; an error of the step itself is not caught."""
     run = SimpleNamespace(cfg=SimpleNamespace(batch_size=4, image_size=8), device=torch.device("cpu"), data_error=None)
-    seen = list(itertools.islice(_outlast_data_errors(run, _views_whose_worker_dies()), 3))
+    died = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    seen = list(itertools.islice(_outlast_data_errors(run, _views_failing_after(1, died)), 3))
     assert len(seen) == 3 and run.data_error == ("DataLoader worker (pid(s) 4242) exited unexpectedly (if the host "
                                                  "ran out of memory: lower --workers)")
-
-    def failing_step():
-        yield from ()
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
+    step_failed = RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        next(_outlast_data_errors(run, failing_step()))
+        next(_outlast_data_errors(run, _views_failing_after(0, step_failed)))
 
 
 def test_load_failures_are_told_from_other_errors():
