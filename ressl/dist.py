@@ -135,16 +135,19 @@ def rank_0_first(load: Callable[[], T], share: bool = False) -> T:
     """``load()`` on rank 0 first; an exception it raises, every process raises. Then, with ``share``, the other
     processes receive rank 0's result instead of computing it (a scan of an image folder: a million files read once,
     not once per process, and the same list in every process); without, each runs ``load()`` itself once rank 0's
-    has finished (a download, which rank 0 alone writes). One process: ``load()``. A collective: every rank calls it.
+    has finished, in :func:`in_machine_turns` (a download, which one process per disk writes). One process: ``load()``.
+    A collective: every rank calls it.
     """
     if not is_distributed():
         return load()
+    if not share:
+        return in_machine_turns(load)
     outcome: list[object] = [None]
     failure: BaseException | None = None
     if is_main():
         try:
             result = load()
-            outcome[0] = ("done", result if share else None)
+            outcome[0] = ("done", result)
         except Exception as err:  # noqa: BLE001 - any failure: sent on, then raised here too
             failure = err
             outcome[0] = ("failed", _portable(err))
@@ -154,9 +157,38 @@ def rank_0_first(load: Callable[[], T], share: bool = False) -> T:
     kind, value = outcome[0]  # type: ignore[misc]
     if kind == "failed":
         raise value
-    if is_main():
-        return result
-    return value if share else load()  # type: ignore[no-any-return]
+    return result if is_main() else value  # type: ignore[no-any-return]
+
+
+def machine_turn() -> int:
+    """When this process runs a load that writes where others read (:func:`in_machine_turns`): 0 for rank 0, 1 for the
+    first process of every other machine (``LOCAL_RANK`` 0), 2 for the rest."""
+    return 0 if is_main() else 1 if local_rank() == 0 else 2
+
+
+def in_machine_turns(load: Callable[[], T]) -> T:
+    """``load()`` on every process, in three turns (:func:`machine_turn`), each waiting for the one before: rank 0
+    first (it downloads into a root that every machine shares: the others then find the files there), then the first
+    process of each other machine (into a root on its own machine's disk: one download per machine, at once on
+    every machine, never two into one directory), then the rest (who find their machine's copy). What a turn's
+    processes raise, every process raises (the first of them, in rank order), without running ``load()`` again. A
+    collective, in the patient group: a download may take longer than a training step's timeout."""
+    result: T | None = None
+    for turn in range(3):
+        failure: Exception | None = None
+        if machine_turn() == turn:
+            try:
+                result = load()
+            except Exception as err:  # noqa: BLE001 - any failure: sent on, then raised here too
+                failure = err
+        outcomes: list[Exception | None] = [None] * world_size()
+        torch_dist.all_gather_object(outcomes, None if failure is None else _portable(failure), group=_patient_group())
+        if failure is not None:
+            raise failure
+        first = next((raised for raised in outcomes if raised is not None), None)
+        if first is not None:
+            raise first
+    return result  # type: ignore[return-value]
 
 
 _PATIENT: list[Any] = []  # the group of _patient_group, made once per process group
@@ -230,7 +262,7 @@ def max_each(values: list[float], device: torch.device) -> list[float]:
     """The largest of every process's value, position by position, in one collective (every rank, the same step)."""
     if not is_distributed():
         return values
-    agreed = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    agreed = torch.tensor(values, dtype=torch.float64, device=device)  # exact for counts up to 2^53 (images, classes)
     torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MAX)
     return agreed.tolist()
 

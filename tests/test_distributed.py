@@ -384,6 +384,52 @@ def test_rank_0_first_shares_a_scan_and_orders_a_download(tmp_path):
     assert (zero["warned"], one["warned"]) == (1, 0)  # the stray image: only the scanning process saw it
 
 
+def _turns_worker(rank: int, tmp: str) -> None:
+    """Three processes on two machines: rank 0 alone on the first; ranks 1 and 2 on the second (local ranks 0 and 1)."""
+    os.environ["LOCAL_RANK"] = str({0: 0, 1: 0, 2: 1}[rank])
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=3,
+                                  timeout=timedelta(minutes=2))
+    marks = Path(tmp)
+
+    def download() -> list[str]:  # what had been downloaded when this process's turn came
+        seen = sorted(p.name for p in marks.glob("downloaded*"))
+        (marks / f"downloaded{rank}").write_text("x")
+        return seen
+
+    seen = dist.rank_0_first(download)
+    raised = {}
+    for failing in (0, 1, 2):
+        def fails(failing: int = failing) -> str:
+            (marks / f"tried{failing}-{rank}").write_text("x")
+            if rank == failing:
+                raise DataError(f"rank {rank} could not download")
+            return "downloaded"
+        try:
+            raised[failing] = dist.in_machine_turns(fails)
+        except DataError as err:
+            raised[failing] = str(err)
+    torch_dist.barrier()
+    tried = sorted(p.name for p in marks.glob("tried*"))
+    torch.save(dict(turn=dist.machine_turn(), seen=seen, raised=raised, tried=tried), f"{tmp}/rank{rank}.pt")
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+def test_downloads_run_rank_0_first_then_one_process_per_machine_then_the_rest(tmp_path):
+    """A torchvision download into ``--data``: rank 0 first (a root all machines share: the others find its files),
+    then the first process of each other machine (a root on each machine's own disk: one download each, never two
+    processes writing one directory at once), then the rest; a failure in any turn stops every process with its
+    message, and no later turn runs."""
+    mp.spawn(_turns_worker, args=(str(tmp_path),), nprocs=3, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert [r["turn"] for r in results] == [0, 1, 2]
+    assert [r["seen"] for r in results] == [[], ["downloaded0"], ["downloaded0", "downloaded1"]]
+    for r in results:
+        assert r["raised"] == {0: "rank 0 could not download", 1: "rank 1 could not download", 2: "rank 2 could not download"}
+    assert results[0]["tried"] == ["tried0-0", "tried1-0", "tried1-1", "tried2-0", "tried2-1", "tried2-2"]
+
+
 def _failing_batches(rank: int, fails_on: set[int]):
     """Two batches of 2 images; on the ranks in ``fails_on`` the second one fails to load."""
     yield torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
