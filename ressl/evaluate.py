@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -338,9 +339,11 @@ def augmented_batches(
 ) -> Batches:
     """Per epoch, frozen-backbone features of the training images under RandomResizedCrop(crop_min_scale-1) and,
     with ``flip``, a horizontal flip (``ressl linear --augment``: 0.08, the linear protocol's, and the run's own ``flip``:
-    digits are not flipped).
+    digits are not flipped), in a random order drawn from ``seed`` and the epoch.
 
-    In-memory images are cropped batched on the device; folders are cropped by loader workers.
+    In-memory images are cropped batched on the device; folders are cropped by loader workers. Under torchrun each
+    process embeds its share of the epoch's order (its crops drawn from a seed of its own) and every process gets
+    all of them, batch by batch (:func:`_gathered`): each of N processes embeds 1/N of every epoch.
     """
     from torchvision.transforms import v2
 
@@ -356,22 +359,64 @@ def augmented_batches(
         with autocast(device, dtype):
             return backbone(images.contiguous(memory_format=torch.channels_last)).float()
 
-    def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        backbone.eval()
+    def share(order: torch.Tensor, draws: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's rows of the epoch's ``order`` (the last padded with ``PAD_LABEL`` rows), embedded."""
+        per_rank = rows_per_rank(len(split))
+        rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
+        mine, pad = order[rows.remainder(len(split))], rows >= len(split)
         if split.images is not None:
             assert split.labels is not None
-            order = torch.randperm(len(split), generator=generator)
-            for start in range(0, len(split), batch_size):
-                idx = order[start : start + batch_size]  # the images may be on the device, their labels on the CPU
-                images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
-                yield embed(augment(images.to(device), generator)), labels.to(device)
+            for start in range(0, per_rank, batch_size):
+                idx = mine[start : start + batch_size]  # the images may be on the device, their labels on the CPU
+                images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)].cpu()
+                labels = torch.where(pad[start : start + batch_size], PAD_LABEL, labels)
+                yield embed(augment(images.to(device), draws)), labels.to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
-        for x, y in worker_batches(ds, batch_size, workers, device, generator, shuffle=True):
+        start = 0
+        for x, y in worker_batches(torch.utils.data.Subset(ds, mine.tolist()), batch_size, workers, device, draws):
+            y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
+            start += len(y)
             yield embed(eval_transform(x.to(device), image_size, mean, std)), y.to(device)
 
+    def epoch_batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(len(split), generator=generator)  # the same in every process
+        # rank 0 goes on drawing its crops from the epoch's generator, as one process does; the others from their own
+        draws = generator if dist.rank() == 0 else torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, epoch, dist.rank()]).generate_state(1, np.uint64)[0]))
+        backbone.eval()
+        return _gathered(share(order, draws), device)
+
     return epoch_batches
+
+
+def _gathered(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` of features (B, F) and labels (B,) as they are in one process; under torchrun, every process's
+    i-th batch put together in rank order, less the ``PAD_LABEL`` rows (a collective: every process has as many
+    batches, of equal sizes). A batch that fails to load in one process (:func:`ressl.errors.load_failure`) stops all
+    of them there, with the messages of every process that failed, instead of the others waiting in the gather."""
+    if not dist.is_distributed():
+        yield from batches
+        return
+    while True:
+        batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        failure: str | None = None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            pass
+        except Exception as err:  # an image that broke since the scan, a loader worker that died
+            failure = load_failure(err)
+            if failure is None:
+                raise
+        _agree_on_failure(failure, device)
+        if batch is None:
+            return
+        features, labels = dist.all_gather_cat(batch[0]), dist.all_gather_cat(batch[1])
+        keep = labels != PAD_LABEL
+        yield features[keep], labels[keep]
 
 
 # --- evaluating a checkpoint ------------------------------------------------------------------

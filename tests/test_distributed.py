@@ -465,6 +465,47 @@ def test_an_image_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
     assert zero["rows"] == one["rows"] == 8 and zero["labels"] == [0, 0, 1, 1] * 2  # rank 0's rows, then rank 1's
 
 
+def _augmented_worker(rank: int, tmp: str) -> None:
+    from ressl.data import Split
+    from ressl.errors import LateDataError
+    from ressl.evaluate import augmented_batches
+    from ressl.folder import scan_folder
+
+    _join(rank, tmp)
+    ramp = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).expand(7, 3, 8, 8) * 4  # 7 alike images: a crop shows
+    common = dict(image_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=2, device=torch.device("cpu"), dtype=None)
+    epochs = augmented_batches(nn.Flatten(), Split(ramp.contiguous(), torch.arange(7)), **common)
+    batches = [[(f, y) for f, y in epochs(epoch)] for epoch in range(2)]
+    folder = scan_folder(Path(tmp) / "photos")
+    (Path(tmp) / "photos" / "cat" / "0.png").write_bytes(b"broken since the scan")
+    try:
+        list(augmented_batches(nn.Flatten(), Split(folder=folder, max_bad_fraction=0.0), **common, workers=0)(0))
+        said = None
+    except LateDataError as err:
+        said = str(err)
+    torch.save(dict(labels=[[y.tolist() for _, y in epoch] for epoch in batches],
+                    features=[torch.cat([f for f, _ in epoch]) for epoch in batches], said=said), f"{tmp}/rank{rank}.pt")
+
+
+def test_an_augmented_linear_probe_epoch_is_embedded_in_shares_and_given_to_every_process(tmp_path):
+    """``linear --augment`` under torchrun: each process embeds its share of the epoch's images, with crops of its
+    own, and every process trains on all of them, each once per epoch (the padding of the last share dropped); an
+    image that fails to load in one process stops them all with its message instead of leaving the others waiting."""
+    for cls in ("cat", "dog"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "photos" / cls / f"{i}.png")
+    zero, one = spawn(_augmented_worker, tmp_path)
+    assert zero["labels"] == one["labels"] and all(torch.equal(a, b) for a, b in zip(zero["features"], one["features"]))
+    for epoch in zero["labels"]:
+        assert [len(y) for y in epoch] == [4, 3]  # two processes' batches of 2, less one padding row at the end
+        assert sorted(label for batch in epoch for label in batch) == list(range(7))
+    assert zero["labels"][0] != zero["labels"][1]  # a new order each epoch
+    first = zero["features"][0]
+    assert not torch.equal(first[:2], first[2:4])  # rank 1 crops its alike images otherwise than rank 0
+    assert zero["said"] == one["said"] and zero["said"].startswith("[rank ") and "0.png" in zero["said"]
+
+
 def _embed_worker(rank: int, tmp: str) -> None:
     from ressl.data import Split
     from ressl.evaluate import split_features
