@@ -368,8 +368,10 @@ def augmented_batches(
             assert split.labels is not None
             for start in range(0, per_rank, batch_size):
                 idx = mine[start : start + batch_size]  # the images may be on the device, their labels on the CPU
-                images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)].cpu()
-                labels = torch.where(pad[start : start + batch_size], PAD_LABEL, labels)
+                images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
+                padding = pad[start : start + batch_size]
+                if padding.any():  # the last process's last batch: no copy (nor wait) for the others
+                    labels = torch.where(padding.to(labels.device), PAD_LABEL, labels)
                 yield embed(augment(images.to(device), draws)), labels.to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
