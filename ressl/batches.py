@@ -6,6 +6,7 @@ leave SIGTERM and SIGINT to the main process so that it stops at a step boundary
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -116,9 +117,11 @@ def pretrain_batches(
         ds: torch.utils.data.Dataset = _InMemoryImages(split, views)
     else:
         assert split.folder is not None
-        ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale), max_bad_fraction=split.max_bad_fraction)
+        ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale),
+                                max_bad_fraction=split.max_bad_fraction, record=split.failure_record())
     draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
-    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True):
+    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True,
+                                  fresh=split.images is None):
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]
 
@@ -139,7 +142,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     if not hasattr(signal, "sigwaitinfo"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
-    parent = os.getppid()
+    creator = multiprocessing.parent_process()  # the main process, also where a fork server started the worker
+    parent = creator.pid if creator is not None and creator.pid is not None else os.getppid()
 
     def take_sigterm() -> None:
         while True:
@@ -164,15 +168,37 @@ def started(loader: DataLoader) -> Iterator[Any]:
 
 
 def worker_batches(ds: torch.utils.data.Dataset, batch_size: int, workers: int, device: torch.device,
-                   generator: torch.Generator | None = None, **loader_args: Any) -> Iterator[Any]:
+                   generator: torch.Generator | None = None, fresh: bool = True, **loader_args: Any) -> Iterator[Any]:
     """The batches of ``ds``, made by up to ``workers`` loader processes (:func:`loader_workers`) that leave stop
     signals to this one (:func:`ignore_stop_signals`, :func:`started`), pinned for a copy to CUDA. Their random draws
-    come from ``generator``; without workers they are made here, from the global generator, seeded from it."""
+    come from ``generator``; without workers they are made here, from the global generator, seeded from it.
+    ``fresh``: the workers start from a fork server (:func:`fresh_workers`), not as copies of this process (False
+    for a dataset held in memory, which forked workers share as it is)."""
     processes = loader_workers(workers)
     if generator is not None and processes == 0:
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    context = fresh_workers() if fresh and processes > 0 else None
     return started(DataLoader(ds, batch_size=batch_size, num_workers=processes, pin_memory=device.type == "cuda",
-                              generator=generator, worker_init_fn=ignore_stop_signals, **loader_args))
+                              generator=generator, worker_init_fn=ignore_stop_signals, multiprocessing_context=context,
+                              **loader_args))
+
+
+_PRELOADED = ["torch", "torchvision.transforms.v2", "ressl.batches"]  # imported once, by the fork server
+
+
+def fresh_workers() -> multiprocessing.context.BaseContext | None:
+    """The start method of loader workers that read files: ``forkserver``, where the platform has it (else None:
+    the default). A worker forked from this process would start as a copy of it at that instant, the locks that its
+    other threads held then included, and never get them: a thread starting or ending at that instant (the last
+    epoch's loader's queue threads, a process group's threads under torchrun) hung a worker before its first image,
+    and its process with it, in 2 of 7 ``linear --augment`` runs of a folder under torchrun. The fork server is a
+    process of its own without threads, started once (with the stop signals blocked, as its workers inherit them:
+    :func:`started`), with torch already imported; workers start from it."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOADED)
+    return context
 
 
 def loader_workers(asked: int) -> int:
@@ -211,7 +237,8 @@ def eval_batches(
         return
     assert split.folder is not None
     # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False)
+    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False,
+                            record=split.failure_record())
     start = 0
     for x, y in worker_batches(torch.utils.data.Subset(ds, indices.tolist()), batch_size, workers, device):
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

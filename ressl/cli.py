@@ -166,6 +166,7 @@ def build_parser() -> Parser:
         e.add_argument("--device", default="auto")
         e.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
         e.add_argument("--workers", type=int, default=4)
+        e.add_argument("--max_bad_fraction", type=float, help="share of unreadable image files skipped (with a warning) before the command stops (default: the run's max_bad_fraction)")
         if name == "knn":
             e.add_argument("--k", type=int, help="neighbours (default: the run's knn_k, the k of its own kNN checks)")
             e.add_argument("--temperature", type=float,
@@ -208,6 +209,9 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be a finite number, got {value}")
         if value is not None and (value < 0 or (value == 0 and name != "weight_decay")):
             raise ConfigError(f"--{name} must be {'0 or more' if name == 'weight_decay' else 'positive'}, got {value}")
+    bad = getattr(args, "max_bad_fraction", None)
+    if bad is not None and not 0 <= bad <= 1:
+        raise ConfigError(f"--max_bad_fraction must be in [0, 1], got {bad}")
     if hasattr(args, "device"):
         config.check_device(args.device, "--device")
 
@@ -262,7 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"ressl {args.command}: {message}", file=sys.stderr, flush=True)
 
     result = evaluate_checkpoint(args.checkpoint, args.command, args.data, args.dataset, args.teacher, args.device,
-                                 args.batch_size, args.workers, say=say, **extra)
+                                 args.batch_size, args.workers, say=say, max_bad_fraction=args.max_bad_fraction, **extra)
     if dist.is_main():
         used = f" (k {result['k']}, temperature {result['temperature']})" if args.command == "knn" else ""
         print(f"{args.command}{used}: {accuracy_text(result, int(result['classes']))}")
@@ -301,6 +305,7 @@ def add_report_commands(sub: Any) -> None:
     m.add_argument("--device", default="auto")
     m.add_argument("--batch_size", type=int, default=512, help="images per forward pass")
     m.add_argument("--workers", type=int, default=4)
+    m.add_argument("--max_bad_fraction", type=float, help="share of unreadable image files skipped (with a warning) before the command stops (default: the run's max_bad_fraction)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -326,7 +331,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ressl.embed import embed
 
     out, files, (n, dim) = embed(args.checkpoint, args.data, args.out, args.dataset, args.split, args.teacher,
-                                 args.device, args.batch_size, args.workers)
+                                 args.device, args.batch_size, args.workers, args.max_bad_fraction)
     if dist.is_main():
         print(f"wrote {out}: {n} x {dim} float32 features ({args.split} split), row origins in {files}")
     return 0

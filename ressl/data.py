@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,15 @@ class Split:
     labels: torch.Tensor | None = None
     folder: FolderIndex | None = None
     max_bad_fraction: float = 0.01  # folders: unreadable images tolerated before the run stops
+    _record: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def failure_record(self) -> torch.Tensor:
+        """A folder's record of its files that failed to decode (1) or decoded only in part (2), in this command so
+        far: (N,) uint8 in shared memory, given to the dataset of every epoch (``ImageFolderDataset``) and so to
+        its loader workers. A broken file is then reported once, not every epoch, and passed over from then on."""
+        if self._record is None:
+            self._record = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+        return self._record
 
     def __len__(self) -> int:
         if self.images is not None:

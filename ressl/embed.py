@@ -26,18 +26,18 @@ def split_rows(split: Split, name: str) -> list[str]:
 
 def embed(
     checkpoint: str, data: str | None, out: str, dataset: str | None = None, split: str = "train", teacher: bool = False,
-    device: str = "auto", batch_size: int = 512, workers: int = 4,
+    device: str = "auto", batch_size: int = 512, workers: int = 4, max_bad_fraction: float | None = None,
 ) -> tuple[Path, Path, tuple[int, int]]:
     """Write the backbone features (N, F) float32 of ``split`` to ``out`` (.npy) and the rows' origins to
     ``out``'s ``.files.txt``, replaced whole (a failed write leaves the earlier files); returns both paths and the
-    shape. ``dataset`` and ``data`` (None) are the run's unless given."""
+    shape. ``dataset``, ``data`` and ``max_bad_fraction`` (None) are the run's unless given."""
     from ressl.data import to_device
     from ressl.evaluate import checkpoint_features, load_for_evaluation
 
     if split not in ("train", "test"):
         raise DataError(f"--split must be train or test, got {split!r}")
     dev = dist.resolve_device(device)
-    backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False)
+    backbone, cfg, ds = load_for_evaluation(checkpoint, teacher, dev, dataset, data, download=False, max_bad_fraction=max_bad_fraction)
     chosen = ds.train if split == "train" else ds.test
     if chosen is None:
         raise DataError(f"{data or cfg.data or cfg.dataset} has no test split (test.npz, or a val/ or test/ folder beside train/): use --split train")

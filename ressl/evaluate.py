@@ -374,7 +374,8 @@ def augmented_batches(
                     labels = torch.where(padding.to(labels.device), PAD_LABEL, labels)
                 yield embed(augment(images.to(device), draws)), labels.to(device)
             return
-        ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction)  # type: ignore[arg-type]
+        ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction,  # type: ignore[arg-type]
+                                record=split.failure_record())
         start = 0
         for x, y in worker_batches(torch.utils.data.Subset(ds, mine.tolist()), batch_size, workers, device, draws):
             y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)
@@ -449,14 +450,16 @@ def load_trained(path: str, teacher: bool = False, device: torch.device | None =
 
 
 def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset: str | None, data: str | None,
-                        download: bool | None = None) -> tuple[nn.Module, Config, Dataset]:
+                        download: bool | None = None, max_bad_fraction: float | None = None) -> tuple[nn.Module, Config, Dataset]:
     """A checkpoint's backbone and configuration, and the data to evaluate it on (``ressl.data.evaluation_source``:
     the run's unless ``dataset``/``data`` say otherwise), normalised as the run's training images were. Without
-    that, other data would be normalised by its own statistics (npz arrays, digits), unlike what the network saw."""
+    that, other data would be normalised by its own statistics (npz arrays, digits), unlike what the network saw.
+    ``max_bad_fraction`` (of an image folder's files that may be unreadable): the run's unless given."""
     from ressl.data import evaluation_source, load_dataset, same_data_everywhere
 
     backbone, cfg, normalisation = load_trained(path, teacher, device)
     ds = load_dataset(*evaluation_source(cfg.dataset, cfg.data, dataset, data), cfg.download if download is None else download,
+                      cfg.max_bad_fraction if max_bad_fraction is None else max_bad_fraction,
                       can_download=False)  # knn, linear, embed and report have no --download to suggest
     same_data_everywhere(ds, device)
     if normalisation is not None:
@@ -481,19 +484,19 @@ def evaluate_checkpoint(
     path: str, protocol: str, data: str | None = None, dataset: str | None = None, teacher: bool = False,
     device: str = "auto", batch_size: int = 512, workers: int = 4, k: int | None = None, temperature: float | None = None,
     epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0, augment: bool = False,
-    crop_min_scale: float = PROBE_CROP_MIN_SCALE,
+    crop_min_scale: float = PROBE_CROP_MIN_SCALE, max_bad_fraction: float | None = None,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """``protocol`` is ``knn`` or ``linear`` (``augment``: each epoch RandomResizedCrop(``crop_min_scale``-1), the
     linear protocol's 0.08 by default, and flips where the run flipped; else cached features);
     the dataset defaults to the one in the checkpoint's configuration, and the kNN's ``k`` and ``temperature`` to
     those of the run's own kNN checks (``knn_k``, ``knn_temperature``). A kNN result also holds the two used (``k`` at
-    most the bank's size); both hold the number of ``classes``.
+    most the bank's size); both hold the number of ``classes``. ``max_bad_fraction``: the run's unless given.
     ``say`` hears what is under way (the CLI prints it to stderr)."""
     from ressl.data import to_device
 
     dev = dist.resolve_device(device)
-    backbone, cfg, ds = load_for_evaluation(path, teacher, dev, dataset, data)
+    backbone, cfg, ds = load_for_evaluation(path, teacher, dev, dataset, data, max_bad_fraction=max_bad_fraction)
     bank_split, test_split = ds.evaluation_splits()  # or a DataError naming the layout needed
     if say is not None:  # the features take a while on a CPU (CIFAR-10: ~20 s) before anything else is printed
         say(f"embedding {len(bank_split):,} training and {len(test_split):,} test images ...")

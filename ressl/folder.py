@@ -346,8 +346,9 @@ def _upright(im: Image.Image) -> Image.Image:
         return im.copy()
 
 
-def _open_loaded(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (EXIF orientation applied); on failure retry once accepting truncated data.
+def _open_loaded(path: Path, partial: Callable[[Path], None]) -> Image.Image:
+    """Open and fully decode ``path`` (EXIF orientation applied); on failure retry once accepting truncated data,
+    and if that decodes it, tell ``partial``.
 
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a PIL global: it is switched on only for
     the retry, under a lock, and always restored afterwards. A partially decoded
@@ -370,21 +371,26 @@ def _open_loaded(path: Path) -> Image.Image:
                 image = _upright(im)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    _warn_truncated(path)
+    partial(path)
     return image
 
 
-_truncated_warned = False  # per process: each loader worker warns once
+_truncated_warned = False  # per process, for files read outside a dataset (ImageFolderDataset keeps its own record)
+
+
+def warn_decoded_in_part(path: Path) -> None:
+    """A :class:`DataWarning` for an image decoded only in part (a file cut short, or with damaged data): the rest of
+    it is filled (black for a file cut right after its header), which a user should hear about."""
+    warnings.warn(f"{path} is damaged or truncated: decoded only in part, the rest filled (black where nothing was "
+                  "decoded); later such files are used the same way without a warning", DataWarning, stacklevel=4)
 
 
 def _warn_truncated(path: Path) -> None:
-    """One :class:`DataWarning` per process for the first image decoded only in part: the rest of such an image
-    is filled (black for a file cut right after its header), which a user should hear about."""
+    """:func:`warn_decoded_in_part` for the first such image of this process."""
     global _truncated_warned
     if not _truncated_warned:
         _truncated_warned = True
-        warnings.warn(f"{path} is truncated: decoded only in part, the rest filled (black if nothing was decoded); "
-                      "later truncated files are used the same way without a warning", DataWarning, stacklevel=3)
+        warn_decoded_in_part(path)
 
 
 def _scale_gray(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -431,7 +437,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.array(im)
 
 
-def load_rgb(path: Path) -> torch.Tensor | None:
+def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated) -> torch.Tensor | None:
     """Decode ``path`` to a uint8 tensor of shape (3, H, W) in RGB, or ``None`` if unreadable.
 
     * EXIF orientation is applied (``ImageOps.exif_transpose``); multi-frame files give frame 0.
@@ -440,10 +446,11 @@ def load_rgb(path: Path) -> torch.Tensor | None:
     * 16-bit ``I;16``/``I`` are scaled (``v / 257``), not clipped; ``F`` in 0..1 is
       scaled by 255, other ranges are min-max stretched.
     * ``L``, ``1``, ``CMYK``, ``YCbCr`` and other modes use PIL's RGB conversion.
-    * Truncated files are decoded as far as possible (see :func:`_open_loaded`).
+    * Truncated files are decoded as far as possible (see :func:`_open_loaded`), and ``partial`` is told (by
+      default, the first one of the process gets a warning).
     """
     try:
-        arr = _to_rgb_array(_open_loaded(Path(path)))
+        arr = _to_rgb_array(_open_loaded(Path(path), partial))
     except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
         return None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -461,22 +468,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     first failure raises one :class:`DataWarning`; later ones are only recorded.
     :class:`DataError` is raised once more than ``max_bad_fraction`` of the files
     failed. The record is in shared memory: the DataLoader workers of one dataset count
-    their failures together and pass over the files another found broken. (Training
-    makes a dataset per epoch, and each process under torchrun its own.)
-    With ``replace=False`` (evaluations, whose rows stand for their files) the first
+    their failures together and pass over the files another found broken; ``record`` (N,)
+    continues one (``Split.failure_record``: training makes a dataset per epoch, and the
+    next epoch's passes over the files the last found broken without a word). Files decoded
+    only in part are used, with one warning (a 2 in the record). Each process under torchrun
+    keeps its own. With ``replace=False`` (evaluations, whose rows stand for their files) a
     failure raises a :class:`DataError` naming the file instead.
     """
 
     def __init__(self, index: FolderIndex, transform: Callable[[torch.Tensor], Any] | None = None,
-                 max_bad_fraction: float = 0.01, replace: bool = True) -> None:
+                 max_bad_fraction: float = 0.01, replace: bool = True, record: torch.Tensor | None = None) -> None:
         if not index.files:
             raise DataError("the image index is empty: pass --data PATH pointing at a folder of images")
         self.index = index
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
         self.replace = replace
-        # (N,) 1 where a file failed to decode; shared with the loader workers forked or spawned from here
-        self._failed = torch.zeros(len(index.files), dtype=torch.uint8).share_memory_()
+        if record is not None and record.shape != (len(index.files),):
+            raise ValueError(f"record: ({len(index.files)},) for the index's files, not {tuple(record.shape)}")
+        # (N,) 1 where a file failed to decode, 2 where it decoded only in part; shared with the loader workers
+        self._failed = record if record is not None else torch.zeros(len(index.files), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return len(self.index.files)
@@ -484,12 +495,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def failed_files(self) -> list[Path]:
         """Files that could not be decoded so far, in index order."""
-        return [self.index.files[i] for i in self._failed.nonzero().flatten().tolist()]
+        return [self.index.files[i] for i in (self._failed == 1).nonzero().flatten().tolist()]
 
     def _record_failure(self, i: int) -> None:
-        first = not bool(self._failed.any())
+        first = not bool((self._failed == 1).any())
         self._failed[i] = 1
-        n, failed = len(self), int(self._failed.sum())
+        n, failed = len(self), int((self._failed == 1).sum())
         if failed / n > self.max_bad_fraction or failed == n:
             bad = [(p, "unreadable") for p in self.failed_files]
             raise DataError(
@@ -504,6 +515,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 stacklevel=3,
             )
 
+    def _decoded_in_part(self, i: int) -> None:
+        """Mark file ``i`` as decoded only in part; the first such file of the record gets a warning."""
+        if self._failed[i] == 0:
+            first = not bool((self._failed == 2).any())
+            self._failed[i] = 2
+            if first:
+                warn_decoded_in_part(self.index.files[i])
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
         n = len(self)
         if not -n <= i < n:
@@ -511,9 +530,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         i %= n
         for step in range(n):
             j = (i + step) % n
-            if self._failed[j]:
+            broken = self._failed[j] == 1
+            if broken and self.replace:
                 continue
-            image = load_rgb(self.index.files[j])
+            image = None if broken else load_rgb(self.index.files[j], partial=lambda _path, j=j: self._decoded_in_part(j))
             if image is None and not self.replace:
                 raise DataError(f"{self.index.files[j]} could not be decoded (it changed after the folder was scanned): "
                                 "fix or delete it and run the command again")

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,7 @@ def test_version_and_help_texts(capsys):
     (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0"], "--crop_min_scale must be in (0, 1], got 0.0"),
     (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0.2"], "--crop_min_scale sets the crops of --augment"),
     (["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", "f.npy", "--batch_size", "0"], "--batch_size must be at least 1"),
+    (["linear", "--checkpoint", "nowhere.pt", "--max_bad_fraction", "2"], "--max_bad_fraction must be in [0, 1], got 2.0"),
     (["report", "nowhere", "--device", "gpu"], "--device must be auto"),
     (["pretrain", "--resume", "nowhere.pt"], "pass a run's checkpoint, RUN_DIR/checkpoint.pt"),
 ])
@@ -312,6 +314,14 @@ def test_folder_of_broken_and_odd_images_pretrains_to_the_end(tmp_path, capsys):
         assert main(argv + ["--max_bad_fraction", "0.1"]) == 0
     final = json.loads((out / "final.json").read_text())
     assert final["epochs"] == 2 and "knn" in final
+    capsys.readouterr()
+    evaluate = ["--checkpoint", str(out / "checkpoint.pt"), "--workers", "0", "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["knn", *evaluate]) == 0  # the run's max_bad_fraction, 0.1
+        assert main(["knn", *evaluate, "--max_bad_fraction", "0"]) == 2  # or the one given
+        assert "max_bad_fraction" in capsys.readouterr().err
+        assert main(["embed", *evaluate, "--out", str(tmp_path / "f.npy"), "--max_bad_fraction", "0.2"]) == 0
 
 
 def test_tensorboard_events_when_installed(npz_dir, tmp_path):

@@ -1,3 +1,4 @@
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,20 +72,22 @@ class _WorkerPids(torch.utils.data.Dataset):
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="sigwaitinfo: Linux")
-def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loaders():
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "from_the_fork_server"])
+def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loaders(fresh):
     """A SIGTERM from another process (a launcher signalling the process group) leaves the worker working; one from
     its own main process, which ends workers that did not stop by themselves, ends it (else the interpreter's exit,
-    which terminates and joins its children, waited for ever)."""
+    which terminates and joins its children, waited for ever). Alike for workers forked from the main process and
+    those started by the fork server (folders), whose parent process is the server."""
     import os
     import signal
     import subprocess
     import time
 
-    from ressl.batches import ignore_stop_signals, started
+    from ressl.batches import fresh_workers, ignore_stop_signals, started
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     loader = torch.utils.data.DataLoader(_WorkerPids(), batch_size=None, num_workers=1, worker_init_fn=ignore_stop_signals,
-                                         prefetch_factor=1)
+                                         prefetch_factor=1, multiprocessing_context=fresh_workers() if fresh else None)
     batches = started(loader)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # this process's mask as it was
     worker = int(next(batches))
@@ -94,10 +97,41 @@ def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loa
     worker = int(next(batches))
     os.kill(worker, signal.SIGTERM)  # from its parent
     deadline = time.monotonic() + 30  # a loaded machine may take its time
-    while Path(f"/proc/{worker}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X"):  # until it exits
-        assert time.monotonic() < deadline, "the worker outlived its parent's SIGTERM"
+    status = Path(f"/proc/{worker}/status")
+    while status.exists() and status.read_text().split("State:")[1].split()[0] not in ("Z", "X"):  # until it exits
+        assert time.monotonic() < deadline, "the worker outlived its parent's SIGTERM"  # (a fork server reaps its own)
         time.sleep(0.05)
     del batches
+
+
+_HELD = threading.Lock()  # held by the test while a loader starts its workers
+
+
+class _LockFree(torch.utils.data.Dataset):
+    """Each item: whether the worker could take ``_HELD`` within a second."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> bool:
+        taken = _HELD.acquire(timeout=1.0)
+        if taken:
+            _HELD.release()
+        return taken
+
+
+def test_workers_that_read_files_start_fresh_not_as_copies_of_the_main_process():
+    """A worker forked from the main process would hold a copy of every lock as it was at that instant: one that
+    another thread held then (a queue thread of the last epoch's loader ending, a process group's threads) is held
+    in the copy for ever, and the worker hangs. Workers of image folders start from the fork server instead: a lock
+    held here is free there. Forked workers (in-memory sets) still share this process's state, as they should."""
+    from ressl.batches import worker_batches
+
+    cpu = torch.device("cpu")
+    with _HELD:
+        fresh = [bool(x) for x in worker_batches(_LockFree(), 1, 1, cpu)]
+        forked = [bool(x) for x in worker_batches(_LockFree(), 1, 1, cpu, fresh=False)]
+    assert fresh == [True, True] and forked == [False, False]
 
 
 def test_eval_batches_in_order(npz_dir):

@@ -287,7 +287,7 @@ def test_verify_false_keeps_every_file(odd_folder: Path) -> None:
     assert {"zero.jpg", "text.png"} <= {p.name for p in idx.files}
 
 
-@pytest.mark.filterwarnings("ignore:.*is truncated:ressl.folder.DataWarning")  # truncated.jpg: its own test below
+@pytest.mark.filterwarnings("ignore:.*is damaged or truncated:ressl.folder.DataWarning")  # truncated.jpg: its own test below
 def test_all_convertible_files_load_as_rgb_uint8(odd_folder: Path) -> None:
     with pytest.warns(DataWarning):
         idx = scan_folder(odd_folder, max_bad_fraction=0.5)
@@ -305,7 +305,7 @@ def test_unreadable_files_give_none(odd_folder: Path) -> None:
 
 def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path, monkeypatch) -> None:
     monkeypatch.setattr("ressl.folder._truncated_warned", False)
-    with pytest.warns(DataWarning, match="truncated.jpg is truncated: decoded only in part"):
+    with pytest.warns(DataWarning, match="truncated.jpg is damaged or truncated: decoded only in part"):
         t = load_rgb(odd_folder / "truncated.jpg")
     assert t is not None and t.shape == (3, 64, 64)
     r, g, b = _colour(t, 2, 2)
@@ -492,6 +492,33 @@ def test_evaluation_datasets_stop_at_a_broken_file_instead_of_replacing_it(tmp_p
     assert _colour(ds[0][0], 0, 0) == list(COLOURS[0])
     with pytest.raises(DataError, match=f"{idx.files[1].name} could not be decoded .*fix or delete it"):
         ds[1]
+
+
+def test_a_record_carries_broken_and_partly_decoded_files_from_one_epochs_dataset_to_the_next(tmp_path: Path,
+                                                                                            monkeypatch) -> None:
+    """Training makes a dataset per epoch: with the split's record, a file found broken in one epoch is passed over in
+    the next without a second warning, and counts once against ``max_bad_fraction``; a file decoded only in part is
+    used in every epoch and warned about once (it used to be once per loader worker, so once or more per epoch)."""
+    monkeypatch.setattr("ressl.folder._truncated_warned", True)  # what another test of this process may have left
+    idx = _coloured_classes(tmp_path)
+    idx.files[1].write_bytes(b"broken after the scan")
+    _truncated_jpeg(idx.files[2])
+    record = torch.zeros(len(idx.files), dtype=torch.uint8)
+    said = []
+    for _epoch in range(2):
+        ds = ImageFolderDataset(idx, max_bad_fraction=0.5, record=record)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            images = [ds[i][0] for i in range(len(ds))]
+        said.append([str(w.message) for w in seen if issubclass(w.category, DataWarning)])
+        assert ds.failed_files == [idx.files[1]] and torch.equal(images[1], images[2])  # the next file in its place
+    assert len(said[0]) == 2 and "could not decode" in said[0][0] and "is damaged or truncated" in said[0][1]
+    assert said[1] == []
+    assert record.tolist() == [0, 1, 2] + [0] * (len(idx.files) - 3)
+    with pytest.raises(DataError, match=f"{idx.files[1].name} could not be decoded"):  # an evaluation's rows: no stand-in
+        ImageFolderDataset(idx, replace=False, record=record)[1]
+    with pytest.raises(ValueError, match="record"):
+        ImageFolderDataset(idx, record=torch.zeros(2, dtype=torch.uint8))
 
 
 def test_dataset_too_many_failures_raise(tmp_path: Path) -> None:
