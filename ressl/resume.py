@@ -39,8 +39,9 @@ def exists_everywhere(path: Path, device: torch.device, what: str = "--out") -> 
 # (the stem is compared as built: small_stem and stem_maxpool may be None, worked out from the image size)
 RESUME_KEYS = ("dataset", "backbone", "width", "image_size", "queue_size", "out_dim", "hidden_dim", "head_bn", "batch_size")
 # these may change on a resume (the run goes on with the new values), but a resume says which did: a run continued
-# by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently
-RECIPE_KEYS = ("student_temperature", "teacher_temperature", "ema_momentum", "ema_cosine", "teacher_strong", "blur",
+# by a newer ressl whose defaults moved (the tenth session's blur, warm-up and decay) would otherwise change silently;
+# more epochs stretch the cosine schedules, so the learning rate rises again where the run goes on
+RECIPE_KEYS = ("epochs", "student_temperature", "teacher_temperature", "ema_momentum", "ema_cosine", "teacher_strong", "blur",
                "crop_min_scale", "jitter_order", "augment_backend", "flip", "teacher_bn", "bn_groups", "lr", "weight_decay",
                "decay_bn_bias", "sgd_momentum", "warmup_epochs", "precision", "student_bn_groups")
 _UNSAVED = {"student_bn_groups": 1}  # what runs saved before these keys existed trained with

@@ -358,9 +358,14 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     return run
 
 
+def loss_text(loss: float | None) -> str:
+    """The loss of an epoch's line, always with 4 decimals (6.7290 beside 6.5309, not 6.729); None: no step logged."""
+    return "none yet" if loss is None else f"{loss:.4f}"
+
+
 def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
     cfg, loss = run.cfg, run.state.loss
-    summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss if loss is None else round(loss, 4)}  {run.minutes():.1f} min"
+    summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss_text(loss)}  {run.minutes():.1f} min"
     acc = None
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
         acc = evaluate_knn(run, cfg.knn_subset)

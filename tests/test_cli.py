@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -314,7 +315,7 @@ def test_folder_of_broken_and_odd_images_pretrains_to_the_end(tmp_path, capsys):
         assert main(argv + ["--max_bad_fraction", "0.1"]) == 0
     final = json.loads((out / "final.json").read_text())
     assert final["epochs"] == 2 and "knn" in final
-    capsys.readouterr()
+    assert re.search(r"epoch 2/2  loss \d+\.\d{4}  ", capsys.readouterr().out)
     evaluate = ["--checkpoint", str(out / "checkpoint.pt"), "--workers", "0", "--device", "cpu"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -303,9 +303,10 @@ def test_a_resume_with_another_recipe_says_so_and_trains_with_it(npz_dir, tmp_pa
     said = capsys.readouterr().out
     assert "weight_decay 0.0005 -> 0.001" in said and "decay_bn_bias -> True (new since)" in said
     assert "student_bn_groups" not in said
+    assert "epochs 1 -> 2" in said  # a longer schedule: the cosine stretches, the learning rate rises again
     assert [g["weight_decay"] for g in checkpoint.load(out / "checkpoint.pt")["optimizer"]["param_groups"]] == [0.001, 0.001]
     assert main([*base, "--epochs", "3", "--weight_decay", "0.001"]) == 0
-    assert "another recipe" not in capsys.readouterr().out
+    assert "another recipe; the run goes on with this one: epochs 2 -> 3\n" in capsys.readouterr().out
 
 
 def _files(out: Path) -> dict[str, bytes]:

@@ -555,3 +555,9 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_trains_as_the_unbroken_one(np
     assert resumed.state.step == unbroken.state.step == 8
     for key, value in unbroken.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_an_epochs_line_shows_the_loss_with_four_decimals():
+    from ressl.train import loss_text
+
+    assert (loss_text(6.729), loss_text(6.53094), loss_text(None)) == ("6.7290", "6.5309", "none yet")
