@@ -217,9 +217,14 @@ def rows_per_rank(n: int) -> int:
 
 def eval_batches(
     split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
-    device: torch.device, workers: int = 4,
+    device: torch.device, workers: int = 4, stand_in: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic evaluation batches: normalised float images (B, 3, S, S) and labels (B,).
+
+    A folder's image that broke since the scan stops them, as its row stands for its file (``embed``'s files.txt,
+    ``report``'s pictures); with ``stand_in`` (kNN and the linear probe, which count labels, not files) the next
+    readable image takes its row with its own label, as in training, and one warning says so (none for a file
+    training already found broken: the split's record).
 
     Under ``torchrun`` each process takes its block of consecutive images, the last padded to equal counts with
     ``PAD_LABEL`` rows: ``ressl.evaluate.extract_features`` gathers the blocks in rank order, which is the split's
@@ -236,9 +241,8 @@ def eval_batches(
             yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device, non_blocking=True)
         return
     assert split.folder is not None
-    # a row stands for its file (embed's files.txt, kNN's labels): an image that broke since the scan stops it
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction, replace=False,
-                            record=split.failure_record())
+    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction,
+                            replace=stand_in, record=split.failure_record())
     start = 0
     for x, y in worker_batches(torch.utils.data.Subset(ds, indices.tolist()), batch_size, workers, device):
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

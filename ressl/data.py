@@ -461,7 +461,9 @@ def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:
 
 
 def sample_split(split: Split, size: int, seed: int = 0) -> Split:
-    """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order."""
+    """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order. A folder's subset
+    starts its record (:meth:`Split.failure_record`) from what the split's holds so far: the online kNN of a
+    training run passes over the files training found broken without a word."""
     if len(split) <= size:
         return split
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size].sort().values
@@ -470,9 +472,10 @@ def sample_split(split: Split, size: int, seed: int = 0) -> Split:
         return Split(split.images[idx.to(split.images.device)], labels, max_bad_fraction=split.max_bad_fraction)
     assert split.folder is not None
     folder = split.folder
+    known = split._record[idx].share_memory_() if split._record is not None else None
     return Split(folder=FolderIndex(files=take(folder.files, idx.tolist()),
                                     labels=[folder.labels[i] for i in idx.tolist()] if folder.labels is not None else None,
-                                    classes=folder.classes), max_bad_fraction=split.max_bad_fraction)
+                                    classes=folder.classes), max_bad_fraction=split.max_bad_fraction, _record=known)
 
 
 def to_device(dataset: Dataset, device: torch.device, splits: Iterable[Split | None] | None = None) -> None:

@@ -114,12 +114,14 @@ def _agree_on_failure(failure: str | None, device: torch.device) -> None:
 def split_features(
     backbone: nn.Module, split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
     batch_size: int, device: torch.device, dtype: torch.dtype | None, workers: int = 4,
-    store_dtype: torch.dtype | Literal["auto"] = "auto",
+    store_dtype: torch.dtype | Literal["auto"] = "auto", stand_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, F) and labels (N,) of every image of ``split``, in order, as every evaluation computes them.
 
     ``store_dtype="auto"``: bf16 for a large bank on CUDA, else float32 (:func:`auto_store_dtype`).
     Pass ``torch.float32`` where the features must be fp32 (the linear probe, files written to disk).
+    ``stand_in``: a folder's image that broke since the scan is replaced, where rows need not name their files
+    (:func:`ressl.batches.eval_batches`).
     """
     chosen: StoreDtype
     if isinstance(store_dtype, torch.dtype):
@@ -128,7 +130,7 @@ def split_features(
         chosen = lambda feature_dim: auto_store_dtype(len(split), feature_dim, device)
     else:
         raise ValueError(f"store_dtype: a torch.dtype or 'auto', not {store_dtype!r}")
-    batches = eval_batches(split, image_size, mean, std, batch_size, device, workers)
+    batches = eval_batches(split, image_size, mean, std, batch_size, device, workers, stand_in)
     return extract_features(backbone, batches, dtype, chosen, rows=rows_per_rank(len(split)), progress=len(split))
 
 
@@ -469,15 +471,15 @@ def load_for_evaluation(path: str, teacher: bool, device: torch.device, dataset:
 
 def checkpoint_features(
     backbone: nn.Module, cfg: Config, ds: Dataset, split: Split, device: torch.device, batch_size: int = 512,
-    workers: int = 4, store_dtype: torch.dtype | Literal["auto"] = "auto",
+    workers: int = 4, store_dtype: torch.dtype | Literal["auto"] = "auto", stand_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, F) and labels (N,) of ``split``, in its order, as the run's kNN checks compute them: at its
     image size, normalised with ``ds``'s statistics, in its precision and memory format. ``store_dtype``: see
-    :func:`split_features` (float32 for features written to disk or fitted by the linear probe)."""
+    :func:`split_features` (float32 for features written to disk or fitted by the linear probe), and ``stand_in``."""
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return split_features(backbone, split, cfg.image_size, ds.mean, ds.std, batch_size, device,
-                          autocast_dtype(cfg.precision, device), workers, store_dtype)
+                          autocast_dtype(cfg.precision, device), workers, store_dtype, stand_in)
 
 
 def evaluate_checkpoint(
@@ -502,8 +504,9 @@ def evaluate_checkpoint(
         say(f"embedding {len(bank_split):,} training and {len(test_split):,} test images ...")
     to_device(ds, dev, [bank_split, test_split])
     store: torch.dtype | Literal["auto"] = "auto" if protocol == "knn" else torch.float32  # the probe trains on fp32 features
-    bank, bank_y = checkpoint_features(backbone, cfg, ds, bank_split, dev, batch_size, workers, store)
-    test, test_y = checkpoint_features(backbone, cfg, ds, test_split, dev, batch_size, workers, store)
+    # rows count by their labels here: an image that broke since the scan is replaced, with a warning
+    bank, bank_y = checkpoint_features(backbone, cfg, ds, bank_split, dev, batch_size, workers, store, stand_in=True)
+    test, test_y = checkpoint_features(backbone, cfg, ds, test_split, dev, batch_size, workers, store, stand_in=True)
     if protocol == "knn":
         k = cfg.knn_k if k is None else k
         temperature = cfg.knn_temperature if temperature is None else temperature

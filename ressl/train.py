@@ -267,7 +267,7 @@ def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None
     bank_split, test_split = (data.bank, data.test) if subset is None else (sample_split(data.bank, subset), sample_split(data.test, subset))
     dist.broadcast_buffers(run.model.student.backbone)  # every process embeds with the statistics the checkpoint holds
     features = lambda split: split_features(run.model.student.backbone, split, cfg.image_size, data.mean, data.std,
-                                            cfg.eval_batch_size, run.device, run.amp_dtype, cfg.workers)
+                                            cfg.eval_batch_size, run.device, run.amp_dtype, cfg.workers, stand_in=True)
     bank, bank_labels = features(bank_split)
     queries, query_labels = features(test_split)
     return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)

@@ -603,3 +603,22 @@ def test_npz_statistics_are_the_training_images_per_channel(npz_dir):
     x = ds.train.images.float() / 255
     assert np.allclose(ds.mean, x.mean(dim=(0, 2, 3)).tolist(), atol=1e-5)
     assert np.allclose(ds.std, x.std(dim=(0, 2, 3)).tolist(), atol=1e-4)
+
+
+def test_a_sampled_folder_split_starts_from_the_record_of_its_split(tmp_path):
+    """The online kNN samples the bank: files that training found broken are passed over there too, without a new
+    warning each check; what the sample finds is its own."""
+    from ressl.data import Split, sample_split
+    from ressl.folder import scan_folder
+
+    for i in range(6):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{i}.png")
+    split = Split(folder=scan_folder(tmp_path))
+    assert sample_split(split, 4)._record is None  # nothing recorded yet: the sample makes its own when asked
+    split.failure_record()[[1, 4]] = torch.tensor([1, 2], dtype=torch.uint8)
+    sample = sample_split(split, 4)
+    files = list(sample.folder.files)
+    expected = [{1: 1, 4: 2}.get(i, 0) for i, f in enumerate(split.folder.files) if f in files]
+    assert sample.failure_record().tolist() == expected
+    sample.failure_record()[0] = 1
+    assert int(split.failure_record().sum()) == 3  # not written back

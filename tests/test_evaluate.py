@@ -209,3 +209,28 @@ def test_linear_probe_shuffles_its_training_set_anew_each_epoch(monkeypatch):
     linear_probe(x, y, x, y, 2, epochs=2, batch_size=64)
     assert len(targets) == 8 and all(0 < int(t.sum()) < len(t) for t in targets)
     assert not torch.equal(torch.cat(targets[:4]), torch.cat(targets[4:]))
+
+
+def test_knn_and_probe_features_let_another_image_stand_in_for_one_broken_since_the_scan(tmp_path):
+    """A file that breaks during a long command (a training run's final kNN): the kNN and the linear probe count
+    labels, so the next readable image takes its row, with its label and a warning; ``embed``'s rows name their
+    files, so it stops there instead."""
+    from PIL import Image
+
+    from ressl.data import Split
+    from ressl.errors import DataError, DataWarning
+    from ressl.evaluate import split_features
+    from ressl.folder import scan_folder
+
+    for i in range(4):
+        (tmp_path / f"c{i // 2}").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / f"c{i // 2}" / f"{i}.png")
+    split = Split(folder=scan_folder(tmp_path), max_bad_fraction=0.5)
+    split.folder.files[1].write_bytes(b"broken since the scan")
+    common = dict(image_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=4, device=torch.device("cpu"), dtype=None,
+                  workers=0, store_dtype=torch.float32)
+    with pytest.raises(DataError, match="1.png could not be decoded"):
+        split_features(torch.nn.Flatten(), split, **common)
+    with pytest.warns(DataWarning, match="could not decode .*1.png; it is replaced by another sample"):
+        features, labels = split_features(torch.nn.Flatten(), split, **common, stand_in=True)
+    assert labels.tolist() == [0, 1, 1, 1] and torch.equal(features[1], features[2])  # image 2 in row 1, with its label

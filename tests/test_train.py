@@ -521,7 +521,7 @@ def test_the_runs_knn_check_samples_the_bank_from_the_bank_and_the_queries_from_
 
     run = tiny_run(npz_dir, tmp_path)
     seen, real = [], ressl.train.split_features
-    monkeypatch.setattr(ressl.train, "split_features", lambda backbone, split, *args: seen.append(split) or real(backbone, split, *args))
+    monkeypatch.setattr(ressl.train, "split_features", lambda backbone, split, *args, **kw: seen.append(split) or real(backbone, split, *args, **kw))
     ressl.train.evaluate_knn(run, 40)
     assert torch.equal(seen[0].images, sample_split(run.dataset.bank, 40).images)
     assert torch.equal(seen[1].images, sample_split(run.dataset.test, 40).images)
