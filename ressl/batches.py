@@ -7,9 +7,13 @@ leave SIGTERM and SIGINT to the main process so that it stops at a step boundary
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.context
 import os
+import pickle
+import re
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -120,8 +124,10 @@ def pretrain_batches(
         ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale),
                                 max_bad_fraction=split.max_bad_fraction, record=split.failure_record())
     draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
-    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True,
-                                  fresh=split.images is None):
+    # in memory: forked workers share the images as they are, where a fork server's would copy them into shared
+    # memory (a container's /dev/shm is often 64 MB); under torchrun, whose threads make forking unsafe, they must
+    fresh = split.images is None or dist.is_distributed()
+    for pair, _ in worker_batches(torch.utils.data.Subset(ds, mine), local, workers, device, draws, drop_last=True, fresh=fresh):
         pair = pair.to(device, non_blocking=True)  # (B, 2, 3, S, S)
         yield pair[:, 0], pair[:, 1]
 
@@ -157,11 +163,22 @@ def started(loader: DataLoader) -> Iterator[Any]:
     """``iter(loader)``, its worker processes started with SIGTERM and SIGINT blocked, which they inherit until
     :func:`ignore_stop_signals` runs in them: PyTorch gives a new worker a SIGTERM handler of its own first, and a
     signal in that window killed it (a launcher's SIGTERM as an epoch's workers started). In this process a signal
-    sent meanwhile arrives once they are started."""
+    sent meanwhile arrives once they are started.
+
+    With a fork server (:func:`fresh_workers`) the server is started here too, blocked alike for good, so that a
+    launcher's SIGTERM to the whole process group leaves it (and with it its workers) to the main process. First
+    the resource tracker that its queues need: starting, it unblocks the two signals in the calling thread."""
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
         return iter(loader)
+    server = isinstance(loader.multiprocessing_context, multiprocessing.context.ForkServerContext)
+    if server:
+        from multiprocessing import forkserver, resource_tracker
+
+        resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        if server:
+            forkserver.ensure_running()
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -173,14 +190,47 @@ def worker_batches(ds: torch.utils.data.Dataset, batch_size: int, workers: int, 
     signals to this one (:func:`ignore_stop_signals`, :func:`started`), pinned for a copy to CUDA. Their random draws
     come from ``generator``; without workers they are made here, from the global generator, seeded from it.
     ``fresh``: the workers start from a fork server (:func:`fresh_workers`), not as copies of this process (False
-    for a dataset held in memory, which forked workers share as it is)."""
+    for a dataset held in memory in one process, which forked workers share as it is). The warning filters of this
+    process go with them (:class:`_WorkerStart`)."""
     processes = loader_workers(workers)
     if generator is not None and processes == 0:
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     context = fresh_workers() if fresh and processes > 0 else None
     return started(DataLoader(ds, batch_size=batch_size, num_workers=processes, pin_memory=device.type == "cuda",
-                              generator=generator, worker_init_fn=ignore_stop_signals, multiprocessing_context=context,
+                              generator=generator, worker_init_fn=_WorkerStart(), multiprocessing_context=context,
                               **loader_args))
+
+
+class _WorkerStart:
+    """A loader worker's ``worker_init_fn``: this process's warning filters as they are now (a fork server's workers
+    start from the server's: ``warnings.simplefilter("ignore", DataWarning)`` would not reach them), then
+    :func:`ignore_stop_signals`. Filters that cannot travel to another process are left out."""
+
+    def __init__(self) -> None:
+        self.filters = [entry for entry in warnings.filters if _travels(entry)]
+
+    def __call__(self, worker_id: int) -> None:
+        saved = list(warnings.filters)
+        try:
+            warnings.resetwarnings()
+            for action, message, category, module, lineno in reversed(self.filters):  # each goes in front: same order
+                warnings.filterwarnings(action, _pattern(message), category, _pattern(module), lineno)
+        except Exception:  # noqa: BLE001 - best effort: a filter that does not fit keeps the worker's own filters
+            warnings.filters[:] = saved
+        ignore_stop_signals(worker_id)
+
+
+def _pattern(regex: re.Pattern[str] | str | None) -> str:
+    """A warning filter's message or module: compiled, a plain string (the interpreter's own filters) or None."""
+    return "" if regex is None else getattr(regex, "pattern", regex)  # type: ignore[return-value]
+
+
+def _travels(value: object) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:  # noqa: BLE001 - a category defined in a script, a lambda...
+        return False
 
 
 _PRELOADED = ["torch", "torchvision.transforms.v2", "ressl.batches"]  # imported once, by the fork server
@@ -193,7 +243,8 @@ def fresh_workers() -> multiprocessing.context.BaseContext | None:
     epoch's loader's queue threads, a process group's threads under torchrun) hung a worker before its first image,
     and its process with it, in 2 of 7 ``linear --augment`` runs of a folder under torchrun. The fork server is a
     process of its own without threads, started once (with the stop signals blocked, as its workers inherit them:
-    :func:`started`), with torch already imported; workers start from it."""
+    :func:`started`), with torch already imported; workers start from it. A script that uses the API with image
+    folders needs ``if __name__ == "__main__":`` (the workers import it), as with Python 3.14's default start."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")

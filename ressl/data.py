@@ -463,7 +463,8 @@ def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:
 def sample_split(split: Split, size: int, seed: int = 0) -> Split:
     """A fixed random subset of ``size`` images (the whole split if it is smaller), in a seeded order. A folder's subset
     starts its record (:meth:`Split.failure_record`) from what the split's holds so far: the online kNN of a
-    training run passes over the files training found broken without a word."""
+    training run passes over the files training found broken without a word. (The whole split, when it is not
+    larger than ``size``, is the split itself, with the record it has.)"""
     if len(split) <= size:
         return split
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size].sort().values

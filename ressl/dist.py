@@ -170,9 +170,10 @@ def in_machine_turns(load: Callable[[], T]) -> T:
     """``load()`` on every process, in three turns (:func:`machine_turn`), each waiting for the one before: rank 0
     first (it downloads into a root that every machine shares: the others then find the files there), then the first
     process of each other machine (into a root on its own machine's disk: one download per machine, at once on
-    every machine, never two into one directory), then the rest (who find their machine's copy). What a turn's
-    processes raise, every process raises (the first of them, in rank order), without running ``load()`` again. A
-    collective, in the patient group: a download may take longer than a training step's timeout."""
+    every machine, never two into one directory), then the rest (who find their machine's copy). When a turn's
+    processes raise, every process raises, without running ``load()`` again: its own error where it failed, else the
+    first of theirs in rank order. A collective, in the patient group: a download may take longer than a training
+    step's timeout."""
     result: T | None = None
     for turn in range(3):
         failure: Exception | None = None

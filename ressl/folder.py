@@ -84,7 +84,8 @@ class FileList(Sequence[Path]):
 
     Why: ImageNet's 1.28 million ``Path`` objects take ~450 MB in every process, and each loader worker, touching
     every object's reference count over an epoch, ends up with a private copy of them; the arrays take 46 MB
-    (measured on ImageNet-style names) and stay shared with the workers.
+    (measured on ImageNet-style names), and a worker started by the fork server unpickles its own copy of them in
+    about 0.1 s.
     """
 
     def __init__(self, root: str | Path, relative: Iterable[str]) -> None:

@@ -104,6 +104,70 @@ def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loa
     del batches
 
 
+_SERVER_PROBE = """
+import os, sys, torch
+from ressl.batches import worker_batches
+
+class Parent(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return os.getppid()  # the fork server
+
+if __name__ == "__main__":
+    [server] = [int(pid) for pid in worker_batches(Parent(), 1, 1, torch.device("cpu"))]
+    status = open(f"/proc/{server}/status").read()
+    print(int(status.split("SigBlk:")[1].split()[0], 16))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_fork_server_keeps_sigterm_and_sigint_blocked(tmp_path):
+    """A launcher signals the whole process group (torchrun's killpg, SLURM): the fork server must leave the signal
+    to the main process, as its workers do, or it dies and every worker with it before the run can stop cleanly.
+    In a fresh process, where starting the resource tracker (which unblocks them) comes first."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_SERVER_PROBE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    blocked = int(done.stdout.split()[-1])
+    assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGINT - 1)), hex(blocked)
+
+
+class _DataWarningAction(torch.utils.data.Dataset):
+    """Each item: the action the worker's filters take on a DataWarning."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> str:
+        import warnings
+
+        from ressl.errors import DataWarning
+
+        return next((f[0] for f in warnings.filters if issubclass(DataWarning, f[2])), "default")
+
+
+def test_loader_workers_follow_the_warning_filters_of_their_process():
+    """``warnings.simplefilter("ignore", DataWarning)`` in a script reaches workers started by the fork server."""
+    import warnings
+
+    from ressl.batches import worker_batches
+    from ressl.errors import DataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert list(worker_batches(_DataWarningAction(), None, 1, torch.device("cpu"))) == ["ignore"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert list(worker_batches(_DataWarningAction(), None, 1, torch.device("cpu"))) == ["error"]
+
+
 _HELD = threading.Lock()  # held by the test while a loader starts its workers
 
 

@@ -477,13 +477,16 @@ def _augmented_worker(rank: int, tmp: str) -> None:
     epochs = augmented_batches(nn.Flatten(), Split(ramp.contiguous(), torch.arange(7)), **common)
     batches = [[(f, y) for f, y in epochs(epoch)] for epoch in range(2)]
     folder = scan_folder(Path(tmp) / "photos")
+    # loader workers started by the fork server, in processes of a group (whose threads made forked workers hang)
+    folder_rows = sum(len(y) for _, y in augmented_batches(nn.Flatten(), Split(folder=folder), **common, workers=1)(0))
     (Path(tmp) / "photos" / "cat" / "0.png").write_bytes(b"broken since the scan")
-    try:
-        list(augmented_batches(nn.Flatten(), Split(folder=folder, max_bad_fraction=0.0), **common, workers=0)(0))
-        said = None
-    except LateDataError as err:
-        said = str(err)
-    torch.save(dict(labels=[[y.tolist() for _, y in epoch] for epoch in batches],
+    said = []
+    for workers in (0, 1):
+        try:
+            list(augmented_batches(nn.Flatten(), Split(folder=folder, max_bad_fraction=0.0), **common, workers=workers)(0))
+        except LateDataError as err:
+            said.append(str(err))
+    torch.save(dict(labels=[[y.tolist() for _, y in epoch] for epoch in batches], folder_rows=folder_rows,
                     features=[torch.cat([f for f, _ in epoch]) for epoch in batches], said=said), f"{tmp}/rank{rank}.pt")
 
 
@@ -503,7 +506,9 @@ def test_an_augmented_linear_probe_epoch_is_embedded_in_shares_and_given_to_ever
     assert zero["labels"][0] != zero["labels"][1]  # a new order each epoch
     first = zero["features"][0]
     assert not torch.equal(first[:2], first[2:4])  # rank 1 crops its alike images otherwise than rank 0
-    assert zero["said"] == one["said"] and zero["said"].startswith("[rank ") and "0.png" in zero["said"]
+    assert zero["folder_rows"] == one["folder_rows"] == 6
+    assert zero["said"] == one["said"] and len(zero["said"]) == 2  # without loader workers, and with
+    assert all(said.startswith("[rank ") and "0.png" in said for said in zero["said"])
 
 
 def _embed_worker(rank: int, tmp: str) -> None:
