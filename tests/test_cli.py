@@ -188,6 +188,7 @@ def test_version_and_help_texts(capsys):
     (["linear", "--checkpoint", "nowhere.pt", "--crop_min_scale", "0.2"], "--crop_min_scale sets the crops of --augment"),
     (["embed", "--checkpoint", "nowhere.pt", "--data", ".", "--out", "f.npy", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["linear", "--checkpoint", "nowhere.pt", "--max_bad_fraction", "2"], "--max_bad_fraction must be in [0, 1], got 2.0"),
+    (["knn", "--checkpoint", "nowhere.pt", "--max_bad_fraction", "-0.1"], "--max_bad_fraction must be in [0, 1], got -0.1"),
     (["report", "nowhere", "--device", "gpu"], "--device must be auto"),
     (["pretrain", "--resume", "nowhere.pt"], "pass a run's checkpoint, RUN_DIR/checkpoint.pt"),
 ])
@@ -321,6 +322,8 @@ def test_folder_of_broken_and_odd_images_pretrains_to_the_end(tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert main(["knn", *evaluate]) == 0  # the run's max_bad_fraction, 0.1
         assert main(["knn", *evaluate, "--max_bad_fraction", "0"]) == 2  # or the one given
+        assert "max_bad_fraction" in capsys.readouterr().err
+        assert main(["embed", *evaluate, "--out", str(tmp_path / "f.npy"), "--max_bad_fraction", "0"]) == 2  # embed too
         assert "max_bad_fraction" in capsys.readouterr().err
         assert main(["embed", *evaluate, "--out", str(tmp_path / "f.npy"), "--max_bad_fraction", "0.2"]) == 0
 

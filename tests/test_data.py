@@ -679,10 +679,59 @@ def test_a_sampled_folder_split_starts_from_the_record_of_its_split(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / f"{i}.png")
     split = Split(folder=scan_folder(tmp_path))
     assert sample_split(split, 4)._record is None  # nothing recorded yet: the sample makes its own when asked
-    split.failure_record()[[1, 4]] = torch.tensor([1, 2], dtype=torch.uint8)
+    split.failure_record()[:] = torch.tensor([1, 2, 1, 2, 0, 0], dtype=torch.uint8)
     sample = sample_split(split, 4)
     files = list(sample.folder.files)
-    expected = [{1: 1, 4: 2}.get(i, 0) for i, f in enumerate(split.folder.files) if f in files]
+    expected = [int(split.failure_record()[i]) for i, f in enumerate(split.folder.files) if f in files]
+    assert sorted(set(expected)) == [0, 1, 2]  # the sample holds files of every kind (else this would show nothing)
     assert sample.failure_record().tolist() == expected
-    sample.failure_record()[0] = 1
-    assert int(split.failure_record().sum()) == 3  # not written back
+    sample.failure_record().fill_(1)
+    assert split.failure_record().tolist() == [1, 2, 1, 2, 0, 0]  # not written back
+
+
+def _folder_of_two_classes(root, n: int = 4):
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(root / f"c{i % 2}" / f"{i}.png")
+
+
+def test_pretraining_epochs_of_a_folder_warn_about_a_broken_file_once(tmp_path):
+    """Training makes a dataset per epoch from one split: its record carries a file found broken in the first epoch to
+    the next, which passes over it without a second warning."""
+    import warnings
+
+    from ressl.errors import DataWarning
+
+    _folder_of_two_classes(tmp_path)
+    ds = load_dataset("folder", str(tmp_path), False, 0.5)
+    broken = ds.train.folder.files[2]
+    broken.write_bytes(b"broken since the scan")
+    said = []
+    for _epoch in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert len(list(pretrain_batches(ds, 2, 8, 0.2, 0, torch.arange(4), 0, torch.device("cpu")))) == 2
+        said.append([str(w.message) for w in seen if issubclass(w.category, DataWarning)])
+    assert len(said[0]) == 1 and broken.name in said[0][0] and said[1] == []
+    assert ds.train.failure_record().tolist() == [0, 0, 1, 0]
+
+
+class _PairIfLockFree:
+    """A folder's views: a pair of images, all ones where the worker could take ``_HELD`` within a second, else zeros."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        taken = _HELD.acquire(timeout=1.0)
+        if taken:
+            _HELD.release()
+        return torch.full((2, 3, 4, 4), float(taken))
+
+
+def test_pretraining_workers_of_a_folder_start_fresh_not_as_copies_of_the_main_process(tmp_path):
+    """The loader workers of a folder's pretraining start from the fork server: a lock held here (by another thread
+    at the instant of a fork) is free there, and they do not hang before their first image."""
+    _folder_of_two_classes(tmp_path)
+    ds = load_dataset("folder", str(tmp_path))
+    with _HELD:
+        pairs = [weak for weak, _ in pretrain_batches(ds, 2, 8, 0.2, 1, torch.arange(4), 0, torch.device("cpu"),
+                                                      views=_PairIfLockFree())]
+    assert len(pairs) == 2 and all(bool((p == 1).all()) for p in pairs)

@@ -73,6 +73,19 @@ def test_gathered_rows_come_in_rank_order_with_either_collective(tmp_path):
             assert result[how].dtype == torch.bfloat16 and torch.equal(result[how], expected), how
 
 
+def _maxima_worker(rank: int, tmp: str) -> None:
+    _join(rank, tmp)
+    big = float(2**24 + 1)  # not a float32
+    torch.save(dist.max_each([big + rank, -big - rank, 3.0 * (1 - rank)], torch.device("cpu")), f"{tmp}/rank{rank}.pt")
+
+
+def test_collective_maxima_are_exact_for_counts_above_2_to_the_24(tmp_path):
+    """``max_each`` compares counts across processes (a folder's images, its classes): exact beyond float32's 2^24."""
+    big = float(2**24 + 1)
+    for result in spawn(_maxima_worker, tmp_path):
+        assert result == [big + WORLD - 1, -big, 3.0]
+
+
 # --- rank 0's writes ---------------------------------------------------------------------------
 
 
@@ -478,7 +491,7 @@ def _augmented_worker(rank: int, tmp: str) -> None:
     batches = [[(f, y) for f, y in epochs(epoch)] for epoch in range(2)]
     folder = scan_folder(Path(tmp) / "photos")
     # loader workers started by the fork server, in processes of a group (whose threads made forked workers hang)
-    folder_rows = sum(len(y) for _, y in augmented_batches(nn.Flatten(), Split(folder=folder), **common, workers=1)(0))
+    from_folder = [y.tolist() for _, y in augmented_batches(nn.Flatten(), Split(folder=folder), **common, workers=1)(0)]
     (Path(tmp) / "photos" / "cat" / "0.png").write_bytes(b"broken since the scan")
     said = []
     for workers in (0, 1):
@@ -486,7 +499,7 @@ def _augmented_worker(rank: int, tmp: str) -> None:
             list(augmented_batches(nn.Flatten(), Split(folder=folder, max_bad_fraction=0.0), **common, workers=workers)(0))
         except LateDataError as err:
             said.append(str(err))
-    torch.save(dict(labels=[[y.tolist() for _, y in epoch] for epoch in batches], folder_rows=folder_rows,
+    torch.save(dict(labels=[[y.tolist() for _, y in epoch] for epoch in batches], from_folder=from_folder,
                     features=[torch.cat([f for f, _ in epoch]) for epoch in batches], said=said), f"{tmp}/rank{rank}.pt")
 
 
@@ -496,7 +509,7 @@ def test_an_augmented_linear_probe_epoch_is_embedded_in_shares_and_given_to_ever
     image that fails to load in one process stops them all with its message instead of leaving the others waiting."""
     for cls in ("cat", "dog"):
         (tmp_path / "photos" / cls).mkdir(parents=True)
-        for i in range(3):
+        for i in range(4 if cls == "cat" else 3):  # 7: the last share padded
             Image.new("RGB", (8, 8)).save(tmp_path / "photos" / cls / f"{i}.png")
     zero, one = spawn(_augmented_worker, tmp_path)
     assert zero["labels"] == one["labels"] and all(torch.equal(a, b) for a, b in zip(zero["features"], one["features"]))
@@ -506,7 +519,8 @@ def test_an_augmented_linear_probe_epoch_is_embedded_in_shares_and_given_to_ever
     assert zero["labels"][0] != zero["labels"][1]  # a new order each epoch
     first = zero["features"][0]
     assert not torch.equal(first[:2], first[2:4])  # rank 1 crops its alike images otherwise than rank 0
-    assert zero["folder_rows"] == one["folder_rows"] == 6
+    assert zero["from_folder"] == one["from_folder"] and [len(y) for y in zero["from_folder"]] == [4, 3]  # a folder's too
+    assert sorted(label for batch in zero["from_folder"] for label in batch) == [0] * 4 + [1] * 3
     assert zero["said"] == one["said"] and len(zero["said"]) == 2  # without loader workers, and with
     assert all(said.startswith("[rank ") and "0.png" in said for said in zero["said"])
 

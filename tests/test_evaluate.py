@@ -234,3 +234,90 @@ def test_knn_and_probe_features_let_another_image_stand_in_for_one_broken_since_
     with pytest.warns(DataWarning, match="could not decode .*1.png; it is replaced by another sample"):
         features, labels = split_features(torch.nn.Flatten(), split, **common, stand_in=True)
     assert labels.tolist() == [0, 1, 1, 1] and torch.equal(features[1], features[2])  # image 2 in row 1, with its label
+
+
+def test_knn_features_pass_over_a_file_that_training_found_broken_without_a_new_warning(tmp_path):
+    """The run's kNN checks embed splits whose record training keeps (``Split.failure_record``): a file that training
+    found broken gets the next readable image in its row, as in training, and no warning at every check."""
+    import warnings
+
+    from PIL import Image
+
+    from ressl.data import Split
+    from ressl.errors import DataWarning
+    from ressl.evaluate import split_features
+    from ressl.folder import scan_folder
+
+    for i in range(4):
+        (tmp_path / f"c{i // 2}").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / f"c{i // 2}" / f"{i}.png")
+    split = Split(folder=scan_folder(tmp_path), max_bad_fraction=0.5)
+    split.folder.files[1].write_bytes(b"broken since the scan")
+    split.failure_record()[1] = 1  # training met it
+    common = dict(image_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=4, device=torch.device("cpu"), dtype=None,
+                  workers=0, store_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        features, labels = split_features(torch.nn.Flatten(), split, **common, stand_in=True)
+    assert labels.tolist() == [0, 1, 1, 1] and torch.equal(features[1], features[2])
+
+
+def test_augmented_batches_of_a_folder_warn_about_a_broken_file_once_not_every_epoch(tmp_path):
+    """``linear --augment`` makes a dataset per epoch from one split: the split's record carries a file found broken
+    in one epoch to the next, which passes over it without a second warning."""
+    import warnings
+
+    from PIL import Image
+
+    from ressl.data import Split
+    from ressl.errors import DataWarning
+    from ressl.evaluate import augmented_batches
+    from ressl.folder import scan_folder
+
+    for i in range(4):
+        (tmp_path / str(i % 2)).mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / str(i % 2) / f"{i}.png")
+    split = Split(folder=scan_folder(tmp_path), max_bad_fraction=0.5)
+    broken = split.folder.files[1]
+    broken.write_bytes(b"broken since the scan")
+    epochs = augmented_batches(torch.nn.Flatten(), split, image_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=2,
+                               device=torch.device("cpu"), dtype=None, workers=0)
+    said = []
+    for epoch in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert sum(len(y) for _, y in epochs(epoch)) == 4
+        said.append([str(w.message) for w in seen if issubclass(w.category, DataWarning)])
+    assert len(said[0]) == 1 and broken.name in said[0][0] and said[1] == []
+    assert split.failure_record().tolist() == [0, 1, 0, 0]
+
+
+def test_knn_of_a_checkpoint_lets_another_image_stand_in_for_one_broken_since_the_scan(tmp_path):
+    """``ressl knn`` (and ``linear``) on a folder whose images break after the scan, in the bank and in the test
+    split: each row counts by its label, so the next readable image takes it, with a warning, and the command ends
+    with a result instead of stopping (as ``embed``, whose rows name their files, does)."""
+    from PIL import Image
+
+    from ressl import config
+    from ressl.errors import DataWarning
+    from ressl.evaluate import evaluate_checkpoint
+    from ressl.model import model_from_config
+
+    root = tmp_path / "photos"
+    for part in ("train", "val"):
+        for i in range(4):
+            (root / part / f"c{i // 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (60 * i, 30 * i, 0)).save(root / part / f"c{i // 2}" / f"{i}.png")
+    cfg = config.resolve(None, {"dataset": "folder", "data": str(root), "image_size": 16, "width": 8, "hidden_dim": 32,
+                                "out_dim": 16, "batch_size": 4, "queue_size": 8, "precision": "fp32", "workers": 0,
+                                "max_bad_fraction": 0.5})
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg.to_dict()}, path)
+
+    def break_files(_message: str) -> None:  # told before the features: the folder has been scanned
+        for part in ("train", "val"):
+            (root / part / "c0" / "1.png").write_bytes(b"broken since the scan")
+
+    with pytest.warns(DataWarning, match="could not decode .*1.png; it is replaced by another sample"):
+        result = evaluate_checkpoint(str(path), "knn", device="cpu", workers=0, k=3, temperature=0.1, say=break_files)
+    assert result["classes"] == 2 and result["k"] == 3

@@ -521,6 +521,26 @@ def test_a_record_carries_broken_and_partly_decoded_files_from_one_epochs_datase
         ImageFolderDataset(idx, record=torch.zeros(2, dtype=torch.uint8))
 
 
+def test_partly_decoded_files_warn_once_per_record_and_are_not_counted_as_broken(tmp_path: Path, monkeypatch) -> None:
+    """A file decoded only in part is used: the first of a record gets a warning, a second none. It is not a failure:
+    ``max_bad_fraction`` counts the broken files alone, and a broken file read after it still gets its own warning."""
+    monkeypatch.setattr("ressl.folder._truncated_warned", True)  # what another test of this process may have left
+    idx = _coloured_classes(tmp_path)
+    _truncated_jpeg(idx.files[0])
+    idx.files[2].write_bytes(b"broken after the scan")
+    _truncated_jpeg(idx.files[3])
+    record = torch.zeros(len(idx.files), dtype=torch.uint8)
+    ds = ImageFolderDataset(idx, max_bad_fraction=0.25, record=record)  # 1 broken of 4: allowed; 3 would not be
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(len(ds)):
+            ds[i]
+    said = [str(w.message) for w in seen if issubclass(w.category, DataWarning)]
+    assert len(said) == 2, said
+    assert "0.png is damaged or truncated" in said[0] and "could not decode" in said[1] and "2.png" in said[1]
+    assert record.tolist() == [2, 0, 1, 2] and ds.failed_files == [idx.files[2]]
+
+
 def test_dataset_too_many_failures_raise(tmp_path: Path) -> None:
     idx = _coloured_classes(tmp_path)
     for p in idx.files[1:]:

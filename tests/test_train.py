@@ -561,3 +561,25 @@ def test_an_epochs_line_shows_the_loss_with_four_decimals():
     from ressl.train import loss_text
 
     assert (loss_text(6.729), loss_text(6.53094), loss_text(None)) == ("6.7290", "6.5309", "none yet")
+
+
+def test_the_runs_knn_check_lets_another_image_stand_in_for_one_broken_since_the_scan(npz_dir, tmp_path):
+    """A folder's image that breaks while the run trains: its kNN checks (the final one too) count labels, so the next
+    readable image takes its row, with a warning, instead of the run failing at its end."""
+    from PIL import Image
+
+    import ressl.train
+    from ressl.errors import DataWarning
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 4)):
+        for cls in ("a", "b"):
+            (tmp_path / "photos" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "photos" / split / cls / f"{i}.png")
+    run = tiny_run(npz_dir, tmp_path, dataset="folder", data=str(tmp_path / "photos"), max_bad_fraction=0.5, workers=0)
+    for split in ("train", "val"):
+        (tmp_path / "photos" / split / "a" / "1.png").write_bytes(b"broken since the scan")
+    with pytest.warns(DataWarning, match="could not decode .*1.png; it is replaced by another sample"):
+        acc = ressl.train.evaluate_knn(run)
+    assert acc is not None and 0 <= acc["top1"] <= 100
