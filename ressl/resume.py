@@ -104,8 +104,9 @@ def resume(run: Run, path: Path) -> None:
         if moved and not trained:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
             progress.say(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if "
                          "they held the same images; pass another --out if they do not", flush=True)
-        progress.say(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}",
-                     flush=True)
+        if not trained:  # a finished run is said to be complete, or to have its final kNN left, a moment later
+            progress.say(f"resuming from {path}: epoch {run.state.epoch} (+{run.state.index} steps), step {run.state.step}",
+                         flush=True)
 
 
 def _restart_epoch(run: Run, path: Path, images: int | None) -> None:

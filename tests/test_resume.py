@@ -325,6 +325,7 @@ def test_rerunning_a_complete_run_changes_nothing(npz_dir, tmp_path, capsys):
     assert main(argv + ["--lr", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "already complete (1/1 epochs" in printed and "another recipe" not in printed  # nothing goes on with it
+    assert "resuming from" not in printed  # it does not resume: the line said so before saying it was complete
     assert _files(out) == before
     # images added to its data since, or other data given by mistake: the finished run stays as it was too
     with np.load(npz_dir / "train.npz") as arrays:
