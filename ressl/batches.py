@@ -17,13 +17,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ressl import dist
 from ressl.augment import eval_transform
 from ressl.folder import ImageFolderDataset
+from ressl.views import draw_seed
 
 if TYPE_CHECKING:
     from ressl.data import Dataset, Split
@@ -123,7 +123,7 @@ def pretrain_batches(
         assert split.folder is not None
         ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale),
                                 max_bad_fraction=split.max_bad_fraction, record=split.failure_record())
-    draws = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, start]).generate_state(1, np.uint64)[0]))
+    draws = torch.Generator().manual_seed(draw_seed((seed, rank), start))
     # in memory: forked workers share the images as they are, where a fork server's would copy them into shared
     # memory (a container's /dev/shm is often 64 MB); under torchrun, whose threads make forking unsafe, they must
     fresh = split.images is None or dist.is_distributed()
@@ -266,6 +266,14 @@ def rows_per_rank(n: int) -> int:
     return -(-n // dist.world_size())
 
 
+def rank_block(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's block of ``n`` rows (:func:`rows_per_rank` of them): their indices into ``0..n-1`` (R,) int64,
+    and which of them only pad the last block to equal counts (R,) bool (they repeat the first rows)."""
+    per_rank = rows_per_rank(n)
+    rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
+    return rows.remainder(n), rows >= n
+
+
 def eval_batches(
     split: Split, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
     device: torch.device, workers: int = 4, stand_in: bool = False,
@@ -281,9 +289,8 @@ def eval_batches(
     ``PAD_LABEL`` rows: ``ressl.evaluate.extract_features`` gathers the blocks in rank order, which is the split's
     (``embed``'s rows name their files in that order), and drops the padding.
     """
-    per_rank = rows_per_rank(len(split))
-    rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
-    indices, pad = rows.remainder(len(split)), rows >= len(split)
+    indices, pad = rank_block(len(split))
+    per_rank = len(indices)
     if split.images is not None:
         labels = torch.where(pad, PAD_LABEL, split.labels_or_unlabeled()[indices])
         for start in range(0, per_rank, batch_size):

@@ -7,17 +7,17 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rows_per_rank, worker_batches
+from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rank_block, rows_per_rank, worker_batches
 from ressl.errors import LateDataError, load_failure
 from ressl.precision import autocast, autocast_dtype
 from ressl.progress import bar as progress_bar
 from ressl.schedule import cosine_lr
+from ressl.views import draw_seed
 
 if TYPE_CHECKING:
     from ressl.config import Config
@@ -363,12 +363,11 @@ def augmented_batches(
 
     def share(order: torch.Tensor, draws: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's rows of the epoch's ``order`` (the last padded with ``PAD_LABEL`` rows), embedded."""
-        per_rank = rows_per_rank(len(split))
-        rows = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank)
-        mine, pad = order[rows.remainder(len(split))], rows >= len(split)
+        rows, pad = rank_block(len(split))
+        mine = order[rows]
         if split.images is not None:
             assert split.labels is not None
-            for start in range(0, per_rank, batch_size):
+            for start in range(0, len(mine), batch_size):
                 idx = mine[start : start + batch_size]  # the images may be on the device, their labels on the CPU
                 images, labels = split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
                 padding = pad[start : start + batch_size]
@@ -388,8 +387,7 @@ def augmented_batches(
         generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         order = torch.randperm(len(split), generator=generator)  # the same in every process
         # rank 0 goes on drawing its crops from the epoch's generator, as one process does; the others from their own
-        draws = generator if dist.rank() == 0 else torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, epoch, dist.rank()]).generate_state(1, np.uint64)[0]))
+        draws = generator if dist.rank() == 0 else torch.Generator().manual_seed(draw_seed((seed, epoch), dist.rank()))
         backbone.eval()
         return _gathered(share(order, draws), device)
 
