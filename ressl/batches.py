@@ -217,7 +217,27 @@ class _WorkerStart:
                 warnings.filterwarnings(action, _pattern(message), category, _pattern(module), lineno)
         except Exception:  # noqa: BLE001 - best effort: a filter that does not fit keeps the worker's own filters
             warnings.filters[:] = saved
+        _forget_fork_server()
         ignore_stop_signals(worker_id)
+
+
+def _forget_fork_server() -> None:
+    """Close this worker's copy of the pipe that keeps the fork server alive. The server exits when every copy is
+    closed; Python gives one to each process the server starts (so that it may start more: a loader worker never
+    does). With the copies open, a main process killed outright (SIGKILL, the out-of-memory killer) left the server
+    and its workers running for ever: PyTorch's workers exit when their parent process changes, and their parent is
+    the server. Closed, the server exits with the main process, and the workers within seconds after it."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def _pattern(regex: re.Pattern[str] | str | None) -> str:

@@ -139,6 +139,65 @@ def test_the_fork_server_keeps_sigterm_and_sigint_blocked(tmp_path):
     assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGINT - 1)), hex(blocked)
 
 
+_KILLED_MAIN = """
+import os, sys, time, torch
+from ressl.batches import worker_batches
+
+class Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.tensor([os.getpid(), os.getppid()])  # the worker, and the fork server that started it
+
+if __name__ == "__main__":
+    batches, pids = worker_batches(Pids(), 1, 2, torch.device("cpu")), set()  # the loader lives on, as in a run
+    while len(pids) < 2:
+        pids.add(tuple(next(batches)[0].tolist()))
+    print(*sorted({pid for pair in pids for pid in pair}), flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return status.read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_fork_server_and_its_workers_end_with_a_main_process_killed_outright(tmp_path):
+    """SIGKILL (the out-of-memory killer, ``kill -9``) gives the main process no chance to end its loader workers.
+    Forked workers exit when their parent changes; the fork server's (image folders) have the server as their parent,
+    which lived on while they held the pipe that keeps it alive: server and workers ran for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_MAIN)
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        others = [int(pid) for pid in main.stdout.readline().split()]  # two workers and their server
+        assert len(others) == 3 and main.pid not in others and all(_running(pid) for pid in others), others
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 60  # PyTorch's workers look at their parent every 5 s
+        while any(_running(pid) for pid in others):
+            assert time.monotonic() < deadline, [pid for pid in others if _running(pid)]
+            time.sleep(0.2)
+    finally:
+        main.kill()
+        for pid in others if "others" in locals() else []:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 class _DataWarningAction(torch.utils.data.Dataset):
     """Each item: the action the worker's filters take on a DataWarning."""
 
