@@ -117,6 +117,17 @@ def _defer_logs(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``values`` on their way to the host, and what to wait on before reading them: on a GPU a copy into pinned
+    memory and the CUDA event that follows it (and all the work queued before it); elsewhere themselves and None."""
+    if not values.is_cuda:
+        return values, None
+    values = values.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return values, event
+
+
 class Meter:
     """What the loop reports: metrics every ``log_every`` steps, the progress bar, and a NaN watch.
 
@@ -179,16 +190,25 @@ class Meter:
             self._log(lr, momentum, last=True)
 
     def _log(self, lr: float, momentum: float, last: bool) -> None:
-        """Log the step just ended; ``last``: the loop stops after it, so its numbers are written now."""
+        """Log the step just ended; ``last``: the loop stops after it, so its numbers are written now.
+
+        The window's images/s are read after the waits for the device: on a GPU the host runs ahead of it, and a
+        window timed on the host alone counted the host's launches, not the GPU's work (a wait between two windows
+        belongs to neither). Waiting first, each window ends where the device has done a logged step, and the windows
+        of a call add up to its time."""
         run, state = self.run, self.run.state
-        rate = self.window_images / (time.perf_counter() - self.window_start)
-        record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=rate,
+        self._flush()  # the previous logged step's, if it waits: when this returns, the device has done that step
+        record = dict(step=state.step, epoch=state.epoch, lr=lr, ema_momentum=momentum, images_per_s=0.0,
                       queue_fill=queue_fill(state.step, run.cfg.batch_size, run.cfg.queue_size))
-        self._flush()  # the previous logged step's, if it waits
         self._stage(record)
-        if not self.defer or last or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch:
+        at_once = not self.defer or last or checkpoint_due(run.cfg, state.step) or state.index == run.steps_per_epoch
+        if at_once:
+            self._arrived()  # the device has done this step
+        now = time.perf_counter()
+        record["images_per_s"] = self.window_images / (now - self.window_start)
+        self.window_start, self.window_images, self.window_steps = now, 0, 0
+        if at_once:
             self._flush()  # before anything is saved: a bad step never reaches a checkpoint
-        self.window_start, self.window_images, self.window_steps = time.perf_counter(), 0, 0
 
     def _stage(self, record: dict[str, Any]) -> None:
         """Start the logged step's device numbers (loss, health signals, NaN watch) on their way to the host. The
@@ -196,12 +216,12 @@ class Meter:
         names = ["loss", *self.signals]
         values = torch.stack([v.detach().double() for v in (self.loss, *self.signals.values(), self.first_bad_step)])
         self.signals = {}
-        event = None
-        if values.is_cuda:  # a copy into pinned memory, waited for only when read
-            values = values.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        self.pending = (record, names, values, event)
+        self.pending = (record, names, *_to_host(values))
+
+    def _arrived(self) -> None:
+        """Wait until the staged step's numbers are on the host (on a GPU: until it has done that step)."""
+        if self.pending is not None and self.pending[3] is not None:
+            self.pending[3].synchronize()
 
     def _flush(self, agree: bool = True) -> None:
         """Check and write the staged step's numbers (a no-op when none wait). Under torchrun the processes agree
@@ -209,10 +229,9 @@ class Meter:
         them all, instead of the others going on to wait for it in the next step's collectives."""
         if self.pending is None:
             return
-        record, names, values, event = self.pending
+        self._arrived()
+        record, names, values, _ = self.pending
         self.pending = None
-        if event is not None:
-            event.synchronize()
         *numbers, first_bad = values.tolist()
         if agree and dist.is_distributed():  # the earliest bad step of any process (-1: none was)
             none = float(2**53)

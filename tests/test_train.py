@@ -351,6 +351,36 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
     assert written == [0, 0, 0, 0, 1, 1, 2, 2]  # step 2's record is written after step 4, step 4's after step 6 (at once: 0, 0, 1, 1, 2, ...)
 
 
+def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir, tmp_path, monkeypatch):
+    """On a GPU the host runs ahead of the device and waits for it at logging steps only: a window's images/s must
+    count those waits (the device's time), so that the windows of a call add up to its time. Here a device that has
+    done a logged step 0.4 s after the host queued it stands in for the GPU (each window takes less on this CPU)."""
+    import time
+
+    from ressl import meter
+
+    class Behind:  # what meter._to_host returns to wait on
+        def __init__(self) -> None:
+            self.done = time.perf_counter() + 0.4
+
+        def synchronize(self) -> None:
+            time.sleep(max(0.0, self.done - time.perf_counter()))
+
+    monkeypatch.setattr(meter, "_defer_logs", lambda device: True)
+    monkeypatch.setattr(meter, "_to_host", lambda values: (values, Behind()))
+    run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
+    start = time.perf_counter()
+    train_one_epoch(run)
+    wall = time.perf_counter() - start
+    logged, previous = 0.0, 0
+    for line in (run.out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        logged += (record["step"] - previous) * 16 / record["images_per_s"]
+        previous = record["step"]
+    assert previous == 8  # 4 windows: 3 waits for the window before, the epoch's end for its own step
+    assert 0.9 * wall < logged <= wall, (logged, wall)  # timed on the host alone: about wall - 1.6 s
+
+
 def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_path):
     """In memory, a call makes the views of up to --augment_steps steps; from a folder, where loader workers would
     have to decode them all before the first could train, one step's."""
