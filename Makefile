@@ -26,7 +26,7 @@ bench: $(VENV)/.installed  ## speed ratios, measured side by side
 	$(PY) -m benchmarks
 
 bench-gpu: $(VENV)/.installed  ## on a CUDA machine: the tests that need CUDA, then the benchmarks (cifar10 preset, ImageNet-size kNN bank)
-	$(PY) -m pytest -k "cuda or graph"
+	$(PY) -m pytest -k "cuda or graph or gpu"
 	$(PY) -m benchmarks --device cuda
 
 lint: $(VENV)/.installed

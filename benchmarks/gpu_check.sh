@@ -6,19 +6,44 @@
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]     # DATA_DIR holds train.npz; default: 50,000 random 32x32 images
 #
-# Logs go to $OUT (where set) or gpu-check-logs/; the last lines of each are printed.
+# Every stage runs under one deadline (BUDGET seconds from the start, default 450: a device lends 600 s a command), so
+# that a stage that hangs costs the ones after it their time, not the whole check. A stage that fails or runs out of
+# time says so, with its exit status and the end of its log. Logs go to $OUT (where set) or gpu-check-logs/ (7 files).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-gpu-check-logs}
 mkdir -p "$LOGS"
 DATA=${1:-}
 T0=$(date +%s)
+END=$(( T0 + ${BUDGET:-450} ))
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+
+# stage NAME LIMIT LOG COMMAND...: COMMAND's output into LOG, for at most LIMIT seconds and no later than the deadline
+stage() {
+    local name=$1 limit=$2 log=$3 left rc
+    shift 3
+    left=$(( END - $(date +%s) ))
+    if [ "$left" -lt 15 ]; then
+        echo "!!! $name: skipped, ${left} s left before the deadline"
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    stamp "$name (at most $limit s)"
+    timeout -k 10 "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "!!! $name: exit $rc$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ", stopped at its $limit s"); the end of $log:"
+        tail -n 8 "$log"
+    fi
+    return "$rc"
+}
 
 stamp environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/env.txt"
 python3 -c "import sys, os, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__,
  'torchvision', torchvision.__version__, 'cpus', os.cpu_count())" | tee -a "$LOGS/env.txt"
+python3 -c "from torch.utils.tensorboard import SummaryWriter" 2>&1 | tail -n 1 | sed 's/^/tensorboard: /' | tee -a "$LOGS/env.txt"
+df -h /dev/shm | tail -n 1 | sed 's/^/shm: /' | tee -a "$LOGS/env.txt"
 if [ -z "$DATA" ]; then  # the speed of a step does not depend on the pixels
     DATA=$(mktemp -d)
     python3 -c "import numpy as np; r = np.random.default_rng(0)
@@ -27,19 +52,20 @@ for name, n in (('train', 50000), ('test', 10000)):
     echo "data: 50,000 random uint8 32x32 images in $DATA"
 fi
 
-stamp "CUDA tests"
-timeout 150 python3 -m pytest -k "cuda or graph" -p no:cacheprovider -rs > "$LOGS/pytest.log" 2>&1
-grep -E "^(E  |FAILED|ERROR)|passed|failed" "$LOGS/pytest.log" | head -30
+# the tests that need CUDA ("gpu": views made on the GPU), each at most 60 s where pytest-timeout is there
+PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
+# shellcheck disable=SC2086
+stage "CUDA tests" 110 "$LOGS/pytest.log" python3 -m pytest -k "cuda or graph or gpu" -p no:cacheprovider -rs $PER_TEST
+grep -a -E "^(E  |FAILED|ERROR)|passed|failed" "$LOGS/pytest.log" | head -30
 
-stamp "benchmarks (cifar10 preset)"
-timeout 240 python3 -m benchmarks --device cuda --data "$DATA" > "$LOGS/bench.log" 2>&1
-grep -a -v -e '%|' -e '^\[' "$LOGS/bench.log" | tail -11
+stage "benchmarks (cifar10 preset)" 150 "$LOGS/bench.log" python3 -m benchmarks --device cuda --data "$DATA" --seconds 16
+grep -a -E "ratio" "$LOGS/bench.log" | grep -a -v "^ " | head -8
+grep -a -A 12 "^benchmark " "$LOGS/bench.log"
 
 for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set augment_steps=1" "split_bn_8:--set bn_groups=8 --set student_bn_groups=8" "torchvision:--set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))"; do
     name=${variant%%:*}
-    stamp "end to end, $name"
     # shellcheck disable=SC2086
-    timeout 90 python3 -m benchmarks.end_to_end --device cuda --data "$DATA" --seconds 16 ${variant#*:} > "$LOGS/e2e_$name.log" 2>&1
-    grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -1
+    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" python3 -m benchmarks.end_to_end --device cuda --data "$DATA" --seconds 16 ${variant#*:} &&
+        grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
 done
 stamp done
