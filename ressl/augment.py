@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from ressl.dist import to_device
+
 __all__ = ["BatchAugment", "eval_transform", "strong_augment", "torchvision_pipeline", "weak_augment"]
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, 0.2989 as in torchvision).
@@ -220,15 +222,15 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     out = x.new_empty(b, c, size, size)
     up_idx, down_idx = torch.nonzero(up).squeeze(1), torch.nonzero(~up).squeeze(1)
     if up_idx.numel() > 0:
-        idx = up_idx.to(x.device, non_blocking=True)
+        idx = to_device(up_idx, x.device)
         out[idx] = _grid_crop(x[idx], grid[up_idx])
     top, left, h, w = boxes_cpu[down_idx].to(x.dtype).unbind(1)
     rois = torch.stack([down_idx.to(x.dtype), left, top, left + w, top + h], dim=1)  # batch, x1, y1, x2, y2
-    down = roi_align(x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
+    down = roi_align(x, to_device(rois, x.device), output_size=(size, size), spatial_scale=1.0,
                      sampling_ratio=-1, aligned=True)
-    mirror = torch.nonzero(flip_cpu[down_idx]).squeeze(1).to(x.device, non_blocking=True)
+    mirror = to_device(torch.nonzero(flip_cpu[down_idx]).squeeze(1), x.device)
     down[mirror] = down[mirror].flip(-1)
-    out[down_idx.to(x.device, non_blocking=True)] = down
+    out[to_device(down_idx, x.device)] = down
     return out
 
 
@@ -250,7 +252,7 @@ def _grid_crop(x: Tensor, grid: Tensor) -> Tensor:
     """Bilinear crop+resize of ``x`` (B, C, H, W) at the separable sampling positions ``grid`` (B, 2, size)
     (:func:`_sampling_positions`, on the CPU) via ``grid_sample`` -> (B, C, size, size)."""
     b, _, size = grid.shape
-    gx_gy = grid.to(device=x.device, dtype=x.dtype, non_blocking=True)  # only these (B, 2, size) rows cross
+    gx_gy = to_device(grid, x.device, x.dtype)  # only these (B, 2, size) rows cross
     full = torch.stack([gx_gy[:, 0:1].expand(b, size, size), gx_gy[:, 1:2].transpose(1, 2).expand(b, size, size)], dim=-1)
     return F.grid_sample(x, full, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -387,7 +389,7 @@ class BatchAugment:
         if bool((order == order[:1]).all()):  # one order for the batch: whole-batch ops, identity where not jittered
             factors = torch.stack([params[name].cpu().float() for name in _OPS])  # (4, B), in _OPS order
             identity = torch.tensor([1.0, 1.0, 1.0, 0.0]).view(4, 1)  # brightness, contrast, saturation x1; hue +0
-            factors = torch.where(jit, factors, identity).to(dev, x.dtype, non_blocking=True)  # one copy
+            factors = to_device(torch.where(jit, factors, identity), dev, x.dtype)  # one copy
             for op in order[0].tolist():
                 _COLOUR_FNS[op](x, factors[op])
             order = order[:0]  # nothing left for the per-sample path below
@@ -395,13 +397,13 @@ class BatchAugment:
             for op, fn in enumerate(_COLOUR_FNS):
                 sel = torch.nonzero(jit & (order[:, step] == op)).squeeze(1)  # on CPU: no sync
                 if sel.numel() > 0:
-                    sel = sel.to(dev, non_blocking=True)
+                    sel = to_device(sel, dev)
                     x[sel] = fn(x[sel], params[_OPS[op]].to(dev, non_blocking=True)[sel])
         gray = params["gray"].to(device=dev, dtype=x.dtype, non_blocking=True).view(-1, 1, 1, 1)
         x.lerp_(grayscale(x).expand_as(x), gray)
         sel = torch.nonzero(params["blur"].cpu()).squeeze(1)
         if sel.numel() > 0:
-            sel = sel.to(dev, non_blocking=True)
+            sel = to_device(sel, dev)
             x[sel] = gaussian_blur(x[sel], params["sigma"].to(dev, non_blocking=True)[sel],
                                    self.kernel_size)
         return _normalise_(x, self.mean, self.std, 1.0)

@@ -307,11 +307,19 @@ def grouped_forward(teacher: nn.Module, weak: torch.Tensor, shuffle: torch.Tenso
     return out
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` copied to ``device`` without waiting: from the host to a GPU through pinned memory (a copy from pageable
+    memory may wait for the GPU's queue to drain)."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def draw_shuffle(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """A random permutation of ``batch`` rows, drawn on the host from ``generator`` (its state is the checkpoint's)
     and sent to ``device`` without waiting for it (through pinned memory on a GPU): (B,) int64."""
     order = torch.randperm(batch, generator=generator)
-    return (order.pin_memory() if device.type == "cuda" else order).to(device, non_blocking=True)
+    return to_device(order, device)
 
 
 class _AllReduceSum(torch.autograd.Function):

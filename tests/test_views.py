@@ -142,11 +142,18 @@ def test_steps_per_call_stay_within_a_draw_and_the_memory_budget() -> None:
 def test_views_made_on_a_gpu_read_their_parameters_from_pinned_memory() -> None:
     """Sources on a GPU: each draw is pinned once, so that the slices each call copies to the GPU never wait for its
     queue (a copy from pageable memory may); the views are those the same parameters give on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
     source = torch.randint(0, 256, (8, 3, 20, 24), dtype=torch.uint8)
     on_cpu = views()(source, source, step=0, steps=2)
-    on_gpu = views()
-    made = on_gpu(source.cuda(), source.cuda(), step=0, steps=2)
+    on_gpu, there = views(), source.cuda()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as watched:  # crops larger than 16 px: the roi_align path too
+        made = on_gpu(there, there, step=0, steps=2)
+        torch.cuda.synchronize()
     assert all(v.is_pinned() for draw in on_gpu._draw for v in draw.values())
+    copies = [event.name for event in watched.events() if "HtoD" in event.name]
+    assert copies and not [name for name in copies if "Pageable" in name], copies  # every copy from pinned memory
     for cpu, gpu in zip(on_cpu, made):
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
