@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,11 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is an optional extra
+                self._board = False
+                return None
+            except Exception as err:  # noqa: BLE001 - installed but broken (a protobuf it does not know, say)
+                warnings.warn(f"TensorBoard is installed but could not be loaded ({type(err).__name__}: {err}); the run goes "
+                              "on, its metrics in metrics.jsonl only", RuntimeWarning, stacklevel=2)
                 self._board = False
                 return None
             self._board = SummaryWriter(str(self.path.parent / "tensorboard"))

@@ -381,6 +381,23 @@ def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir,
     assert 0.9 * wall < logged <= wall, (logged, wall)  # timed on the host alone: about wall - 1.6 s
 
 
+def test_a_broken_tensorboard_leaves_the_run_going_with_a_warning(npz_dir, tmp_path, monkeypatch):
+    """An installed TensorBoard that fails to load with another error than ImportError (protobuf's "Descriptors
+    cannot be created directly", say) stopped a run at its first logged step; it warns, and metrics.jsonl goes on."""
+    import sys
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise TypeError("Descriptors cannot be created directly")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", Broken("torch.utils.tensorboard"))
+    run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
+    with pytest.warns(RuntimeWarning, match=r"TensorBoard is installed but could not be loaded \(TypeError: Descriptors"):
+        train_one_epoch(run)
+    assert [json.loads(line)["step"] for line in (run.out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+
+
 def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_path):
     """In memory, a call makes the views of up to --augment_steps steps; from a folder, where loader workers would
     have to decode them all before the first could train, one step's."""
