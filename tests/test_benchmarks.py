@@ -53,6 +53,23 @@ def test_paired_ratios_median_and_quartiles():
     assert ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
 
 
+def test_end_to_end_stretches_count_their_own_windows(tmp_path):
+    """Each call of the training loop (a stretch between bare steps) gets the logged windows it ran: a window starts
+    at the previous logged step or at its call's start, whichever is later; the warm-up's windows count nowhere."""
+    import json
+
+    from benchmarks.end_to_end import stretch_totals
+
+    records = [dict(step=2, images_per_s=1.0), dict(step=4, images_per_s=2.0), dict(step=5, images_per_s=4.0),
+               dict(step=7, knn_top1=0.5), dict(step=8, images_per_s=8.0), dict(step=10, images_per_s=10.0)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # calls start at steps 0, 5 and 9: windows (0,2] (2,4] (4,5] | (5,8] | (9,10]; the first window is the warm-up
+    totals = stretch_totals(metrics, batch_size=3, skip_steps=2, call_starts=[0, 5, 9])
+    assert totals == [(9.0, 6 / 2.0 + 3 / 4.0, 3), (9.0, 9 / 8.0, 3), (3.0, 3 / 10.0, 1)]
+    assert stretch_totals(metrics, batch_size=3, skip_steps=6, call_starts=[0, 5, 9])[0] == (0.0, 0.0, 0)
+
+
 @pytest.mark.parametrize("query_chunk, bank_chunk, groups", [(7, 64, 4), (50, 80, 4), (23, 199, 1), (5, 13, 4)])
 def test_knn_candidate_with_unit_bank_chunks_scores_as_the_formula(query_chunk, bank_chunk, groups):
     """The GPU candidate timed beside ``knn_scores`` computes the same weighted kNN: fp32 bank, chunks that do not
