@@ -210,6 +210,24 @@ def test_resized_crop_matches_torchvision_resize() -> None:
     assert (ours - ref).abs().mean() < 1.5 and (ours - ref).abs().max() < 12
 
 
+def test_resized_crop_keeps_the_dtype_of_its_images() -> None:
+    """Crops of float64 images are float64 (those of float32 ones float32) with the same values, on either path: the
+    sampling positions and boxes go to the images' device in their dtype (``ressl.dist.to_device``)."""
+    from ressl.dist import to_device
+
+    x = smooth_images(3, 40, 40, seed=3).float()
+    boxes = torch.tensor([[0, 0, 40, 40], [5, 5, 10, 12], [2, 3, 36, 30]])  # shrunk (roi_align), enlarged, shrunk
+    flip = torch.tensor([False, True, True])
+    single, double = A.resized_crop(x, boxes, 24, flip), A.resized_crop(x.double(), boxes, 24, flip)
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, atol=1e-3, rtol=0)
+    up = A.resized_crop(x[1:2].double(), boxes[1:2], 24, flip[1:2])  # the grid_sample path alone
+    assert up.dtype == torch.float64
+    torch.testing.assert_close(up.float(), single[1:2], atol=1e-3, rtol=0)
+    cpu = torch.device("cpu")
+    assert to_device(torch.arange(3), cpu, torch.float64).dtype == torch.float64 and to_device(torch.arange(3), cpu).dtype == torch.int64
+
+
 def test_resized_crop_mixed_up_and_down_sampling() -> None:
     """A batch mixing enlarged and shrunk crops equals cropping each sample on its own."""
     s = smooth_images(4, 64, 64, seed=5).float()

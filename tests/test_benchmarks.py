@@ -67,7 +67,63 @@ def test_end_to_end_stretches_count_their_own_windows(tmp_path):
     # calls start at steps 0, 5 and 9: windows (0,2] (2,4] (4,5] | (5,8] | (9,10]; the first window is the warm-up
     totals = stretch_totals(metrics, batch_size=3, skip_steps=2, call_starts=[0, 5, 9])
     assert totals == [(9.0, 6 / 2.0 + 3 / 4.0, 3), (9.0, 9 / 8.0, 3), (3.0, 3 / 10.0, 1)]
-    assert stretch_totals(metrics, batch_size=3, skip_steps=6, call_starts=[0, 5, 9])[0] == (0.0, 0.0, 0)
+    # a window that starts inside the warm-up counts nowhere, even where it ends after it: (5,8] with 6 steps skipped
+    assert stretch_totals(metrics, batch_size=3, skip_steps=6, call_starts=[0, 5, 9]) == [(0.0, 0.0, 0), (0.0, 0.0, 0), (3.0, 3 / 10.0, 1)]
+
+
+_E2E_SPIED = """
+import json, sys
+from benchmarks import common, end_to_end
+
+timed, totals = [], []
+real_timed, real_totals = common.timed, end_to_end.stretch_totals
+
+
+def spy_timed(fn, device):  # each bare step's time, as measured
+    timed.append(real_timed(fn, device))
+    return timed[-1]
+
+
+def spy_totals(*args, **kwargs):  # each stretch's training, as read from the run's metrics.jsonl
+    totals[:] = real_totals(*args, **kwargs)
+    return list(totals)
+
+
+common.timed, end_to_end.stretch_totals = spy_timed, spy_totals
+result = end_to_end.run(end_to_end.add_flags(common.parser("", "end_to_end")).parse_args(sys.argv[1:]))
+print(json.dumps(dict(ratio=result.ratio, detail=result.detail, timed=timed, totals=totals)))
+"""
+
+
+def test_end_to_end_ratio_is_the_median_of_each_stretchs_own_against_the_bare_steps_either_side(tmp_path):
+    """The end-to-end ratio is the median, over the stretches of training with a logged window after the warm-up, of
+    each one's images/s against the bare step's images/s from the median of the bare steps timed just before and
+    just after it; measured by the benchmark itself (its bare steps' times and stretches' totals watched, not changed).
+    64 images make 2 steps an epoch (a call, a stretch) at --quick's batch of 32: the first stretch is the warm-up's
+    window alone and counts nowhere."""
+    import json
+    import statistics
+
+    import numpy as np
+
+    from benchmarks import common
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-c", _E2E_SPIED, "--quick", "--device", "cpu", "--data", str(tmp_path), "--seconds", "2",
+               "--threads", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    gaps = [out["timed"][i:i + 2] for i in range(0, len(out["timed"]), 2)]  # --quick: 2 bare steps a gap
+    stretches, batch = out["totals"], common.QUICK_OVERRIDES["batch_size"]
+    assert len(gaps) == len(stretches) + 1 >= 4 and stretches[0] == [0.0, 0.0, 0], (gaps, stretches)
+    ratios = [images / seconds / (batch / statistics.median(gaps[k] + gaps[k + 1]))
+              for k, (images, seconds, _) in enumerate(stretches) if seconds > 0]
+    assert out["ratio"] == pytest.approx(statistics.median(ratios), rel=1e-9), (out, ratios)
+    assert f"median of {len(ratios)} stretches' ratios" in out["detail"], out["detail"]
+    assert f"(range {min(ratios):.3f}-{max(ratios):.3f})" in out["detail"], out["detail"]
 
 
 @pytest.mark.parametrize("query_chunk, bank_chunk, groups", [(7, 64, 4), (50, 80, 4), (23, 199, 1), (5, 13, 4)])

@@ -354,48 +354,129 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
 def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir, tmp_path, monkeypatch):
     """On a GPU the host runs ahead of the device and waits for it at logging steps only: a window's images/s must
     count those waits (the device's time), so that the windows of a call add up to its time. Here a device that has
-    done a logged step 0.4 s after the host queued it stands in for the GPU (each window takes less on this CPU)."""
+    done a logged step 0.4 s after the host queued it stands in for the GPU (each window takes less on this CPU); as
+    on a GPU, a logged step's numbers reach the host only once waited for (NaN before)."""
     import time
 
-    from ressl import meter
+    from ressl import meter, train
 
-    class Behind:  # what meter._to_host returns to wait on
-        def __init__(self) -> None:
-            self.done = time.perf_counter() + 0.4
+    made = []  # the stand-in's steps, one for each logged step, in order
+
+    class Behind:  # what meter._to_host returns to wait on: done 0.4 s after it was queued
+        def __init__(self, values: torch.Tensor) -> None:
+            self.done, self.values = time.perf_counter() + 0.4, values
+            self.host = torch.full_like(values, float("nan"))  # the pinned copy, not there yet
+            made.append(self)
 
         def synchronize(self) -> None:
-            time.sleep(max(0.0, self.done - time.perf_counter()))
+            while time.perf_counter() < self.done:
+                time.sleep(self.done - time.perf_counter())
+            self.host.copy_(self.values)
+
+    def to_host(values):
+        behind = Behind(values)
+        return behind.host, behind
 
     monkeypatch.setattr(meter, "_defer_logs", lambda device: True)
-    monkeypatch.setattr(meter, "_to_host", lambda values: (values, Behind()))
+    monkeypatch.setattr(meter, "_to_host", to_host)
+    starts, real_step = [], train.train_step
+
+    def timed_step(*args, **kwargs):  # when each step starts
+        starts.append(time.perf_counter())
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", timed_step)
     run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
     start = time.perf_counter()
     train_one_epoch(run)
     wall = time.perf_counter() - start
-    logged, previous = 0.0, 0
-    for line in (run.out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        logged += (record["step"] - previous) * 16 / record["images_per_s"]
+    logged, previous, window = 0.0, 0, {}
+    records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        window[record["step"]] = (record["step"] - previous) * 16 / record["images_per_s"]
+        logged += window[record["step"]]
         previous = record["step"]
     assert previous == 8  # 4 windows: 3 waits for the window before, the epoch's end for its own step
     assert 0.9 * wall < logged <= wall, (logged, wall)  # timed on the host alone: about wall - 1.6 s
+    # each window ends once the device has done the step it waits for (the previous logged step's; at the epoch's
+    # end its own), and starts before its first step does
+    for step, waited in ((4, 2), (6, 4), (8, 8)):
+        assert window[step] >= made[waited // 2 - 1].done - starts[step - 2] - 1e-6, (step, window, starts)
+    assert all(math.isfinite(record["loss"]) for record in records)  # read once there, not before
 
 
-def test_a_broken_tensorboard_leaves_the_run_going_with_a_warning(npz_dir, tmp_path, monkeypatch):
+def test_the_time_a_record_takes_to_write_counts_in_the_next_window(npz_dir, tmp_path, monkeypatch):
+    """A logged step's record is written after its window's clock is read, and its writing counts in the next window,
+    so that the windows of a call add up to its time (on a CPU every record is written at once). Here a TensorBoard
+    that takes 0.3 s to flush its events (a slow network disk) stands in for a slow write."""
+    import sys
+    import time
+    import types
+
+    from ressl import train
+
+    class SlowWriter:
+        def __init__(self, logdir: str) -> None:
+            pass
+
+        def add_scalar(self, *args, **kwargs) -> None:
+            pass
+
+        def flush(self) -> None:
+            time.sleep(0.3)
+
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = SlowWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    starts, real_step = [], train.train_step
+
+    def timed_step(*args, **kwargs):  # when each step starts
+        starts.append(time.perf_counter())
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", timed_step)
+    run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
+    train_one_epoch(run)
+    records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4, 6, 8]
+    # the windows after step 2's run from its clock (before step 3 starts) to step 8's (after step 8 starts); they
+    # hold the writing of steps 4 and 6's records (0.3 s each), lost between windows if each started after its write
+    after = sum(2 * 16 / record["images_per_s"] for record in records[1:])
+    assert after >= starts[7] - starts[2] - 1e-6, (after, starts)
+
+
+@pytest.mark.parametrize("error", [TypeError("Descriptors cannot be created directly"),
+                                   ValueError("numpy.dtype size changed, may indicate binary incompatibility")])
+def test_a_broken_tensorboard_leaves_the_run_going_with_a_warning(npz_dir, tmp_path, monkeypatch, error):
     """An installed TensorBoard that fails to load with another error than ImportError (protobuf's "Descriptors
-    cannot be created directly", say) stopped a run at its first logged step; it warns, and metrics.jsonl goes on."""
+    cannot be created directly", a numpy it was not built for, say) stopped a run at its first logged step; it warns,
+    once, and metrics.jsonl goes on."""
     import sys
     import types
 
     class Broken(types.ModuleType):
         def __getattr__(self, name):
-            raise TypeError("Descriptors cannot be created directly")
+            raise error
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", Broken("torch.utils.tensorboard"))
     run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
-    with pytest.warns(RuntimeWarning, match=r"TensorBoard is installed but could not be loaded \(TypeError: Descriptors"):
+    said = rf"TensorBoard is installed but could not be loaded \({type(error).__name__}: {str(error)[:20]}"
+    with pytest.warns(RuntimeWarning, match=said) as caught:
         train_one_epoch(run)
     assert [json.loads(line)["step"] for line in (run.out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    assert len([w for w in caught if "TensorBoard" in str(w.message)]) == 1, [str(w.message) for w in caught]  # not at each record
+
+
+def test_an_absent_tensorboard_is_no_warning(npz_dir, tmp_path, monkeypatch):
+    """TensorBoard is an optional extra: without it the run logs to metrics.jsonl only, and says nothing about it."""
+    import sys
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import fails: ModuleNotFoundError
+    run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_one_epoch(run)
+    assert [json.loads(line)["step"] for line in (run.out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    assert not [str(w.message) for w in caught if "TensorBoard" in str(w.message)]
 
 
 def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_path):
