@@ -325,6 +325,22 @@ def test_cuda_step_never_waits_for_the_gpu(npz_dir, tmp_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logged_numbers_are_on_the_host_once_their_event_is_waited_for():
+    """A logged step's numbers travel to pinned host memory without a wait; the event to wait on follows the copy
+    (recorded before it, the numbers could be read while still on their way)."""
+    from ressl.meter import _to_host
+
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(4):  # work queued before the numbers, so that the copy waits its turn
+        x = torch.tanh(x @ x)
+    values = torch.stack([x.sum(), x.abs().max()]).double()
+    host, event = _to_host(values)
+    assert host.device.type == "cpu" and host.is_pinned() and event is not None
+    event.synchronize()
+    assert host.tolist() == values.cpu().tolist()
+
+
 def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path, monkeypatch):
     """On a GPU a logged step's numbers are written at the next logged step, not read at once (which would make the
     host wait for the GPU); the records are the same as when written at once, and none is lost at the epoch's end.
