@@ -71,6 +71,15 @@ class _WorkerPids(torch.utils.data.Dataset):
         return os.getpid()
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs: not gone, not a zombie waiting to be reaped."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return status.read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="sigwaitinfo: Linux")
 @pytest.mark.parametrize("fresh", [False, True], ids=["forked", "from_the_fork_server"])
 def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loaders(fresh):
@@ -97,8 +106,7 @@ def test_a_loader_worker_outlives_a_sigterm_from_a_launcher_and_exits_on_its_loa
     worker = int(next(batches))
     os.kill(worker, signal.SIGTERM)  # from its parent
     deadline = time.monotonic() + 30  # a loaded machine may take its time
-    status = Path(f"/proc/{worker}/status")
-    while status.exists() and status.read_text().split("State:")[1].split()[0] not in ("Z", "X"):  # until it exits
+    while _running(worker):  # until it exits
         assert time.monotonic() < deadline, "the worker outlived its parent's SIGTERM"  # (a fork server reaps its own)
         time.sleep(0.05)
     del batches
@@ -158,14 +166,6 @@ if __name__ == "__main__":
     print(*sorted({pid for pair in pids for pid in pair}), flush=True)
     time.sleep(600)
 """
-
-
-def _running(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status")
-    try:
-        return status.read_text().split("State:")[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")

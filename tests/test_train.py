@@ -367,6 +367,21 @@ def test_deferred_logs_write_the_same_records_one_window_later(npz_dir, tmp_path
     assert written == [0, 0, 0, 0, 1, 1, 2, 2]  # step 2's record is written after step 4, step 4's after step 6 (at once: 0, 0, 1, 1, 2, ...)
 
 
+def _step_starts(monkeypatch) -> list[float]:
+    """When each training step starts, from now on: ``train.train_step`` watched, not changed."""
+    import time
+
+    from ressl import train
+
+    starts, real_step = [], train.train_step
+
+    def timed_step(*args, **kwargs):
+        starts.append(time.perf_counter())
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", timed_step)
+    return starts
+
+
 def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir, tmp_path, monkeypatch):
     """On a GPU the host runs ahead of the device and waits for it at logging steps only: a window's images/s must
     count those waits (the device's time), so that the windows of a call add up to its time. Here a device that has
@@ -374,7 +389,7 @@ def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir,
     on a GPU, a logged step's numbers reach the host only once waited for (NaN before)."""
     import time
 
-    from ressl import meter, train
+    from ressl import meter
 
     made = []  # the stand-in's steps, one for each logged step, in order
 
@@ -395,12 +410,7 @@ def test_logged_images_per_second_count_the_time_the_device_runs_behind(npz_dir,
 
     monkeypatch.setattr(meter, "_defer_logs", lambda device: True)
     monkeypatch.setattr(meter, "_to_host", to_host)
-    starts, real_step = [], train.train_step
-
-    def timed_step(*args, **kwargs):  # when each step starts
-        starts.append(time.perf_counter())
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(train, "train_step", timed_step)
+    starts = _step_starts(monkeypatch)
     run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
     start = time.perf_counter()
     train_one_epoch(run)
@@ -428,8 +438,6 @@ def test_the_time_a_record_takes_to_write_counts_in_the_next_window(npz_dir, tmp
     import time
     import types
 
-    from ressl import train
-
     class SlowWriter:
         def __init__(self, logdir: str) -> None:
             pass
@@ -443,12 +451,7 @@ def test_the_time_a_record_takes_to_write_counts_in_the_next_window(npz_dir, tmp
     board = types.ModuleType("torch.utils.tensorboard")
     board.SummaryWriter = SlowWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
-    starts, real_step = [], train.train_step
-
-    def timed_step(*args, **kwargs):  # when each step starts
-        starts.append(time.perf_counter())
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(train, "train_step", timed_step)
+    starts = _step_starts(monkeypatch)
     run = tiny_run(npz_dir, tmp_path, batch_size=16, log_every=2)
     train_one_epoch(run)
     records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
