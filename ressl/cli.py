@@ -69,6 +69,17 @@ class Parser(argparse.ArgumentParser):
                 message += f" (did you mean {hint[0]}?)"
         self.error(message)
 
+    def _typed_for(self, missing: list[str]) -> str:
+        """`` (--checkpont: did you mean --checkpoint?)`` for each flag given that this parser does not know and that
+        is close to one of the ``missing`` required flags."""
+        known = self._long_flags()
+        hints = []
+        for flag in dict.fromkeys(a.split("=")[0] for a in _given if a.startswith("--") and a.split("=")[0] not in known):
+            close = difflib.get_close_matches(flag, missing, n=1)
+            if close:
+                hints.append(f" ({flag}: did you mean {close[0]}?)")
+        return "".join(hints)
+
     def error(self, message: str) -> NoReturn:
         choice = re.match(r"argument (\S+): invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
         if choice:
@@ -84,6 +95,9 @@ class Parser(argparse.ArgumentParser):
         bare = [a for i, a in enumerate(_given) if a.endswith(".pt") and not a.startswith("-") and i not in values]
         if "required: --checkpoint" in message and bare:
             message += f" (give the checkpoint with its flag: --checkpoint {bare[0]})"
+        required = re.match(r"the following arguments are required: (.*)$", message)
+        if required:  # a required flag mistyped is unknown to argparse, which reports only the one missing
+            message += self._typed_for(required.group(1).split(", "))
         speaks = launcher.speaks_for_machine()
         if not speaks:
             _let_the_speaker_speak()
@@ -173,8 +187,9 @@ def build_parser() -> Parser:
                            help="vote temperature (default: the run's knn_temperature, that of its own kNN checks)")
         else:
             e.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100, the paper)")
-            e.add_argument("--lr", type=float, default=0.1, help="probe learning rate on standardised features")
-            e.add_argument("--weight_decay", type=float, default=0.0)
+            e.add_argument("--lr", type=float, default=0.1,
+                           help="probe learning rate on standardised features, cosine-decayed (default 0.1)")
+            e.add_argument("--weight_decay", type=float, default=0.0, help="the probe's weight decay (default 0)")
             e.add_argument("--augment", action="store_true",
                            help="random crops (see --crop_min_scale) and flips (if the run flipped) of the training "
                                 "images every epoch, a backbone pass per epoch, instead of features cached once (the "

@@ -150,6 +150,14 @@ def test_common_slips_in_evaluation_commands_are_named(capsys):
     assert "invalid choice 'val' (a val/ folder, like test/ or test.npz, is the test split: --split test)" in err
 
 
+def test_a_mistyped_required_flag_is_named_beside_the_one_missing(capsys):
+    err = parse_error(["knn", "--checkpont", "runs/c10/checkpoint.pt"], capsys)
+    assert "required: --checkpoint (--checkpont: did you mean --checkpoint?)" in err
+    err = parse_error(["export", "--checkpoint", "a.pt", "--ot=b.safetensors"], capsys)
+    assert "required: --out (--ot: did you mean --out?)" in err
+    assert "did you mean" not in parse_error(["knn", "--zebra", "1"], capsys)  # unknown, and like no required flag
+
+
 def test_mistyped_command_is_suggested(capsys):
     err = parse_error(["pretrian"], capsys)
     assert "unknown command 'pretrian' (did you mean pretrain?)" in err and "see ressl --help" in err
