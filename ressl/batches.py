@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -270,6 +271,21 @@ def fresh_workers() -> multiprocessing.context.BaseContext | None:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOADED)
     return context
+
+
+def refuse_in_a_starting_worker() -> None:
+    """Stop a loader worker that, as it starts, is running a script's call into ressl. A worker started by the fork
+    server (or spawned) first imports the main script, as Python does for every start method but fork: a script that
+    calls ``ressl.train.pretrain`` (or loads a dataset) without ``if __name__ == "__main__":`` would run it again
+    inside each worker, a second pretraining beside the first (or an error about the run directory the first holds).
+    Instead the worker says why on stderr, in one line, and exits; the script's own process then reports that its
+    loader worker ended."""
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):  # set while a child imports the script
+        return
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "the main script"  # the script's own argv (set for the child)
+    print(f"ressl: {script} calls ressl as it is imported, and loader workers import it as they start: put its calls "
+          'under `if __name__ == "__main__":`', file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def loader_workers(asked: int) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ressl import config, dist
+from ressl.batches import refuse_in_a_starting_worker
 from ressl.errors import DataError
 from ressl.folder import (
     FileList,
@@ -25,6 +26,7 @@ from ressl.folder import (
     scan_folder,
     take,
 )
+from ressl.progress import count
 
 # Per-channel mean and std on the 0..1 scale, from each set's training images.
 STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -96,8 +98,8 @@ class Dataset:
         if self.bank is not None and self.bank is not self.train:
             text += f" ({len(self.bank):,} labelled)"
         if self.test is not None and self.bank is not None:
-            return text + f", {len(self.test):,} held-out, {self.num_classes} classes"
-        return text + (", unlabelled" if self.bank is None else f", {self.num_classes} classes") + ", no held-out split (no kNN)"
+            return text + f", {len(self.test):,} held-out, {count(self.num_classes, 'class', 'classes')}"
+        return text + (", unlabelled" if self.bank is None else f", {count(self.num_classes, 'class', 'classes')}") + ", no held-out split (no kNN)"
 
     @property
     def evaluable(self) -> bool:
@@ -352,7 +354,7 @@ def _classes_text(index: FolderIndex) -> str:
     """``"1,234 images in 5 classes"`` or ``"1,234 unlabelled images"``."""
     if index.classes is None:
         return f"{len(index.files):,} unlabelled images"
-    return f"{len(index.files):,} images in {len(index.classes)} class{'es' if len(index.classes) != 1 else ''}"
+    return f"{count(len(index.files), 'image')} in {count(len(index.classes), 'class', 'classes')}"
 
 
 def load_folder(root: Path, name: str, max_bad_fraction: float = 0.01) -> Dataset:
@@ -422,6 +424,7 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
     ``can_download``: whether the command has a ``--download`` flag (``pretrain``) that the fixes may suggest.
     A directory is read as npz arrays when ``dataset`` is npz, or it holds train.npz, or it holds other .npz files
     and no images (so the error names what is missing rather than saying it found no images)."""
+    refuse_in_a_starting_worker()  # a script without a main guard, imported again by a loader worker
     can_download = can_download and dataset in TORCHVISION_SETS
     if data is None:
         if dataset == "digits":

@@ -27,6 +27,11 @@ def say(*args: Any, **kwargs: Any) -> bool:
     return not _lost
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and its noun, for people: ``count(1, "class", "classes")`` is "1 class", ``count(1234, "image")`` "1,234 images"."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def live() -> bool:
     """Whether stderr shows a bar as it changes (a terminal, or a Jupyter notebook's output), not a log file."""
     return sys.stderr.isatty() or "ipykernel" in sys.modules

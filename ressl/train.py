@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ressl import checkpoint, config, dist, precision, progress, rundir
 from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
-from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches
+from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches, refuse_in_a_starting_worker
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset, same_data_everywhere, sample_split, to_device
 from ressl.errors import DataError, Interrupted, LateDataError, load_failure, own_message
@@ -293,6 +293,7 @@ def view_makers(cfg: Config, dataset: Dataset) -> tuple[ViewAugment | None, TwoV
 def setup(cfg: Config) -> Run:
     """Build data, model, optimiser and run directory; resume from ``out/checkpoint.pt`` if it exists, else from
     ``cfg.resume`` if given. :func:`pretrain` writes ``config.yaml`` once it knows the run has training left."""
+    refuse_in_a_starting_worker()  # before the run directory is claimed: the script's own process holds it
     device = dist.resolve_device(cfg.device)
     config.validate(cfg, dist.world_size())
     graphed = use_cuda_graph(cfg, device)
@@ -423,7 +424,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         return final
     dist.main_writes(lambda: _start_files(run), run.device)
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
-        f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {cfg.epochs} epochs, device {run.device}, "
+        f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {progress.count(cfg.epochs, 'epoch')}, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
     if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
         say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {cfg.epochs} epochs, so the learning rate "

@@ -375,6 +375,35 @@ def _classes(root, split_classes, n=3, size=(12, 12)):
                 Image.new("RGB", size, (60 * int(name[-1]) + i, 200 - 60 * int(name[-1]), 90)).save(d / f"{i}.png")
 
 
+_UNGUARDED = """
+import sys
+import ressl.train
+from ressl import config
+
+ressl.train.pretrain(config.resolve(None, {"dataset": "folder", "data": sys.argv[1], "out": sys.argv[2], "device": "cpu", "workers": 1,
+                                               "epochs": 1, "width": 8, "image_size": 16, "batch_size": 4,
+                                               "queue_size": 16, "knn_every": 0, "warmup_epochs": 0}))
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_add_and_runs_nothing_in_its_workers(tmp_path):
+    """Loader workers of image folders import the main script as they start: one without ``if __name__ ==
+    "__main__":`` called pretrain again in each of them (here: refused, as the script's own run held the directory;
+    with the default --out, a second run). The workers now stop there with one line that names the fix."""
+    import subprocess
+    import sys
+
+    _classes(tmp_path / "photos", {"": ["c0", "c1"]}, n=4)
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "photos"), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f'ressl: {script} calls ressl as it is imported, and loader workers import it as they start: put its calls ' \
+           'under `if __name__ == "__main__":`' in done.stderr, done.stderr
+    assert "another ressl pretrain is running" not in done.stderr and "ConfigError" not in done.stderr
+
+
 def test_held_out_labels_follow_train_class_names(tmp_path):
     """val/ lacking train/'s first class: val's class1 is label 1 (train's), not 0, so kNN gets it right."""
     from ressl.evaluate import knn_accuracy
@@ -421,6 +450,12 @@ def test_describe_flat_folder_and_in_memory_sets(tmp_path, npz_dir):
     assert load_dataset("folder", str(flat)).describe().startswith(f"folder {flat}: 3 unlabelled images, no held-out split")
     assert load_dataset("npz", str(npz_dir)).describe() == "npz: 128 training images, 64 held-out, 4 classes"
     assert load_dataset("digits", None).describe() == "digits: 1,347 training images, 450 held-out, 10 classes"
+    one = tmp_path / "one"
+    one.mkdir()
+    x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    for split in ("train", "test"):
+        np.savez(one / f"{split}.npz", x=x, y=np.zeros(4, dtype=np.int64))
+    assert load_dataset("npz", str(one)).describe() == "npz: 4 training images, 4 held-out, 1 class"
 
 
 def test_a_stray_image_in_train_is_skipped_not_unlabelling_the_set(tmp_path):
