@@ -101,7 +101,8 @@ def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         umap = None
     n = x.shape[0]
     if umap is not None:
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed)
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed,
+                            n_jobs=1)  # as a seed makes it (umap-learn warns when it has to say so)
         return np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
