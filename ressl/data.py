@@ -25,6 +25,7 @@ from ressl.folder import (
     readable,
     scan_folder,
     take,
+    too_many_failed,
 )
 from ressl.progress import count
 
@@ -447,6 +448,26 @@ def load_dataset(dataset: str, data: str | None, download: bool = False, max_bad
     if dataset in TORCHVISION_SETS:
         return dist.rank_0_first(lambda: load_torchvision(dataset, root, download, can_download))
     return dist.rank_0_first(lambda: load_folder(root, dataset, max_bad_fraction), share=True)
+
+
+def pool_failures(split: Split, device: torch.device) -> str | None:
+    """Under torchrun, merge every process's record of the image files that failed to load in ``split`` (a folder)
+    into each (a collective: at the processes' agreements on stopping). Each process's loader workers then pass over
+    the files any process found broken, and count them all: with W processes, each reading a W-th of the files, the
+    run stops once more than ``max_bad_fraction`` of the files are broken in all, not W times that. Returns the
+    message to stop with (the same on every process) once they are, else None; a no-op in one process and for
+    images in memory."""
+    if split.folder is None or not dist.is_distributed():
+        return None
+    record = split.failure_record()
+    merged = dist.max_of_all(_FAILURE_FIRST[record.long()], device)
+    record.copy_(_FAILURE_FIRST[torch.maximum(_FAILURE_FIRST[record.long()], merged).long()])  # with this process's latest
+    return too_many_failed(record, split.folder.files, split.max_bad_fraction)
+
+
+# A failure record's codes (0: read, 1: failed, 2: decoded in part) ranked so that a failure wins a maximum, and back
+# (the mapping is its own inverse): a file that failed in one process and decoded in part in another (it changed) failed.
+_FAILURE_FIRST = torch.tensor([0, 2, 1], dtype=torch.uint8)
 
 
 def same_data_everywhere(dataset: Dataset, device: torch.device) -> None:

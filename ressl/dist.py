@@ -259,6 +259,16 @@ def peer_lost(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and is_distributed() and any(text in str(err) for text in _PEER_LOST)
 
 
+def max_of_all(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element by element, the largest of every process's ``tensor`` (same shape everywhere; a collective, through
+    ``device``), on ``tensor``'s device; ``tensor`` itself in one process."""
+    if not is_distributed():
+        return tensor
+    merged = tensor.to(device, copy=True)
+    torch_dist.all_reduce(merged, op=torch_dist.ReduceOp.MAX)
+    return merged.to(tensor.device)
+
+
 def max_each(values: list[float], device: torch.device) -> list[float]:
     """The largest of every process's value, position by position, in one collective (every rank, the same step)."""
     if not is_distributed():

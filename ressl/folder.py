@@ -459,6 +459,18 @@ def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated) -> t
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def too_many_failed(record: torch.Tensor, files: list[Path], max_bad_fraction: float) -> str | None:
+    """The error that stops a command once more than ``max_bad_fraction`` of the ``files`` failed to load (all of
+    them, whatever the fraction), by their ``record`` (N,) (1: failed, as :class:`ImageFolderDataset` keeps it),
+    else None."""
+    failed = (record == 1).nonzero().flatten().tolist()
+    if len(failed) / len(files) <= max_bad_fraction and len(failed) < len(files):
+        return None
+    bad = [(files[i], "unreadable") for i in failed]
+    return (f"{len(failed)} of {len(files)} images failed to load ({_summarise(bad)}); "
+            f"fix or delete them, or raise max_bad_fraction (now {max_bad_fraction}) to skip them")
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Samples of a :class:`FolderIndex`: ``(transform(uint8 (3, H, W)), label)``.
 
@@ -472,9 +484,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     their failures together and pass over the files another found broken; ``record`` (N,)
     continues one (``Split.failure_record``: training makes a dataset per epoch, and the
     next epoch's passes over the files the last found broken without a word). Files decoded
-    only in part are used, with one warning (a 2 in the record). Each process under torchrun
-    keeps its own. With ``replace=False`` (evaluations, whose rows stand for their files) a
-    failure raises a :class:`DataError` naming the file instead.
+    only in part are used, with one warning (a 2 in the record). Under torchrun each process
+    keeps its own, and the processes pool them as they agree on stopping
+    (:func:`ressl.data.pool_failures`). With ``replace=False`` (evaluations, whose rows stand
+    for their files) a failure raises a :class:`DataError` naming the file instead.
     """
 
     def __init__(self, index: FolderIndex, transform: Callable[[torch.Tensor], Any] | None = None,
@@ -501,13 +514,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _record_failure(self, i: int) -> None:
         first = not bool((self._failed == 1).any())
         self._failed[i] = 1
-        n, failed = len(self), int((self._failed == 1).sum())
-        if failed / n > self.max_bad_fraction or failed == n:
-            bad = [(p, "unreadable") for p in self.failed_files]
-            raise DataError(
-                f"{failed} of {n} images failed to load ({_summarise(bad)}); "
-                f"fix or delete them, or raise max_bad_fraction (now {self.max_bad_fraction}) to skip them"
-            )
+        too_many = too_many_failed(self._failed, self.index.files, self.max_bad_fraction)
+        if too_many:
+            raise DataError(too_many)
         if first:
             warnings.warn(
                 f"could not decode {self.index.files[i]}; it is replaced by another sample "

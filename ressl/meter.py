@@ -19,6 +19,7 @@ import torch
 
 from ressl import dist, progress
 from ressl.checkpoint import write_run_file, writing
+from ressl.data import pool_failures
 from ressl.errors import NonFiniteLoss
 from ressl.monitor import health, queue_fill
 
@@ -268,15 +269,19 @@ class Meter:
 def _stop_agreed(run: Run, check: bool, step_seconds: float) -> tuple[bool, float]:
     """Whether to stop now, and the slowest process's ``step_seconds``. Distributed, the processes agree where
     ``check`` says (the same steps on all) so that all stop together; a process whose images failed to load
-    (``run.data_error``) asks for a stop too, and every process then holds the messages of all that did."""
+    (``run.data_error``) asks for a stop too, and every process then holds the messages of all that did. Their
+    records of broken image files are pooled there too: too many broken in all stops every process with one message."""
     if not dist.is_distributed():
         return run.stop_requested, step_seconds
     if not check:
         return False, step_seconds
     asked, slowest = dist.max_each([2 if run.data_error else 1 if run.stop_requested else 0, step_seconds], run.device)
+    too_many = pool_failures(run.dataset.train, run.device)  # the files every process found broken, in each
     if asked == 2:
         run.data_error = "\n".join(dist.messages_of_all(run.data_error))
-    return asked > 0, slowest
+    elif too_many:
+        run.data_error = too_many
+    return asked > 0 or too_many is not None, slowest
 
 
 def mark_non_finite(first_bad_step: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:

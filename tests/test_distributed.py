@@ -640,6 +640,46 @@ def test_a_stop_is_agreed_within_seconds_of_steps_not_only_at_logging_steps(tmp_
     assert zero == one == {"every log step": 8, "every step": 6}
 
 
+def _pooled_failures_worker(rank: int, tmp: str) -> None:
+    import ressl.train
+    from ressl import config
+    from ressl.errors import LateDataError
+
+    _join(rank, tmp)
+    found = {"apart": [{0: 1, 1: 1}, {2: 1}], "within": [{0: 1, 3: 2, 4: 2}, {4: 1}]}  # 1: failed, 2: read in part
+    outcome = {}
+    for case, codes in found.items():
+        values = dict(dataset="folder", data=f"{tmp}/photos", out=f"{tmp}/{case}", image_size=16, width=8, hidden_dim=32,
+                      out_dim=16, batch_size=16, queue_size=32, epochs=1, precision="fp32", channels_last=False,
+                      log_every=4, device="cpu", workers=0, checkpoint_every=0, max_bad_fraction=0.05)
+        run = ressl.train.setup(config.resolve(None, values))
+        for i, code in codes[rank].items():
+            run.dataset.train.failure_record()[i] = code
+        try:
+            ressl.train.train_one_epoch(run)
+            outcome[case] = (run.state.step, run.dataset.train.failure_record()[:6].tolist())
+        except LateDataError as err:
+            outcome[case] = (run.state.step, str(err))
+    torch.save(outcome, f"{tmp}/rank{rank}.pt")
+
+
+def test_processes_pool_the_image_files_they_found_broken(tmp_path):
+    """Each process's loader workers read a share of a folder: the processes pool the files they found broken as they
+    agree on stopping. 3 of 40 broken in all (2 found by one process, 1 by the other) pass --max_bad_fraction 0.05,
+    which neither process's own count does: both stop at the first agreement with one message. 2 of 40 do not; one of
+    them (4) failed in one process and decoded in part in the other (a file that changed): it counts as failed, in
+    both, while 3, decoded in part in one, is known as such in both. Each process then passes over 0 and 4."""
+    for c in range(2):
+        (tmp_path / "photos" / f"c{c}").mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (16, 16), (200 * c, 10 * i, 90)).save(tmp_path / "photos" / f"c{c}" / f"{i:02d}.png")
+    zero, one = spawn(_pooled_failures_worker, tmp_path)
+    assert zero == one, (zero, one)
+    step, message = zero["apart"]
+    assert step == 1 and message.startswith("3 of 40 images failed to load (") and "max_bad_fraction (now 0.05)" in message
+    assert zero["within"] == (2, [1, 0, 0, 2, 1, 0])
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     """One forward pass of the teacher over its shuffled batch, whose split BatchNorm (4 groups of 2) normalises
     each random pair apart: of two images, the brighter comes out at +1, the other at -1, in the input's order."""
@@ -810,7 +850,7 @@ sys.exit(main(sys.argv[1:]))
 def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_message_and_a_checkpoint(tmp_path):
     """An image that breaks during a torchrun run fails to load in one process only. The others do not die in a
     collective (gloo's "Connection closed by peer") or hang (NCCL): all stop together at the next logging step, with
-    a checkpoint, and rank 0 prints the failing process's message; deleting the file and re-running finishes the run."""
+    a checkpoint, and rank 0 prints the failing process's message (or the pooled records', naming the same file); deleting the file and re-running finishes the run."""
     data = tmp_path / "photos"
     for c in range(2):
         (data / f"class{c}").mkdir(parents=True)
@@ -824,7 +864,9 @@ def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_messa
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]
     assert len(errors) == 1, failed.stderr[-3000:]
-    assert errors[0].startswith("ressl pretrain: error: [rank ") and str(broken) in errors[0], errors
+    # the failing process's own message, or the pooled records' when they are merged before its error arrives
+    assert errors[0].startswith(("ressl pretrain: error: [rank ", "ressl pretrain: error: 1 of 128 images failed to load")), errors
+    assert str(broken) in errors[0], errors
     assert "a checkpoint was saved at step" in errors[0]
     assert "Connection closed" not in failed.stderr and "[rank0]:" not in failed.stderr and "[rank1]:" not in failed.stderr
     assert (out / "checkpoint.pt").exists()
