@@ -308,6 +308,11 @@ def scan_folder(root: str | Path, *, verify: bool = True, max_bad_fraction: floa
     return FolderIndex(files=FileList(root, names), labels=labels, classes=classes)
 
 
+def over_the_limit(failed: int, total: int, max_bad_fraction: float) -> bool:
+    """Whether ``failed`` of ``total`` image files stop a command: more than ``max_bad_fraction`` of them, or all."""
+    return failed / total > max_bad_fraction or failed == total
+
+
 def readable(root: Path, names: list[str], labels: list[int] | None, max_bad_fraction: float) -> tuple[list[str], list[int] | None]:
     """``names`` (paths relative to ``root``) and their ``labels`` without the files that fail :func:`_check_file`
     (missing, empty, not an image), dropped with one :class:`DataWarning` naming them; a :class:`DataError` when more
@@ -317,7 +322,7 @@ def readable(root: Path, names: list[str], labels: list[int] | None, max_bad_fra
         return names, labels
     n_total = len(names)
     described = _summarise([(root / names[i], why) for i, why in bad.items()], root)
-    if len(bad) / n_total > max_bad_fraction or len(bad) == n_total:
+    if over_the_limit(len(bad), n_total, max_bad_fraction):
         raise DataError(
             f"{len(bad)} of {n_total} image files under {root} are unreadable "
             f"({len(bad) / n_total:.1%} > max_bad_fraction={max_bad_fraction}): "
@@ -464,7 +469,7 @@ def too_many_failed(record: torch.Tensor, files: list[Path], max_bad_fraction: f
     them, whatever the fraction), by their ``record`` (N,) (1: failed, as :class:`ImageFolderDataset` keeps it),
     else None."""
     failed = (record == 1).nonzero().flatten().tolist()
-    if len(failed) / len(files) <= max_bad_fraction and len(failed) < len(files):
+    if not over_the_limit(len(failed), len(files), max_bad_fraction):
         return None
     bad = [(files[i], "unreadable") for i in failed]
     return (f"{len(failed)} of {len(files)} images failed to load ({_summarise(bad)}); "
