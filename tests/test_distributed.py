@@ -602,18 +602,16 @@ def test_a_run_directory_that_some_processes_cannot_see_is_refused_on_all(tmp_pa
 
 
 def _stop_worker(rank: int, tmp: str) -> None:
+    from test_train import tiny_run
+
     import ressl.meter
     import ressl.train
-    from ressl import config
 
     _join(rank, tmp)
     stopped = {}
     for case, check_seconds in (("every log step", 1e9), ("every step", 0.0)):
         ressl.meter.STOP_CHECK_SECONDS = check_seconds  # how long a stop may wait: here, as long as the slowest step
-        values = dict(dataset="npz", data=f"{tmp}/data", out=f"{tmp}/{case}", image_size=16, width=8, hidden_dim=32,
-                      out_dim=16, batch_size=32, queue_size=64, epochs=1, precision="fp32", channels_last=False,
-                      log_every=4, knn_k=10, device="cpu", workers=0, checkpoint_every=0)
-        run = ressl.train.setup(config.resolve(None, values))
+        run = tiny_run(f"{tmp}/data", Path(tmp) / case, epochs=1, log_every=4, workers=0, checkpoint_every=0)
         step = ressl.train.train_step
 
         def sigterm_on_rank_0_during_step_6(run, *args, step=step):
@@ -641,18 +639,17 @@ def test_a_stop_is_agreed_within_seconds_of_steps_not_only_at_logging_steps(tmp_
 
 
 def _pooled_failures_worker(rank: int, tmp: str) -> None:
+    from test_train import tiny_run
+
     import ressl.train
-    from ressl import config
     from ressl.errors import LateDataError
 
     _join(rank, tmp)
     found = {"apart": [{0: 1, 1: 1}, {2: 1}], "within": [{0: 1, 3: 2, 4: 2}, {4: 1}]}  # 1: failed, 2: read in part
     outcome = {}
     for case, codes in found.items():
-        values = dict(dataset="folder", data=f"{tmp}/photos", out=f"{tmp}/{case}", image_size=16, width=8, hidden_dim=32,
-                      out_dim=16, batch_size=16, queue_size=32, epochs=1, precision="fp32", channels_last=False,
-                      log_every=4, device="cpu", workers=0, checkpoint_every=0, max_bad_fraction=0.05)
-        run = ressl.train.setup(config.resolve(None, values))
+        run = tiny_run(f"{tmp}/photos", Path(tmp) / case, dataset="folder", batch_size=16, queue_size=32, epochs=1,
+                       log_every=4, workers=0, checkpoint_every=0, max_bad_fraction=0.05)
         for i, code in codes[rank].items():
             run.dataset.train.failure_record()[i] = code
         try:
