@@ -25,6 +25,9 @@ def own_message(err: Exception) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+WORKER_DIED = " (if the host ran out of memory: lower --workers)"  # what a message of a loader worker's death ends with
+
+
 def load_failure(err: Exception) -> str | None:
     """The message of ``err`` when it is a failure to load images (a :class:`DataError`, or any error in a loader
     worker, one that died included: the host's out-of-memory killer, a crash in an image decoder), else None."""
@@ -34,7 +37,14 @@ def load_failure(err: Exception) -> str | None:
         return None
     message = own_message(err)
     died = "exited unexpectedly" in message or "killed by signal" in message
-    return message + " (if the host ran out of memory: lower --workers)" if died else message
+    return message + WORKER_DIED if died else message
+
+
+def how_to_continue(failure: str) -> str:
+    """What a run stopped by ``failure`` (:func:`load_failure`'s messages, one line per process that met one) asks
+    of the user before the same command continues it: to fix the files, unless only loader workers died."""
+    files = any(not line.endswith(WORKER_DIED) for line in failure.splitlines())
+    return ("fix or delete the files and " if files else "") + "run the same command to continue"
 
 
 class DataWarning(UserWarning):

@@ -79,7 +79,7 @@ def extract_features(
                 bar.update(min(filled * dist.world_size(), bar.total) - bar.n)
     except Exception as err:  # an image that broke after the scan, a loader worker that died
         failure = load_failure(err)
-        if failure is None or not dist.is_distributed():
+        if failure is None:
             raise
     finally:
         backbone.train(was_training)
@@ -106,7 +106,8 @@ def _embedding_bar(images: int) -> Any:
 
 def _agree_on_failure(failure: str | None, device: torch.device) -> None:
     """Under torchrun, before the features are gathered: if any process's images failed to load, every process
-    stops with the messages of all that did, instead of the others waiting for them in the gather."""
+    stops with the messages of all that did, instead of the others waiting for them in the gather. In one process,
+    its own failure, a :class:`LateDataError` of one line (not a loader worker's traceback)."""
     if dist.any_rank(failure is not None, device):
         raise LateDataError("\n".join(dist.messages_of_all(failure)))
 
@@ -401,7 +402,13 @@ def _gathered(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torc
     batches, of equal sizes). A batch that fails to load in one process (:func:`ressl.errors.load_failure`) stops all
     of them there, with the messages of every process that failed, instead of the others waiting in the gather."""
     if not dist.is_distributed():
-        yield from batches
+        try:
+            yield from batches
+        except Exception as err:  # as below, in one line, not as a loader worker's traceback
+            failure = load_failure(err)
+            if failure is None:
+                raise
+            raise LateDataError(failure) from None
         return
     while True:
         batch: tuple[torch.Tensor, torch.Tensor] | None = None

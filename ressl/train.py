@@ -22,7 +22,7 @@ from ressl.augment import strong_augment, torchvision_pipeline, weak_augment
 from ressl.batches import TwoViews, epoch_seed, precropped, pretrain_batches, refuse_in_a_starting_worker
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset, same_data_everywhere, sample_split, to_device
-from ressl.errors import DataError, Interrupted, LateDataError, load_failure, own_message
+from ressl.errors import Interrupted, LateDataError, how_to_continue, load_failure
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
 from ressl.loss import relational_loss
@@ -482,14 +482,17 @@ def _per_process(batch_size: int) -> str:
 def _data_failures_saved(run: Run) -> Iterator[None]:
     """Files that became unreadable during training stop it with their own message (not a loader worker's
     traceback), as a :class:`LateDataError`, after a checkpoint: fixing or deleting the files and re-running the
-    command continues the run. Under torchrun the processes have agreed to stop together first, at the same step
+    command continues the run. So does a loader worker that died (the host's out-of-memory killer: the message says
+    to lower --workers). Under torchrun the processes have agreed to stop together first, at the same step
     (:func:`_outlast_data_errors`, :func:`ressl.evaluate.extract_features`), and all raise the same message."""
     try:
         yield
-    except DataError as err:
+    except Exception as err:
+        failure = load_failure(err)
+        if failure is None:
+            raise
         save_checkpoint(run)
-        raise LateDataError(f"{own_message(err)}; a checkpoint was saved at step {run.state.step}: fix or delete the "
-                            "files and run the same command to continue") from None
+        raise LateDataError(f"{failure}; a checkpoint was saved at step {run.state.step}: {how_to_continue(failure)}") from None
 
 
 def _printer(run: Run) -> Callable[..., None]:

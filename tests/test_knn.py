@@ -158,6 +158,27 @@ def test_extract_features_fills_one_preallocated_bank():
     assert bank.untyped_storage().nbytes() == 12 * 6 * 2  # a view of the one tensor allocated up front
 
 
+def _dying(data: list[tuple[torch.Tensor, torch.Tensor]], error: Exception):
+    yield from data
+    raise error
+
+
+def test_a_loader_worker_that_dies_while_embedding_is_one_line_with_a_hint():
+    """In one process as under torchrun: a loader worker that died (the host's out-of-memory killer) ends the
+    embedding with a LateDataError of one line that names the fix (the command line prints it without a traceback);
+    an error that is not a load failure passes through as it was."""
+    from ressl.errors import LateDataError
+
+    died = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    said = "DataLoader worker (pid(s) 4242) exited unexpectedly (if the host ran out of memory: lower --workers)"
+    for embed in (lambda b: extract_features(TinyBackbone(), b), lambda b: list(evaluate._gathered(b, torch.device("cpu")))):
+        with pytest.raises(LateDataError) as caught:
+            embed(_dying(batches(), died))
+        assert str(caught.value) == said
+        with pytest.raises(ValueError, match="not a load failure"):
+            embed(_dying(batches(), ValueError("not a load failure")))
+
+
 def test_split_features_decides_from_the_whole_split(monkeypatch):
     split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10))
     args = (TinyBackbone(), split, 8, (0.5,) * 3, (0.25,) * 3, 4, torch.device("cpu"), None, 0)

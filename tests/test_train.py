@@ -613,6 +613,29 @@ def test_a_loader_worker_that_dies_in_one_process_asks_every_process_to_stop():
         next(_outlast_data_errors(run, _views_failing_after(0, step_failed)))
 
 
+def test_a_loader_worker_that_dies_in_one_process_stops_the_run_in_one_line_with_a_checkpoint(npz_dir, tmp_path, monkeypatch):
+    """A loader worker killed in a run of one process (the host's out-of-memory killer) stops it as an unreadable
+    image does: with a checkpoint of the steps done and one line that says to lower --workers (no files to fix),
+    instead of PyTorch's traceback and the steps since the last checkpoint lost."""
+    import ressl.train
+    from ressl.errors import LateDataError
+    from ressl.train import _train_and_measure
+
+    run = tiny_run(npz_dir, tmp_path, knn_every=0)
+    views = ressl.train.epoch_views
+
+    def dying(run, start):
+        yield from itertools.islice(views(run, start), 2)
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    monkeypatch.setattr(ressl.train, "epoch_views", dying)
+    with pytest.raises(LateDataError) as caught:
+        _train_and_measure(run)
+    assert str(caught.value) == ("DataLoader worker (pid(s) 4242) exited unexpectedly (if the host ran out of memory: "
+                                 "lower --workers); a checkpoint was saved at step 2: run the same command to continue")
+    assert torch.load(run.out / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
+
+
 def test_load_failures_are_told_from_other_errors():
     from ressl.errors import load_failure
 
