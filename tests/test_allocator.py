@@ -37,15 +37,22 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 GLIBC_DEFAULTS = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072"
 
 
-def run(**env: str) -> dict:
-    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_DEFAULTS, **env}
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True, env=env, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run(*envs: dict[str, str]) -> list[dict]:
+    """PROGRAM's result in a fresh process for each of ``envs`` (added to the environment), the processes side by
+    side (page faults are counted per process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "GLIBC_TUNABLES": GLIBC_DEFAULTS, **env}) for env in envs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tuning only")
 def test_tuned_process_reuses_memory_across_steps() -> None:
-    tuned, default = run(RESSL_DEFAULT_MALLOC="0"), run(RESSL_DEFAULT_MALLOC="1")
+    tuned, default = run({"RESSL_DEFAULT_MALLOC": "0"}, {"RESSL_DEFAULT_MALLOC": "1"})
     assert default["tuned"] is False  # RESSL_DEFAULT_MALLOC=1 leaves malloc alone
     if not tuned["tuned"]:
         pytest.skip("not glibc: keep_freed_memory is a no-op here")
