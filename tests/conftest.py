@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tqdm
+
+# no monitor thread beside progress bars (a bar's redraws without it are tqdm's own): the two-process tests fork
+# this process only while it runs no other thread (test_distributed.start)
+tqdm.tqdm.monitor_interval = 0
 
 
 def make_images(n: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

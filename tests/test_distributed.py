@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 from datetime import timedelta
+from multiprocessing import forkserver
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,8 +51,26 @@ def _run_worker(rank: int, fn, tmp: str) -> None:
     torch_dist.destroy_process_group()
 
 
+def start(fn, args: tuple, nprocs: int = WORLD) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` processes, until all end. They are forked from this one (a spawned process
+    imports torch and these tests again: some 5 s each time on 2 cores), but only while it runs no other thread: a
+    copy would keep a lock that another thread held at that instant (conftest stops tqdm's monitor thread)."""
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    mp.start_processes(_as_a_new_process, args=(fn, *args), nprocs=nprocs, join=True, start_method=method)
+
+
+def _as_a_new_process(rank: int, fn, *args) -> None:
+    """``fn(rank, *args)``, without the fork server this process may have copied from the tests' process: it is not
+    this copy's child (starting loader workers from it fails), so this one starts its own, as a new process does."""
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+    server.__init__()
+    fn(rank, *args)
+
+
 def spawn(fn, tmp_path: Path) -> list:
-    mp.spawn(_run_worker, args=(fn, str(tmp_path)), nprocs=WORLD, join=True)
+    start(_run_worker, (fn, str(tmp_path)))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -434,7 +454,7 @@ def test_downloads_run_rank_0_first_then_one_process_per_machine_then_the_rest(t
     then the first process of each other machine (a root on each machine's own disk: one download each, never two
     processes writing one directory at once), then the rest; a failure in any turn stops every process with its
     message, and no later turn runs."""
-    mp.spawn(_turns_worker, args=(str(tmp_path),), nprocs=3, join=True)
+    start(_turns_worker, (str(tmp_path),), nprocs=3)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     assert [r["turn"] for r in results] == [0, 1, 2]
     assert [r["seen"] for r in results] == [[], ["downloaded0"], ["downloaded0", "downloaded1"]]
