@@ -252,8 +252,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         preset = values["dataset"]  # --dataset cifar10 starts from the cifar10 preset
     elif preset is None and "dataset" not in values and "data" not in values:
         preset = "digits"  # no arguments: the embedded demo
-    elif preset is None and "dataset" not in values and "data" in values:  # --data alone: arrays or images, named as such
-        values["dataset"] = "npz" if (Path(str(values["data"])).expanduser() / "train.npz").is_file() else "folder"
+    chosen = config.load_preset(preset) if preset else {}
+    data = values.get("data", chosen.get("data"))
+    if data is not None and "dataset" not in values and "dataset" not in chosen:  # data alone: arrays or images, as such
+        values["dataset"] = "npz" if (Path(str(data)).expanduser() / "train.npz").is_file() else "folder"
     cfg = config.resolve(preset, values)
     out = config.check_output(cfg.out or config.default_out(cfg), "--out")  # before torch, the data and the model load
     from ressl import checkpoint

@@ -77,6 +77,18 @@ def test_a_preset_keeps_its_dataset_when_data_is_given(tmp_path, capsys):
                         "folder: otherwise leave out --download")
 
 
+def test_data_of_a_preset_file_without_a_dataset_is_named_by_what_it_holds(tmp_path, capsys):
+    """A preset file that names no dataset leaves it to the data, as --data alone does: npz arrays or a folder."""
+    (tmp_path / "empty").mkdir()
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("epochs: 1\n")
+    assert "no images found" in bad(["pretrain", "--preset", str(preset), "--data", str(tmp_path / "empty")], capsys)
+    preset.write_text(f"epochs: 1\ndata: {tmp_path / 'empty'}\n")
+    assert "no images found" in bad(["pretrain", "--preset", str(preset)], capsys)
+    (tmp_path / "empty" / "train.npz").write_bytes(b"")
+    assert "train.npz is not a readable .npz file (an empty file)" in bad(["pretrain", "--preset", str(preset)], capsys)
+
+
 def bad(argv, capsys, code: int = 2) -> str:
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
