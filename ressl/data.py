@@ -240,6 +240,10 @@ def load_npz(root: Path, name: str) -> Dataset:
             continue
         raw_x, raw_y = _read_npz(path)
         x = _to_nchw(raw_x, str(path))
+        if len(x) == 0:
+            fix = "write the training images into it" if part == "train" else "write the held-out images into it, or " \
+                  "delete it (then no kNN or linear probe)"
+            raise DataError(f"{path} holds no images (its x has 0 rows): {fix}")
         y = _npz_labels(raw_y, path) if raw_y is not None else None
         if y is not None and len(y) != len(x):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
@@ -255,6 +259,9 @@ def load_npz(root: Path, name: str) -> Dataset:
     return Dataset(name, train, bank, held_out, _num_classes(train.labels, test.labels if test else None), mean, std)
 
 
+MAX_CLASSES = 1_000_000  # labels are class indices (ImageNet-21k's 21,841 classes are far below this): larger ones are IDs
+
+
 def _npz_labels(y: np.ndarray, path: Path) -> torch.Tensor:
     """An npz file's labels as (N,) int64: integers (or integral floats) of shape (N,) or (N, 1), -1 for unlabelled."""
     if y.ndim == 2 and y.shape[1] == 1:  # Keras' cifar10.load_data() layout
@@ -268,6 +275,10 @@ def _npz_labels(y: np.ndarray, path: Path) -> torch.Tensor:
     labels = torch.from_numpy(y.astype(np.int64))
     if labels.numel() and int(labels.min()) < -1:
         raise DataError(f"{path}: labels y must be class indices from 0, or -1 for unlabelled; found {int(labels.min())}")
+    if labels.numel() and int(labels.max()) >= MAX_CLASSES:  # kNN's votes and the probe's outputs: one per class
+        distinct = len(np.unique(y[y >= 0]))
+        raise DataError(f"{path}: labels y are class indices, one class per number from 0, but go up to "
+                        f"{int(labels.max()):,} ({distinct:,} distinct values): number the classes 0..{distinct - 1}")
     return labels
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ressl import dist
+from ressl import dist, progress
 from ressl.checkpoint import replaced, writing
 from ressl.errors import DataError
 from ressl.meter import read_metrics
@@ -417,7 +417,7 @@ def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, files:
     n = e.queries.shape[0]
     subset = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_points), replace=False))
     if len(subset) < 5:
-        report.notes.append(f"embedding map left out: only {len(subset)} images")
+        report.notes.append(f"embedding map left out: only {progress.count(len(subset), 'image')}")
         return
     say(f"ressl report: 2-D map of {len(subset)} embeddings ...")
     points, method = project_2d(e.queries[torch.from_numpy(subset)].cpu().numpy())

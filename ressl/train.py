@@ -321,7 +321,7 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     dataset = load_dataset(cfg.dataset, cfg.data, cfg.download, cfg.max_bad_fraction)
     same_data_everywhere(dataset, device)
     if len(dataset.train) < cfg.batch_size:
-        raise config.ConfigError(f"the training set has {len(dataset.train)} images, fewer than batch_size {cfg.batch_size}: lower --batch_size")
+        raise config.ConfigError(f"the training set has {progress.count(len(dataset.train), 'image')}, fewer than batch_size {cfg.batch_size}: lower --batch_size")
     if cfg.augment_backend != "torchvision":  # whose loader workers read the images from host memory
         to_device(dataset, device)
     torch.manual_seed(cfg.seed)

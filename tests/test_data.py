@@ -375,6 +375,28 @@ def _classes(root, split_classes, n=3, size=(12, 12)):
                 Image.new("RGB", size, (60 * int(name[-1]) + i, 200 - 60 * int(name[-1]), 90)).save(d / f"{i}.png")
 
 
+def test_an_npz_split_without_images_or_with_label_ids_is_refused_in_one_line(tmp_path):
+    """An empty train.npz or test.npz says so (not a traceback from the first kNN, nor "fewer images than
+    batch_size"); labels that are IDs rather than class indices (kNN's votes hold one column per number up to
+    the largest) are refused before they ask for gigabytes."""
+    x, y = make_images(8, 16, 2)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "test.npz", x=x[:0], y=y[:0])
+    with pytest.raises(DataError, match=r"test.npz holds no images \(its x has 0 rows\): write the held-out images into it, or "
+                                        r"delete it \(then no kNN or linear probe\)$"):
+        load_dataset("npz", str(tmp_path))
+    np.savez(tmp_path / "train.npz", x=x[:0], y=y[:0])
+    with pytest.raises(DataError, match=r"train.npz holds no images \(its x has 0 rows\): write the training images into it$"):
+        load_dataset("npz", str(tmp_path))
+    (tmp_path / "test.npz").unlink()
+    ids = np.where(y == 0, 3, 2_000_000_011)
+    np.savez(tmp_path / "train.npz", x=x, y=ids)
+    with pytest.raises(DataError, match=r"go up to 2,000,000,011 \(2 distinct values\): number the classes 0..1$"):
+        load_dataset("npz", str(tmp_path))
+    np.savez(tmp_path / "train.npz", x=x, y=np.where(y == 0, 3, 21_840))  # large but indices: taken
+    assert load_dataset("npz", str(tmp_path)).num_classes == 21_841
+
+
 _UNGUARDED = """
 import sys
 import ressl.train
@@ -528,8 +550,8 @@ def test_npz_unlabelled_rows_leave_the_bank_and_the_queries(tmp_path):
 
 
 def test_npz_test_labels_that_train_lacks_are_named(tmp_path):
-    with pytest.raises(DataError, match=r"test.npz has labels 7, 1000000 that no image of train.npz has"):
-        load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 1_000_000]))))
+    with pytest.raises(DataError, match=r"test.npz has labels 7, 100000 that no image of train.npz has"):
+        load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 100_000]))))
 
 
 def _damage(path: Path, how: str) -> None:
