@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import io
 import itertools
 import json
 import math
@@ -358,6 +359,9 @@ REPORT_COMMANDS = {"report": cmd_report, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path the terminal's encoding cannot show is written escaped (\u0440),
+        if isinstance(stream, io.TextIOWrapper):  # not an error after the work is done (stderr escapes already)
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     allocator.keep_freed_memory()  # CPU steps reuse their memory instead of page-faulting it in again

@@ -54,3 +54,19 @@ def test_export_loads_into_torchvision_strict_and_gives_the_same_features(npz_di
     teacher = load_file(teacher_file)
     assert not torch.equal(teacher["conv1.weight"], load_file(out)["conv1.weight"])
     torch.testing.assert_close(teacher["conv1.weight"], run.model.teacher.backbone.conv1.weight.contiguous())
+
+
+def test_a_path_that_the_terminal_cannot_show_is_written_escaped_after_the_export(npz_dir, tmp_path, monkeypatch):
+    """On a terminal whose encoding lacks a path's letters (an ASCII locale), the export's closing line shows them
+    escaped instead of failing with a traceback after the file was written."""
+    import io
+    import sys
+
+    run = tiny_run(npz_dir, tmp_path)
+    save_checkpoint(run)
+    out = tmp_path / "рун ü.safetensors"
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["export", "--checkpoint", str(run.out / "checkpoint.pt"), "--out", str(out)]) == 0
+    terminal.flush()
+    assert out.is_file() and "\\u0440\\u0443\\u043d \\xfc.safetensors" in terminal.buffer.getvalue().decode("ascii")
