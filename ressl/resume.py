@@ -47,6 +47,11 @@ RECIPE_KEYS = ("epochs", "student_temperature", "teacher_temperature", "ema_mome
 _UNSAVED = {"student_bn_groups": 1}  # what runs saved before these keys existed trained with
 
 
+def _flag_value(value: object) -> str:
+    """A saved configuration value as a flag takes it: ``true``/``false``, ``none``, numbers and names as they are."""
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
+
+
 def resume(run: Run, path: Path) -> None:
     """Continue from ``path``; refuse when the configuration differs in what the weights depend on."""
     saved = checkpoint.load(path)  # on the CPU, where the random-number states must be; the weights are copied over
@@ -57,17 +62,18 @@ def resume(run: Run, path: Path) -> None:
     old = saved["config"]
     changed = [k for k in RESUME_KEYS if old.get(k) != getattr(run.cfg, k)]
     moved = bool(old.get("data") and run.cfg.data) and Path(old["data"]).expanduser().resolve() != Path(run.cfg.data).expanduser().resolve()
+    new_run = "leave out --resume" if run.cfg.resume else "pass another --out"  # the checkpoint named, or --out's own
     if changed:
         raise config.ConfigError(
             f"{path} was trained with a different {', '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}): "
-            "use another --out for a new run"
+            f"pass {' '.join(f'--{k} {_flag_value(old.get(k))}' for k in changed)} to continue it, or {new_run} for a new run"
         )
     # a checkpoint from before stem_maxpool existed holds none (no max-pool after the 3x3 stem), as does --stem_maxpool false
     built = config.stem(old.get("small_stem"), old.get("stem_maxpool"), run.cfg.image_size)
     if built != config.stem(run.cfg.small_stem, run.cfg.stem_maxpool, run.cfg.image_size):
         raise config.ConfigError(
             f"{path} was trained with another stem (small_stem {str(built[0]).lower()}, stem_maxpool {str(built[1]).lower()}): "
-            f"pass --small_stem {str(built[0]).lower()} --stem_maxpool {str(built[1]).lower()} to continue it, or another --out "
+            f"pass --small_stem {str(built[0]).lower()} --stem_maxpool {str(built[1]).lower()} to continue it, or {new_run} "
             "for a new run")
     run.model.load_state_dict(saved["model"])
     asked = [(group["weight_decay"], group["momentum"]) for group in run.optimizer.param_groups]

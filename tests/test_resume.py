@@ -233,7 +233,10 @@ def test_changed_configuration_is_refused_on_resume(npz_dir, tmp_path, capsys):
     assert main(base) == 0
     capsys.readouterr()
     assert main(base + ["--width", "16"]) == 2
-    assert "different width" in capsys.readouterr().err
+    assert "different width (width=8): pass --width 8 to continue it, or pass another --out for a new run" in capsys.readouterr().err
+    assert main(base + ["--width", "16", "--head_bn", "true", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "b")]) == 2
+    assert ("different width, head_bn (width=8, head_bn=False): pass --width 8 --head_bn false to continue it, or leave out "
+            "--resume for a new run") in capsys.readouterr().err
     assert main(base + ["--batch_size", "16"]) == 2  # the checkpoint's place in its epoch counts batches of the old size
     assert "different batch_size" in capsys.readouterr().err
     assert main(base + ["--image_size", "24"]) == 2  # the weights (and the normalisation) were trained at 16 px
