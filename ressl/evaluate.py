@@ -442,12 +442,15 @@ def load_trained(path: str, teacher: bool = False, device: torch.device | None =
     from ressl.model import model_from_config
 
     state = checkpoint.load(path)
-    cfg = config.from_dict(state["config"])
+    try:
+        cfg = config.from_dict(state["config"])
+    except config.ConfigError as err:  # a checkpoint edited by hand, or of another version
+        raise checkpoint.CheckpointError(f"{path}: {err}; is it a ressl checkpoint.pt of this version?") from None
     try:
         model = model_from_config(cfg)
         model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, KeyError) as err:  # a checkpoint edited by hand, or of another version
-        detail = str(err).strip().splitlines()[0][:200]
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines())[:200]  # PyTorch's keys follow its first line
         raise checkpoint.CheckpointError(f"{path}: its weights do not fit its own configuration ({detail}); "
                                          "is it a ressl checkpoint.pt of this version?") from None
     backbone = (model.teacher if teacher else model.student).backbone

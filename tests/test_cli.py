@@ -271,8 +271,12 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_configuration_is_one_line(unt
     saved["config"]["width"] = 16  # as if edited by hand
     edited = tmp_path / "edited.pt"
     torch.save(saved, edited)
-    assert "its weights do not fit its own configuration" in bad(["knn", "--checkpoint", str(edited)], capsys)
+    err = bad(["knn", "--checkpoint", str(edited)], capsys)
+    assert "its weights do not fit its own configuration (Error(s) in loading state_dict for ReSSL: size mismatch for" in err
     assert "do not fit" in bad(["export", "--checkpoint", str(edited), "--out", str(tmp_path / "b.safetensors")], capsys)
+    saved["config"]["widht"] = saved["config"].pop("width")  # a field this version does not know: the file is named
+    torch.save(saved, edited)
+    assert bad(["knn", "--checkpoint", str(edited)], capsys).startswith(f"ressl knn: error: {edited}: unknown field 'widht'")
 
 
 def test_knn_defaults_to_the_runs_own_k_and_temperature(untrained_checkpoint, capsys):
