@@ -100,6 +100,8 @@ class Dataset:
             text += f" ({len(self.bank):,} labelled)"
         if self.test is not None and self.bank is not None:
             return text + f", {len(self.test):,} held-out, {count(self.num_classes, 'class', 'classes')}"
+        if self.bank is None and self.test is not None:  # held-out labels, but none to vote with
+            return text + f", unlabelled, {len(self.test):,} held-out (no kNN)"
         return text + (", unlabelled" if self.bank is None else f", {count(self.num_classes, 'class', 'classes')}") + ", no held-out split (no kNN)"
 
     @property
@@ -114,7 +116,9 @@ class Dataset:
         if self.train.folder is not None:
             need = f"labelled {EVAL_LAYOUT}, passed as --data DIR"
         elif self.train.images is not None and self.name not in TORCHVISION_SETS and self.name != "digits":
-            need = "--data DIR holding train.npz and test.npz, each with images x and labels y"
+            need = ("labelled training images: labels y in train.npz (class indices from 0; -1 marks an unlabelled image)"
+                    if self.bank is None and self.test is not None
+                    else "--data DIR holding train.npz and test.npz, each with images x and labels y")
         else:
             need = "--data with labelled training and test images"
         raise DataError(f"nothing to evaluate on: {self.describe()}; kNN and the linear probe need {need}")

@@ -427,7 +427,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {progress.count(cfg.epochs, 'epoch')}, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
     if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
-        say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {cfg.epochs} epochs, so the learning rate "
+        say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {progress.count(cfg.epochs, 'epoch')}, so the learning rate "
             f"never reaches --lr {cfg.lr:g}: pass a smaller --warmup_epochs for a short run", flush=True)
     if done:  # e.g. --resume from a run whose --max_minutes were already spent, or stopped before its final kNN
         say(f"no training left ({done}): the final kNN and final.json follow", flush=True)

@@ -549,6 +549,13 @@ def test_npz_unlabelled_rows_leave_the_bank_and_the_queries(tmp_path):
     assert ds.evaluation_splits() == (ds.bank, ds.test)
 
 
+def test_npz_without_training_labels_says_so_when_only_the_test_split_has_them(tmp_path):
+    ds = load_dataset("npz", str(_npz(tmp_path, np.full(8, -1), np.array([1, 0, 1]))))
+    with pytest.raises(DataError, match=r"^nothing to evaluate on: npz: 8 training images, unlabelled, 3 held-out \(no kNN\); "
+                                        r"kNN and the linear probe need labelled training images: labels y in train.npz"):
+        ds.evaluation_splits()
+
+
 def test_npz_test_labels_that_train_lacks_are_named(tmp_path):
     with pytest.raises(DataError, match=r"test.npz has labels 7, 100000 that no image of train.npz has"):
         load_dataset("npz", str(_npz(tmp_path, np.arange(8) % 2, np.array([0, 7, 100_000]))))
