@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -283,6 +284,10 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         raise RunDirError(f"run directory {run} {what}: pass the --out of ressl pretrain")
     if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
         raise RunDirError(f"{run} is not a run directory (no config.yaml or metrics.jsonl): pass the --out of ressl pretrain")
+    for place in (run, run / FILES_DIR):  # before minutes of embedding, not at the first plot
+        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+            raise RunDirError(f"{place} cannot be written (no write permission, or a read-only filesystem), and the report "
+                              "goes there: copy the run directory somewhere writable and pass that")
     report = Report(run / "report.md", run / "report.html")
     cfg: dict[str, Any] = {}
     if (run / "config.yaml").is_file():

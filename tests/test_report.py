@@ -69,6 +69,21 @@ def assert_real_png(path: Path) -> None:
     assert pixels.std() > 10, f"{path} looks blank"
 
 
+def test_a_run_directory_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, capsys, monkeypatch):
+    """A run on a read-only filesystem (root's permissions ignore chmod, so the filesystem's answer is stood in for):
+    one line at once, not after embedding every image."""
+    from ressl import report
+
+    run = copy_run(trained[0], tmp_path / "run", health=False)
+    monkeypatch.setattr(report.os, "access", lambda path, mode: Path(path) != run)
+    monkeypatch.setattr(report, "_embed_run", lambda *args: pytest.fail("embedded a run whose report cannot be written"))
+    assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{run} cannot be written (no write permission, or a read-only filesystem), and the report goes there: copy the run "
+        "directory somewhere writable and pass that")
+    assert not (run / "report_files").exists() and not (run / "report.md").exists()
+
+
 def test_report_writes_every_file_it_promises(trained, tmp_path, capsys):
     run = copy_run(trained[0], tmp_path / "run", health=True)
     assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 0
