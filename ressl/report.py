@@ -326,12 +326,18 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         summary = _summary_rows({}, None, records)
     doc.add("table", [["", "value"], *summary])
 
+    drawn: dict[str, Figure] = {}  # written at the end, with the pages that show them: an interrupted report mixes none
+
+    def keep(name: str, fig: Figure) -> Path:
+        drawn[name] = fig
+        report.images[name] = files / f"{name}.png"
+        return report.images[name]
+
     def add_plot(name: str, fig: Figure | None, caption: str, missing: str) -> None:
         if fig is None:
             report.notes.append(missing)
             return
-        report.images[name] = save_png(fig, files / f"{name}.png")
-        plots.add("img", (report.images[name], caption))
+        plots.add("img", (keep(name, fig), caption))
 
     embedded = _embed_run(run, data, dataset, device, batch_size, workers, report, tell) if embeddings else None
     add_plot("training", plot_training(records),
@@ -346,8 +352,8 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
              "1/sqrt(D) a uniform spread on the sphere.",
              f"no health signals ({', '.join(HEALTH_KEYS)}) in metrics.jsonl: entropy and spread plot left out")
     if embedded is not None:
-        _map_plot(embedded, max_points, report, plots, files, tell)
-        _retrieval_plot(embedded, n_neighbours, n_queries, report, plots, files)
+        _map_plot(embedded, max_points, report, plots, keep, tell)
+        _retrieval_plot(embedded, n_neighbours, n_queries, plots, keep)
     elif not embeddings:
         report.notes.append("embedding map and retrieval grid skipped (--no-embeddings)")
 
@@ -358,6 +364,8 @@ def _make_report(run_dir: str | Path, data: str | None, dataset: str | None, emb
         doc.add("ul", report.notes)
     doc.add("h2", "Configuration")
     doc.add("table", [["field", "value"], *[[k, _fmt(v)] for k, v in cfg.items()]])
+    for name, fig in drawn.items():
+        save_png(fig, report.images[name])
     with writing(f"the report in {run}", REPORT_WRITE_FIX):
         with replaced(report.markdown) as f:
             f.write(doc.to_markdown(run).encode("utf-8"))
@@ -417,8 +425,9 @@ def _embed_run(run: Path, data: str | None, dataset: str | None, device: str, ba
     return _Embedded(gallery, gallery_y.cpu(), gallery_split, queries, query_y.cpu(), query_split, class_names(ds), kind)
 
 
-def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, files: Path, say: Callable[[str], None]) -> None:
-    """A 2-D map of up to ``max_points`` query embeddings, one colour per class."""
+def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, keep: Callable[[str, Figure], Path],
+              say: Callable[[str], None]) -> None:
+    """A 2-D map of up to ``max_points`` query embeddings, one colour per class (``keep(name, figure)``: its PNG)."""
     n = e.queries.shape[0]
     subset = np.sort(np.random.default_rng(0).choice(n, size=min(n, max_points), replace=False))
     if len(subset) < 5:
@@ -427,16 +436,16 @@ def _map_plot(e: _Embedded, max_points: int, report: Report, plots: _Doc, files:
     say(f"ressl report: 2-D map of {len(subset)} embeddings ...")
     points, method = project_2d(e.queries[torch.from_numpy(subset)].cpu().numpy())
     fig = plot_embedding_map(points, e.query_labels.numpy()[subset], e.names, method, f"{e.kind} embeddings")
-    report.images["embedding_map"] = save_png(fig, files / "embedding_map.png")
+    png = keep("embedding_map", fig)
     sampled = f" (a random subset of {n})" if len(subset) < n else ""
-    plots.add("img", (report.images["embedding_map"],
+    plots.add("img", (png,
                       (f"{method} of the backbone features of {len(subset)} {e.kind} images{sampled}, one colour per class. "
                       "Classes that form separate islands are what the kNN and linear probes can read off."
                       if e.labelled else f"{method} of the backbone features of {len(subset)} unlabelled {e.kind} "
                       f"images{sampled}: groups of points are images the backbone holds alike.")))
 
 
-def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, report: Report, plots: _Doc, files: Path) -> None:
+def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, plots: _Doc, keep: Callable[[str, Figure], Path]) -> None:
     """A grid of ``n_queries`` query images, each with its ``n_neighbours`` nearest gallery images."""
     same = e.query_split is e.gallery_split  # a query must not find itself
     sims, idx = nearest(e.gallery, e.queries, n_neighbours, exclude=torch.arange(e.queries.shape[0]) if same else None)
@@ -450,8 +459,7 @@ def _retrieval_plot(e: _Embedded, n_neighbours: int, n_queries: int, report: Rep
         [display_image(e.query_split, i) for i in chosen], [int(qy[i]) for i in chosen],
         [[display_image(e.gallery_split, int(j)) for j in idx[i]] for i in chosen],
         [[int(gy[int(j)]) for j in idx[i]] for i in chosen], [[float(s) for s in sims[i]] for i in chosen], e.names)
-    report.images["retrieval"] = save_png(fig, files / "retrieval.png")
-    plots.add("img", (report.images["retrieval"],
+    plots.add("img", (keep("retrieval", fig),
                       (f"Each row: a {e.kind} image, then its {idx.shape[1]} nearest training images by cosine similarity "
                       "of the student's backbone features.")))
 

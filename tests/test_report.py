@@ -84,6 +84,29 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_any_work(train
     assert not (run / "report_files").exists() and not (run / "report.md").exists()
 
 
+def test_an_interrupted_report_leaves_the_earlier_one_whole(trained, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the 2-D map is computed (the slow part): the earlier report's pages and plots stay as they were,
+    not new plots under the old pages (the run trained on since: its loss curve differs)."""
+    from ressl import report
+
+    run = copy_run(trained[0], tmp_path / "run", health=True)
+    assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 0
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in [run / "report.md", run / "report.html", *(run / "report_files").iterdir()]}
+
+    before = files()
+    assert len(before) == 2 + len(EVERY_PLOT)
+    with (run / "metrics.jsonl").open("a") as f:  # trained on since
+        f.write(json.dumps({"step": 99, "epoch": 3, "loss": 0.5, "lr": 0.01, "momentum": 0.99}) + "\n")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "project_2d", interrupted)
+    assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 130
+    assert files() == before
+
+
 def test_report_writes_every_file_it_promises(trained, tmp_path, capsys):
     run = copy_run(trained[0], tmp_path / "run", health=True)
     assert main(["report", str(run), "--workers", "0", "--device", "cpu"]) == 0
