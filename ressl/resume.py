@@ -71,10 +71,10 @@ def resume(run: Run, path: Path) -> None:
     # a checkpoint from before stem_maxpool existed holds none (no max-pool after the 3x3 stem), as does --stem_maxpool false
     built = config.stem(old.get("small_stem"), old.get("stem_maxpool"), run.cfg.image_size)
     if built != config.stem(run.cfg.small_stem, run.cfg.stem_maxpool, run.cfg.image_size):
+        small, maxpool = (_flag_value(b) for b in built)
         raise config.ConfigError(
-            f"{path} was trained with another stem (small_stem {str(built[0]).lower()}, stem_maxpool {str(built[1]).lower()}): "
-            f"pass --small_stem {str(built[0]).lower()} --stem_maxpool {str(built[1]).lower()} to continue it, or {new_run} "
-            "for a new run")
+            f"{path} was trained with another stem (small_stem {small}, stem_maxpool {maxpool}): "
+            f"pass --small_stem {small} --stem_maxpool {maxpool} to continue it, or {new_run} for a new run")
     run.model.load_state_dict(saved["model"])
     asked = [(group["weight_decay"], group["momentum"]) for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(saved["optimizer"])  # which also brings back the saved decay and momentum: not those
