@@ -424,7 +424,7 @@ def test_a_script_without_a_main_guard_is_told_what_to_add_and_runs_nothing_in_i
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         said = []
-        for line in main.stderr:  # up to the worker's line (the script then ends with PyTorch's error), or to the end
+        for line in main.stderr:  # up to the worker's line (the script then stops with a LateDataError), or to the end
             said.append(line)
             if line == told:
                 break
