@@ -429,6 +429,10 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
     if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
         say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {progress.count(cfg.epochs, 'epoch')}, so the learning rate "
             f"never reaches --lr {cfg.lr:g}: pass a smaller --warmup_epochs for a short run", flush=True)
+    if cfg.queue_size > len(run.dataset.train):  # e.g. a paper preset's queue on a small folder
+        say(f"note: the queue (--queue_size {cfg.queue_size:,}) is longer than the training set ({progress.count(len(run.dataset.train), 'image')}), "
+            f"so it holds about {cfg.queue_size / len(run.dataset.train):.1f} past embeddings of each image; the paper keeps it "
+            "well below (4,096 of CIFAR's 50,000): a smaller --queue_size relates each image to more others", flush=True)
     if done:  # e.g. --resume from a run whose --max_minutes were already spent, or stopped before its final kNN
         say(f"no training left ({done}): the final kNN and final.json follow", flush=True)
         run.log.forget_evaluation(run.state.step)  # a final kNN logged before: it is logged again below

@@ -367,13 +367,18 @@ def test_tensorboard_events_when_installed(npz_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_shorter_than_its_warm_up_says_so(npz_dir, tmp_path, capsys):
-    """A one-epoch trial of a paper recipe (5 warm-up epochs) would never reach its learning rate: it says so."""
+def test_a_run_shorter_than_its_warm_up_or_its_queue_says_so(npz_dir, tmp_path, capsys):
+    """A one-epoch trial of a paper recipe (5 warm-up epochs) would never reach its learning rate, and a queue longer
+    than the training set holds each image several times: each says so."""
     argv = ["pretrain", "--dataset", "npz", "--data", str(npz_dir), *TINY, "--epochs", "1"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
-    assert "--warmup_epochs 5 spans the whole run of 1 epoch," in capsys.readouterr().out
-    assert main([*argv, "--out", str(tmp_path / "b"), "--warmup_epochs", "0.5"]) == 0
-    assert "warmup_epochs" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--warmup_epochs 5 spans the whole run of 1 epoch," in said
+    assert "queue" not in said
+    assert main([*argv, "--out", str(tmp_path / "b"), "--warmup_epochs", "0.5", "--queue_size", "320"]) == 0
+    said = capsys.readouterr().out
+    assert "warmup_epochs" not in said
+    assert "note: the queue (--queue_size 320) is longer than the training set (128 images), so it holds about 2.5 " in said
 
 
 def test_linear_probe_with_augmentation(npz_dir, tmp_path):
