@@ -265,6 +265,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     check_outside_data(out, cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the default --out, named once
+    unused = [f"{key}: {chosen[key]}" for key in config.PER_RUN if chosen.get(key) and key not in values]
+    if unused and launcher.launched_rank() == 0:  # e.g. a run's config.yaml, repeated as a new run
+        print(f"note: {preset} sets {' and '.join(unused)}, which a preset file never does (it may be another run's): this "
+              f"run goes to {out}; --out and --resume set them", flush=True)
     if cfg.resume and not Path(cfg.resume).is_file():
         checkpoint.load(cfg.resume)  # a missing checkpoint or a directory: its one-line error, before the data loads
     pretrain(cfg)

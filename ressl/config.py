@@ -149,7 +149,7 @@ PER_RUN = ("out", "resume")  # where a run lives and what it continues: never ta
 
 def load_preset(name: str) -> dict[str, Any]:
     """A bundled preset by name, or a YAML file of fields by path (``.yaml``/``.yml``): one's own preset, or a run's
-    ``config.yaml`` to repeat it (its ``out`` and ``resume`` are left out: the repeat is a new run)."""
+    ``config.yaml`` to repeat it (:func:`resolve` leaves its ``out`` and ``resume`` out: the repeat is a new run)."""
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         return _preset_file(Path(name).expanduser())
     names = preset_names()
@@ -177,7 +177,7 @@ def _preset_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"preset file {path} must hold 'field: value' lines, found a {type(values).__name__}")
     check_fields(values, f"preset file {path}")
-    return {k: v for k, v in values.items() if k not in PER_RUN}
+    return values
 
 
 def check_fields(values: dict[str, Any], where: str) -> None:
@@ -233,7 +233,7 @@ def coerce(name: str, value: Any) -> Any:
 
 def resolve(preset: str | None, overrides: dict[str, Any]) -> Config:
     """Defaults < preset < overrides, typed and validated."""
-    values: dict[str, Any] = load_preset(preset) if preset else {}
+    values = {k: v for k, v in (load_preset(preset) if preset else {}).items() if k not in PER_RUN}
     check_fields(overrides, "the command line")
     values.update(overrides)
     cfg = Config(**{k: coerce(k, v) for k, v in values.items()})

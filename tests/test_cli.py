@@ -89,6 +89,26 @@ def test_data_of_a_preset_file_without_a_dataset_is_named_by_what_it_holds(tmp_p
     assert "train.npz is not a readable .npz file (an empty file)" in bad(["pretrain", "--preset", str(preset)], capsys)
 
 
+def test_a_preset_files_out_and_resume_are_noted_as_unused(tmp_path, capsys, monkeypatch):
+    """A preset file (e.g. a run's config.yaml) never sets where a run lives or what it continues: it says so,
+    unless the flags set them."""
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/..., is never made: the data fails first
+    (tmp_path / "empty").mkdir()
+    preset = tmp_path / "mine.yaml"
+    old, ckpt = tmp_path / "old", tmp_path / "old" / "checkpoint.pt"
+    preset.write_text(f"data: {tmp_path / 'empty'}\nout: {old}\nresume: {ckpt}\n")
+    assert main(["pretrain", "--preset", str(preset)]) == 2
+    said, err = capsys.readouterr()
+    assert "no images found" in err
+    assert f"note: {preset} sets out: {old} and resume: {ckpt}, which a preset file never does" in said
+    assert "this run goes to runs/folder-" in said
+    assert main(["pretrain", "--preset", str(preset), "--out", str(tmp_path / "new")]) == 2
+    assert f"note: {preset} sets resume: {ckpt}, which" in capsys.readouterr().out
+    assert main(["pretrain", "--preset", str(preset), "--out", str(tmp_path / "new"), "--resume", str(ckpt)]) == 2
+    assert "note" not in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
 def bad(argv, capsys, code: int = 2) -> str:
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
