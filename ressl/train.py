@@ -426,13 +426,8 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
     say(f"ressl: {run.dataset.describe()} -> {run.out}  |  {cfg.backbone} width {cfg.width}, "
         f"{cfg.image_size}px, batch {cfg.batch_size}{_per_process(cfg.batch_size)}, {progress.count(cfg.epochs, 'epoch')}, device {run.device}, "
         f"precision {'bf16' if run.amp_dtype else 'fp32'}{', CUDA graph' if run.graph is not None else ''}", flush=True)
-    if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
-        say(f"note: --warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {progress.count(cfg.epochs, 'epoch')}, so the learning rate "
-            f"never reaches --lr {cfg.lr:g}: pass a smaller --warmup_epochs for a short run", flush=True)
-    if cfg.queue_size > len(run.dataset.train):  # e.g. a paper preset's queue on a small folder
-        say(f"note: the queue (--queue_size {cfg.queue_size:,}) is longer than the training set ({progress.count(len(run.dataset.train), 'image')}), "
-            f"so it holds about {cfg.queue_size / len(run.dataset.train):.1f} past embeddings of each image; the paper keeps it "
-            "well below (4,096 of CIFAR's 50,000): a smaller --queue_size relates each image to more others", flush=True)
+    for note in setting_notes(cfg, run.dataset):
+        say(f"note: {note}", flush=True)
     if done:  # e.g. --resume from a run whose --max_minutes were already spent, or stopped before its final kNN
         say(f"no training left ({done}): the final kNN and final.json follow", flush=True)
         run.log.forget_evaluation(run.state.step)  # a final kNN logged before: it is logged again below
@@ -466,6 +461,24 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
     dist.main_writes(lambda: checkpoint.write_run_file(run.out / "final.json", json.dumps(final, indent=2)), run.device)
     say(f"checkpoint: {run.out / 'checkpoint.pt'}", flush=True)
     return final
+
+
+def setting_notes(cfg: Config, dataset: Dataset) -> list[str]:
+    """Settings that run but are likely not what was meant, a line each (said as the run starts)."""
+    notes, images = [], len(dataset.train)
+    if cfg.warmup_epochs >= cfg.epochs:  # a short trial of a paper preset (5 warm-up epochs)
+        notes.append(f"--warmup_epochs {cfg.warmup_epochs:g} spans the whole run of {progress.count(cfg.epochs, 'epoch')}, so the "
+                     f"learning rate never reaches --lr {cfg.lr:g}: pass a smaller --warmup_epochs for a short run")
+    if cfg.queue_size > images:  # e.g. a paper preset's queue on a small folder
+        notes.append(f"the queue (--queue_size {cfg.queue_size:,}) is longer than the training set ({progress.count(images, 'image')}), "
+                     f"so it holds about {cfg.queue_size / images:.1f} past embeddings of each image; the paper keeps it well "
+                     "below (4,096 of CIFAR's 50,000): a smaller --queue_size relates each image to more others")
+    side = max(dataset.train.images.shape[-2:]) if dataset.train.images is not None else cfg.image_size
+    if cfg.image_size > 2 * side:  # in-memory images (a folder's sizes are not known before they are decoded)
+        notes.append(f"the images are {side} px, trained at --image_size {cfg.image_size}: each view is upscaled "
+                     f"{cfg.image_size / side:.1f} times, which costs compute but adds no detail (the paper trains at "
+                     "the images' own size, 32 px for CIFAR)")
+    return notes
 
 
 def _start_files(run: Run) -> None:

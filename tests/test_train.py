@@ -10,6 +10,7 @@ import torch
 from conftest import make_images
 
 from ressl import config
+from ressl.data import Dataset, Split
 from ressl.errors import DataError
 from ressl.loss import relational_loss
 from ressl.model import SplitBatchNorm
@@ -18,6 +19,7 @@ from ressl.train import (
     capture_network_step,
     epoch_order,
     epoch_views,
+    setting_notes,
     setup,
     train_one_epoch,
     train_step,
@@ -753,3 +755,22 @@ def test_the_runs_knn_check_lets_another_image_stand_in_for_one_broken_since_the
     with pytest.warns(DataWarning, match="could not decode .*1.png; it is replaced by another sample"):
         acc = ressl.train.evaluate_knn(run)
     assert acc is not None and 0 <= acc["top1"] <= 100
+
+
+def test_settings_that_run_but_were_likely_not_meant_are_noted():
+    """A warm-up as long as the run, a queue longer than the training set, in-memory images upscaled more than twice:
+    a note each; none for the paper's CIFAR setting or the digits demo (8 px images at 16)."""
+    def notes(side: int, images: int = 50_000, **values) -> str:
+        split = Split(images=torch.zeros(images, 3, side, side, dtype=torch.uint8))
+        dataset = Dataset("npz", split, split, None, 10, (0.5,) * 3, (0.2,) * 3)
+        return " | ".join(setting_notes(config.resolve("cifar10", values), dataset))
+
+    assert notes(32) == ""
+    assert notes(8, image_size=16, queue_size=1024, batch_size=64, warmup_epochs=0) == ""
+    assert notes(32, epochs=5).startswith("--warmup_epochs 5 spans the whole run of 5 epochs, so the learning rate never")
+    assert notes(32, images=4000) == ("the queue (--queue_size 4,096) is longer than the training set (4,000 images), so it "
+                                      "holds about 1.0 past embeddings of each image; the paper keeps it well below (4,096 of "
+                                      "CIFAR's 50,000): a smaller --queue_size relates each image to more others")
+    assert notes(32, images=4096) == ""
+    assert notes(8, image_size=17).startswith("the images are 8 px, trained at --image_size 17: each view is upscaled 2.1 times")
+    assert notes(96, image_size=64) == ""  # STL-10's images, trained smaller
