@@ -87,7 +87,7 @@ class Config:
     # --- runtime -----------------------------------------------------------------------------
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32 | bf16 | fp32
-    #   (bf16 on a CPU also runs the loss's matmuls against the queue in bf16 math mode, float32 accumulation)
+    #   (bf16 on a CPU with AMX also runs the loss's matmuls against the queue in bf16 math mode, float32 accumulation)
     channels_last: bool = True  # NHWC memory layout, faster convolutions with bf16 on CPU and GPU
     compile: bool = False  # torch.compile the student and teacher
     cuda_graph: bool | None = None  # replay the network's part of each step as one CUDA graph; None: where it can run (CUDA, one process, no compile)
