@@ -280,8 +280,8 @@ class BatchAugment:
     """Per-sample random augmentation of a whole uint8 batch (MoCo-v2 / ReSSL recipe).
 
     ``strong=False`` (teacher view): RandomResizedCrop + horizontal flip only, colours are
-    never changed. ``strong=True`` (student view) adds ColorJitter (p=``jitter_p``, per-sample
-    random order of the four ops), RandomGrayscale (p=``gray_p``) and GaussianBlur
+    never changed. ``strong=True`` (student view) adds ColorJitter (p=``jitter_p``, the four ops in a
+    random order drawn per batch or per sample, ``jitter_order``), RandomGrayscale (p=``gray_p``) and GaussianBlur
     (p=``blur_p``, sigma ~ U(``blur_sigma``) pixels; on and its kernel as :func:`blur_rule` says). ``crop=False`` skips the crop (the input is expected to be
     ``size x size``; other sizes are resized).
     """

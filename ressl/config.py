@@ -52,10 +52,10 @@ class Config:
     head_bn: bool = False  # BatchNorm in the projector; off in the official code
 
     # --- method ------------------------------------------------------------------------------
-    queue_size: int = 4096  # K, past teacher embeddings: 4096 small datasets, 131072 ImageNet (paper)
+    queue_size: int = 4096  # K, past teacher embeddings: 4096 CIFAR, 16384 STL-10 and Tiny-ImageNet, 131072 ImageNet (paper)
     student_temperature: float = 0.1  # softer student relation (paper, Sec. 4)
     teacher_temperature: float = 0.04  # sharper teacher relation (paper, Sec. 4)
-    ema_momentum: float = 0.99  # teacher EMA: 0.99 small datasets, 0.999 ImageNet (paper)
+    ema_momentum: float = 0.99  # teacher EMA: 0.99 CIFAR, 0.996 STL-10 and Tiny-ImageNet, 0.999 ImageNet (paper)
     ema_cosine: bool = False  # raise the momentum to 1 along a cosine (BYOL); the paper keeps it constant
     teacher_strong: bool = False  # give the teacher the strong recipe too (the paper's ablation, Table 5)
     blur: bool | None = True  # Gaussian blur in the strong view (p 0.5, sigma 0.1-2 px) at every size, as the official
@@ -106,7 +106,8 @@ class Config:
     knn_subset: int = 10000  # the online check uses a fixed sample of this many bank and test images (the final one: all)
     eval_batch_size: int = 512  # images per forward pass when embedding for kNN
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run directory
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, a preset file's `extra:` mapping (no flag),
+    #   carried into the run's config.yaml and checkpoints
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -121,7 +121,7 @@ def split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """Backbone + projection head (Linear-ReLU-Linear, as in the official code).
+    """Backbone + projection head (Linear-ReLU-Linear, as in the official code; Linear-BN-ReLU-Linear with ``head_bn``).
 
     ``forward`` maps images (B, 3, H, W) to L2-normalised embeddings (B, out_dim);
     ``backbone`` alone gives the features (B, F) used for evaluation.
@@ -163,7 +163,7 @@ class ReSSL(nn.Module):
     def flatten_parameters(self) -> bool:
         """Make the student's parameters views of one flat buffer, and the teacher's of another laid out alike,
         so that :meth:`update_teacher` is one ``lerp_`` over the buffers: on a CPU a quarter of the time of the
-        update tensor by tensor (66 tensors for a ResNet-18). Values, layouts and ``Parameter`` objects are
+        update tensor by tensor (64 tensors for a ResNet-18, 66 with ``head_bn``). Values, layouts and ``Parameter`` objects are
         unchanged (optimisers and DDP keep working). Call it once the parameters have their final device, dtype
         and memory format; a later ``.to()`` copies them out of the buffers, which :meth:`update_teacher`
         notices (it falls back to the update tensor by tensor). Returns whether the parameters were flattened.

@@ -6,7 +6,9 @@ import math
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, final_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine decay to ``final_lr``."""
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to ``final_lr``. Warm-up step s gets
+    ``base_lr * (s + 1) / warmup_steps``: one step ahead of the official code's ``s / warmup_steps``, whose first
+    step has a learning rate of 0."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
