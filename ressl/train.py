@@ -364,7 +364,22 @@ def loss_text(loss: float | None) -> str:
     return "none yet" if loss is None else f"{loss:.4f}"
 
 
-def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
+def time_left(minutes: float, epoch: int, epochs: int, budget_left: float | None = None) -> str:
+    """The epoch line's estimate of what is left of a run that has trained ``epoch`` of ``epochs`` in ``minutes`` (its
+    kNN checks included), at that pace; ``budget_left``: the minutes --max_minutes leaves. "" once no epoch is left."""
+    if not 0 < epoch < epochs or minutes <= 0:
+        return ""
+    pace = minutes / epoch
+    if budget_left is not None and budget_left < pace * (epochs - epoch):
+        return f"  (--max_minutes stops it in {_duration(budget_left).removeprefix('about ')}, near epoch {epoch + budget_left / pace:.0f})"
+    return f"  ({_duration(pace * (epochs - epoch))} left)"
+
+
+def _duration(minutes: float) -> str:
+    return "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 90 else f"about {minutes / 60:.1f} h"
+
+
+def _end_of_epoch(run: Run, say: Callable[..., None], deadline: float | None) -> None:
     cfg, loss = run.cfg, run.state.loss
     summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss_text(loss)}  {run.minutes():.1f} min"
     acc = None
@@ -374,7 +389,8 @@ def _end_of_epoch(run: Run, say: Callable[..., None]) -> None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, **_knn_record(acc))
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
     if acc is not None or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
-        say(summary, flush=True)
+        budget_left = None if deadline is None else (deadline - time.time()) / 60
+        say(summary + time_left(run.minutes(), run.state.epoch, cfg.epochs, budget_left), flush=True)
 
 
 @contextlib.contextmanager
@@ -442,7 +458,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
             train_one_epoch(run, deadline)
             if run.state.index == 0:  # the epoch ended (else its time ran out inside it, agreed by every process)
                 save_checkpoint(run)
-                _end_of_epoch(run, say)
+                _end_of_epoch(run, say, deadline)
                 done = _done(run, deadline)
             if run.state.index or (done and run.state.epoch < cfg.epochs):  # the time is up, inside or at the end
                 _budget_spent(run)

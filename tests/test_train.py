@@ -21,6 +21,7 @@ from ressl.train import (
     epoch_views,
     setting_notes,
     setup,
+    time_left,
     train_one_epoch,
     train_step,
     use_cuda_graph,
@@ -774,3 +775,12 @@ def test_settings_that_run_but_were_likely_not_meant_are_noted():
     assert notes(32, images=4096) == ""
     assert notes(8, image_size=17).startswith("the images are 8 px, trained at --image_size 17: each view is upscaled 2.1 times")
     assert notes(96, image_size=64) == ""  # STL-10's images, trained smaller
+
+
+def test_the_epoch_line_estimates_the_time_left_at_the_runs_pace():
+    assert time_left(10.0, 7, 28) == "  (about 30 min left)"  # 10/7 minutes an epoch, 21 epochs to go
+    assert time_left(60.0, 10, 200) == "  (about 19.0 h left)"
+    assert time_left(0.5, 1, 2) == "  (under a minute left)"
+    assert time_left(10.0, 7, 28, budget_left=17.0) == "  (--max_minutes stops it in 17 min, near epoch 19)"
+    assert time_left(10.0, 7, 28, budget_left=31.0) == "  (about 30 min left)"  # the budget outlasts the run
+    assert time_left(10.0, 28, 28) == time_left(0.0, 0, 28) == ""  # nothing left; no pace yet
