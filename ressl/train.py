@@ -364,12 +364,21 @@ def loss_text(loss: float | None) -> str:
     return "none yet" if loss is None else f"{loss:.4f}"
 
 
-def time_left(minutes: float, epoch: int, epochs: int, budget_left: float | None = None) -> str:
-    """The epoch line's estimate of what is left of a run that has trained ``epoch`` of ``epochs`` in ``minutes`` (its
-    kNN checks included), at that pace; ``budget_left``: the minutes --max_minutes leaves. "" once no epoch is left."""
-    if not 0 < epoch < epochs or minutes <= 0:
+def epoch_pace(marks: list[tuple[float, float]]) -> float | None:
+    """Minutes an epoch, from ``marks`` of (epochs trained, minutes of the run) taken when this invocation began to
+    train (a resumed run's epoch may be part done) and after each epoch since (after its kNN check). The first epoch is left out once two more are past it: its warm-up
+    (a compile, first allocations, a checkpoint's first write) is paid once. None before an epoch has ended."""
+    if len(marks) < 2:
+        return None
+    (e0, m0), (e1, m1) = marks[1] if len(marks) > 3 else marks[0], marks[-1]
+    return (m1 - m0) / (e1 - e0)
+
+
+def time_left(pace: float | None, epoch: int, epochs: int, budget_left: float | None = None) -> str:
+    """The epoch line's estimate of what is left of a run that has trained ``epoch`` of ``epochs`` at ``pace`` minutes
+    an epoch (:func:`epoch_pace`); ``budget_left``: the minutes --max_minutes leaves. "" once no epoch is left."""
+    if pace is None or pace <= 0 or not 0 < epoch < epochs:
         return ""
-    pace = minutes / epoch
     if budget_left is not None and budget_left < pace * (epochs - epoch):
         return f"  (--max_minutes stops it in {_duration(budget_left).removeprefix('about ')}, near epoch {epoch + budget_left / pace:.0f})"
     return f"  ({_duration(pace * (epochs - epoch))} left)"
@@ -379,7 +388,8 @@ def _duration(minutes: float) -> str:
     return "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 90 else f"about {minutes / 60:.1f} h"
 
 
-def _end_of_epoch(run: Run, say: Callable[..., None], deadline: float | None) -> None:
+def _end_of_epoch(run: Run, say: Callable[..., None], deadline: float | None, marks: list[tuple[float, float]]) -> None:
+    """The epoch's kNN check where due, then its line where due; ``marks``: :func:`epoch_pace`'s, this epoch's added."""
     cfg, loss = run.cfg, run.state.loss
     summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss_text(loss)}  {run.minutes():.1f} min"
     acc = None
@@ -388,9 +398,10 @@ def _end_of_epoch(run: Run, say: Callable[..., None], deadline: float | None) ->
         if acc is not None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, **_knn_record(acc))
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
+    marks.append((run.state.epoch, run.minutes()))
     if acc is not None or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
         budget_left = None if deadline is None else (deadline - time.time()) / 60
-        say(summary + time_left(run.minutes(), run.state.epoch, cfg.epochs, budget_left), flush=True)
+        say(summary + time_left(epoch_pace(marks), run.state.epoch, cfg.epochs, budget_left), flush=True)
 
 
 @contextlib.contextmanager
@@ -453,12 +464,14 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
             initial = run.state.knn_random_init
             run.log.write(step=0, epoch=0, **_knn_record(initial))
             say(f"kNN of the randomly initialised encoder: top-1 {initial['top1']:.2f}%", flush=True)
+    # the epoch lines' estimates go at this invocation's pace, from here (after its set-up and first kNN)
+    marks = [(run.state.epoch + run.state.index / run.steps_per_epoch, run.minutes())]
     with _stop_on_signals(run), _data_failures_saved(run):
         while not done:
             train_one_epoch(run, deadline)
             if run.state.index == 0:  # the epoch ended (else its time ran out inside it, agreed by every process)
                 save_checkpoint(run)
-                _end_of_epoch(run, say, deadline)
+                _end_of_epoch(run, say, deadline, marks)
                 done = _done(run, deadline)
             if run.state.index or (done and run.state.epoch < cfg.epochs):  # the time is up, inside or at the end
                 _budget_spent(run)

@@ -18,6 +18,7 @@ from ressl.train import (
     _outlast_data_errors,
     capture_network_step,
     epoch_order,
+    epoch_pace,
     epoch_views,
     setting_notes,
     setup,
@@ -778,9 +779,21 @@ def test_settings_that_run_but_were_likely_not_meant_are_noted():
 
 
 def test_the_epoch_line_estimates_the_time_left_at_the_runs_pace():
-    assert time_left(10.0, 7, 28) == "  (about 30 min left)"  # 10/7 minutes an epoch, 21 epochs to go
-    assert time_left(60.0, 10, 200) == "  (about 19.0 h left)"
+    assert time_left(10 / 7, 7, 28) == "  (about 30 min left)"  # 10/7 minutes an epoch, 21 epochs to go
+    assert time_left(6.0, 10, 200) == "  (about 19.0 h left)"
     assert time_left(0.5, 1, 2) == "  (under a minute left)"
-    assert time_left(10.0, 7, 28, budget_left=17.0) == "  (--max_minutes stops it in 17 min, near epoch 19)"
-    assert time_left(10.0, 7, 28, budget_left=31.0) == "  (about 30 min left)"  # the budget outlasts the run
-    assert time_left(10.0, 28, 28) == time_left(0.0, 0, 28) == ""  # nothing left; no pace yet
+    assert time_left(10 / 7, 7, 28, budget_left=17.0) == "  (--max_minutes stops it in 17 min, near epoch 19)"
+    assert time_left(10 / 7, 7, 28, budget_left=31.0) == "  (about 30 min left)"  # the budget outlasts the run
+    assert time_left(1.0, 28, 28) == time_left(None, 0, 28) == ""  # nothing left; no pace yet
+
+
+def test_the_pace_leaves_out_the_set_up_and_then_the_first_epoch():
+    """The cifar10-cpu run of the twenty-third session: 0.3 min of set-up and random-init kNN, a first epoch of 0.9
+    min (1.2 in all), then 0.9 min each. Its first line said "near epoch 22" at 1.2 min an epoch; it ended at 28."""
+    start = [(0.0, 0.3)]
+    assert epoch_pace(start) is None
+    assert epoch_pace([*start, (1, 1.2)]) == pytest.approx(0.9)  # the set-up is not an epoch's
+    warm = [*start, (1, 1.5), (2, 2.4), (3, 3.3)]  # a first epoch of 1.2 min (a compile), 0.9 since
+    assert epoch_pace(warm[:3]) == pytest.approx(1.05)  # one epoch after the first: both count
+    assert epoch_pace(warm) == pytest.approx(0.9)  # two after it: the first is left out
+    assert epoch_pace([(4.5, 10.0), (5, 10.5), (6, 11.5)]) == pytest.approx(1.5 / 1.5)  # resumed inside epoch 5
