@@ -366,8 +366,9 @@ def loss_text(loss: float | None) -> str:
 
 def epoch_pace(marks: list[tuple[float, float]]) -> float | None:
     """Minutes an epoch, from ``marks`` of (epochs trained, minutes of the run) taken when this invocation began to
-    train (a resumed run's epoch may be part done) and after each epoch since (after its kNN check). The first epoch is left out once two more are past it: its warm-up
-    (a compile, first allocations, a checkpoint's first write) is paid once. None before an epoch has ended."""
+    train (a resumed run's epoch may be part done) and after each epoch since (after its kNN check). The first epoch
+    is left out once two more are past it: its warm-up (a compile, first allocations, a checkpoint's first write) is
+    paid once. None before an epoch has ended."""
     if len(marks) < 2:
         return None
     (e0, m0), (e1, m1) = marks[1] if len(marks) > 3 else marks[0], marks[-1]
