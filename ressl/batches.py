@@ -6,6 +6,7 @@ leave SIGTERM and SIGINT to the main process so that it stops at a step boundary
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.context
 import os
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ressl import dist
 from ressl.augment import eval_transform
-from ressl.folder import ImageFolderDataset
+from ressl.folder import DecodeSize, ImageFolderDataset, crop_decode_size, resize_decode_size
 from ressl.views import draw_seed
 
 if TYPE_CHECKING:
@@ -57,6 +58,12 @@ def _two_crops(size: int, min_scale: float) -> TwoViews:
     return TwoViews(crop, crop)
 
 
+def crops_decode_size(size: int, min_scale: float) -> DecodeSize:
+    """What crops of ``RandomResizedCrop(size, scale=(min_scale, 1))`` need of an image (``ImageFolderDataset``'s
+    ``decode_size``; a module-level function's partial, which a fork server's workers can unpickle)."""
+    return functools.partial(crop_decode_size, size=size, min_scale=min_scale)
+
+
 class _InMemoryImages(torch.utils.data.Dataset):
     """``(transform(images[i]), labels[i])`` of an in-memory split, for loader workers (a CPU copy of the images)."""
 
@@ -73,13 +80,15 @@ class _InMemoryImages(torch.utils.data.Dataset):
 
 
 class _EvalResize:
-    """Resize (shorter side to size/0.875 above 64 px, as torchvision's ImageNet protocol) and centre-crop."""
+    """Resize (shorter side to size/0.875 above 64 px, as torchvision's ImageNet protocol) and centre-crop.
+    ``decode_size``: what it needs of an image (``ImageFolderDataset``'s)."""
 
     def __init__(self, size: int) -> None:
         from torchvision.transforms import v2
 
         resize = size if size <= 64 else round(size / 0.875)
         self.t = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+        self.decode_size: DecodeSize = functools.partial(resize_decode_size, shorter=resize)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.t(image)
@@ -123,7 +132,8 @@ def pretrain_batches(
     else:
         assert split.folder is not None
         ds = ImageFolderDataset(split.folder, transform=views or _two_crops(image_size, min_scale),
-                                max_bad_fraction=split.max_bad_fraction, record=split.failure_record())
+                                max_bad_fraction=split.max_bad_fraction, record=split.failure_record(),
+                                decode_size=None if views else crops_decode_size(image_size, min_scale))
     draws = torch.Generator().manual_seed(draw_seed((seed, rank), start))
     # in memory: forked workers share the images as they are, where a fork server's would copy them into shared
     # memory (a container's /dev/shm is often 64 MB); under torchrun, whose threads make forking unsafe, they must
@@ -335,8 +345,9 @@ def eval_batches(
             yield eval_transform(x, image_size, mean, std), labels[start : start + batch_size].to(device, non_blocking=True)
         return
     assert split.folder is not None
-    ds = ImageFolderDataset(split.folder, transform=_EvalResize(image_size), max_bad_fraction=split.max_bad_fraction,
-                            replace=stand_in, record=split.failure_record())
+    resize = _EvalResize(image_size)
+    ds = ImageFolderDataset(split.folder, transform=resize, max_bad_fraction=split.max_bad_fraction,
+                            replace=stand_in, record=split.failure_record(), decode_size=resize.decode_size)
     start = 0
     for x, y in worker_batches(torch.utils.data.Subset(ds, indices.tolist()), batch_size, workers, device):
         y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ressl import dist
-from ressl.batches import PAD_LABEL, epoch_seed, eval_batches, rank_block, rows_per_rank, worker_batches
+from ressl.batches import PAD_LABEL, crops_decode_size, epoch_seed, eval_batches, rank_block, rows_per_rank, worker_batches
 from ressl.errors import LateDataError, load_failure
 from ressl.precision import autocast, autocast_dtype
 from ressl.progress import bar as progress_bar
@@ -377,7 +377,7 @@ def augmented_batches(
                 yield embed(augment(images.to(device), draws)), labels.to(device)
             return
         ds = ImageFolderDataset(split.folder, transform=folder_crop, max_bad_fraction=split.max_bad_fraction,  # type: ignore[arg-type]
-                                record=split.failure_record())
+                                record=split.failure_record(), decode_size=crops_decode_size(image_size, crop_min_scale))
         start = 0
         for x, y in worker_batches(torch.utils.data.Subset(ds, mine.tolist()), batch_size, workers, device, draws):
             y = torch.where(pad[start : start + len(y)], PAD_LABEL, y)

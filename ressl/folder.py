@@ -19,6 +19,7 @@ is the same on every machine and run.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -352,9 +353,46 @@ def _upright(im: Image.Image) -> Image.Image:
         return im.copy()
 
 
-def _open_loaded(path: Path, partial: Callable[[Path], None]) -> Image.Image:
-    """Open and fully decode ``path`` (EXIF orientation applied); on failure retry once accepting truncated data,
-    and if that decodes it, tell ``partial``.
+DecodeSize = Callable[[int, int], tuple[int, int]]  # a stored (width, height) -> the least (width, height) to decode
+
+
+def crop_decode_size(width: int, height: int, *, size: int, min_scale: float) -> tuple[int, int]:
+    """The least size a (``width``, ``height``) image may be decoded at for ``RandomResizedCrop(size, scale=(min_scale,
+    1))`` to cut every crop from ``size`` pixels a side or more, as at full size. A crop's area is a share of the
+    image's, so a crop (torchvision's aspect ratios 3/4 to 4/3) has a shorter side of sqrt(0.75 * min_scale * width *
+    height) or more, in pixels of whatever size the image was decoded at; none is larger than the image, and where
+    none fits (a long panorama), the fallback takes the image's shorter side."""
+    smallest = min(math.sqrt(0.75 * min_scale * width * height), width, height)
+    return _reduced(width, height, smallest / size)
+
+
+def resize_decode_size(width: int, height: int, *, shorter: int) -> tuple[int, int]:
+    """The least size a (``width``, ``height``) image may be decoded at before its shorter side is resized to
+    ``shorter`` pixels (the evaluations' resize, then a centre crop)."""
+    return _reduced(width, height, min(width, height) / shorter)
+
+
+def _reduced(width: int, height: int, factor: float) -> tuple[int, int]:
+    factor = max(1.0, factor)
+    return math.ceil(width / factor), math.ceil(height / factor)
+
+
+def _draft(im: Image.Image, least: DecodeSize | None) -> None:
+    """Have a JPEG decoded at 1/2, 1/4 or 1/8 of its size where that still covers ``least`` of its stored size
+    (Pillow's ``draft``: libjpeg scales while decoding, 4-5x faster for a phone's 12-megapixel photo). Other formats,
+    and any image without ``least``, decode whole. The requirements of ``least`` (a share of the area, the shorter
+    side) do not depend on the orientation, which is applied after."""
+    if least is None:
+        return
+    try:
+        im.draft(None, least(*im.size))
+    except Exception:  # noqa: BLE001, S110 - a decoder that cannot scale decodes whole
+        pass
+
+
+def _open_loaded(path: Path, partial: Callable[[Path], None], least: DecodeSize | None = None) -> Image.Image:
+    """Open and fully decode ``path`` (EXIF orientation applied; a JPEG reduced as ``least`` allows, :func:`_draft`);
+    on failure retry once accepting truncated data, and if that decodes it, tell ``partial``.
 
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a PIL global: it is switched on only for
     the retry, under a lock, and always restored afterwards. A partially decoded
@@ -362,6 +400,7 @@ def _open_loaded(path: Path, partial: Callable[[Path], None]) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            _draft(im, least)
             im.load()
             return _upright(im)
     except Image.DecompressionBombError:
@@ -373,6 +412,7 @@ def _open_loaded(path: Path, partial: Callable[[Path], None]) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
             with Image.open(path) as im:
+                _draft(im, least)
                 im.load()
                 image = _upright(im)
         finally:
@@ -443,8 +483,11 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.array(im)
 
 
-def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated) -> torch.Tensor | None:
+def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated, least: DecodeSize | None = None) -> torch.Tensor | None:
     """Decode ``path`` to a uint8 tensor of shape (3, H, W) in RGB, or ``None`` if unreadable.
+
+    With ``least`` (:func:`crop_decode_size`, :func:`resize_decode_size`), a large JPEG may come smaller than stored,
+    but never smaller than ``least`` of its stored size.
 
     * EXIF orientation is applied (``ImageOps.exif_transpose``); multi-frame files give frame 0.
     * Transparency (RGBA, LA, palette/grayscale with ``transparency``) is
@@ -456,7 +499,7 @@ def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated) -> t
       default, the first one of the process gets a warning).
     """
     try:
-        arr = _to_rgb_array(_open_loaded(Path(path), partial))
+        arr = _to_rgb_array(_open_loaded(Path(path), partial, least))
     except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
         return None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -492,17 +535,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     only in part are used, with one warning (a 2 in the record). Under torchrun each process
     keeps its own, and the processes pool them as they agree on stopping
     (:func:`ressl.data.pool_failures`). With ``replace=False`` (evaluations, whose rows stand
-    for their files) a failure raises a :class:`DataError` naming the file instead.
+    for their files) a failure raises a :class:`DataError` naming the file instead. ``decode_size``: what the
+    transform needs of an image (:func:`load_rgb`'s ``least``), so that a large JPEG decodes smaller and faster.
     """
 
     def __init__(self, index: FolderIndex, transform: Callable[[torch.Tensor], Any] | None = None,
-                 max_bad_fraction: float = 0.01, replace: bool = True, record: torch.Tensor | None = None) -> None:
+                 max_bad_fraction: float = 0.01, replace: bool = True, record: torch.Tensor | None = None,
+                 decode_size: DecodeSize | None = None) -> None:
         if not index.files:
             raise DataError("the image index is empty: pass --data PATH pointing at a folder of images")
         self.index = index
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
         self.replace = replace
+        self.decode_size = decode_size
         if record is not None and record.shape != (len(index.files),):
             raise ValueError(f"record: ({len(index.files)},) for the index's files, not {tuple(record.shape)}")
         # (N,) 1 where a file failed to decode, 2 where it decoded only in part; shared with the loader workers
@@ -548,7 +594,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             broken = self._failed[j] == 1
             if broken and self.replace:
                 continue
-            image = None if broken else load_rgb(self.index.files[j], partial=lambda _path, j=j: self._decoded_in_part(j))
+            image = None if broken else load_rgb(self.index.files[j], partial=lambda _path, j=j: self._decoded_in_part(j),
+                                                 least=self.decode_size)
             if image is None and not self.replace:
                 raise DataError(f"{self.index.files[j]} could not be decoded (it changed after the folder was scanned): "
                                 "fix or delete it and run the command again")

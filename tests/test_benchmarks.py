@@ -142,3 +142,13 @@ def test_knn_candidate_with_unit_bank_chunks_scores_as_the_formula(query_chunk, 
                              groups=groups)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(bank, torch.randn(199, 12, generator=torch.Generator().manual_seed(0)))  # the bank is not changed
+
+
+def test_the_decode_benchmark_prints_its_ratio(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "benchmarks.decode", "--quick", "--repeats", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    match = re.search(r"^\[decode\] folder decode speed-up .*: ratio (\S+) \(target >= 2: not measured", proc.stdout, flags=re.MULTILINE)
+    assert match and float(match.group(1)) > 0, proc.stdout
+    assert "decoded at no less than 191 x 144" in proc.stdout and not list(tmp_path.glob("ressl-bench-photos-*"))  # removed
