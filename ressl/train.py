@@ -25,6 +25,7 @@ from ressl.data import Dataset, load_dataset, same_data_everywhere, sample_split
 from ressl.errors import Interrupted, LateDataError, how_to_continue, load_failure
 from ressl.evaluate import accuracy_text, knn_accuracy, split_features
 from ressl.graph import CapturedStep
+from ressl.held import hold_training_images
 from ressl.loss import relational_loss
 from ressl.meter import Meter, MetricsLog, checkpoint_due
 from ressl.model import ReSSL, model_from_config
@@ -323,6 +324,8 @@ def _build(cfg: Config, device: torch.device, out: Path, graphed: bool) -> Run:
     if len(dataset.train) < cfg.batch_size:
         raise config.ConfigError(f"the training set has {progress.count(len(dataset.train), 'image')}, fewer than batch_size {cfg.batch_size}: lower --batch_size")
     if cfg.augment_backend != "torchvision":  # whose loader workers read the images from host memory
+        if cfg.hold_in_memory:
+            hold_training_images(dataset, cfg.workers, device)
         to_device(dataset, device)
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg).to(device)
@@ -504,7 +507,7 @@ def setting_notes(cfg: Config, dataset: Dataset) -> list[str]:
                      f"so it holds about {cfg.queue_size / images:.1f} past embeddings of each image; the paper keeps it well "
                      "below (4,096 of CIFAR's 50,000): a smaller --queue_size relates each image to more others")
     side = max(dataset.train.images.shape[-2:]) if dataset.train.images is not None else cfg.image_size
-    if cfg.image_size > 2 * side:  # in-memory images (a folder's sizes are not known before they are decoded)
+    if cfg.image_size > 2 * side:  # images in memory (those of a folder are not known before they are decoded)
         notes.append(f"the images are {side} px, trained at --image_size {cfg.image_size}: each view is upscaled "
                      f"{cfg.image_size / side:.1f} times, which costs compute but adds no detail (the paper trains at "
                      "the images' own size, 32 px for CIFAR)")

@@ -669,7 +669,7 @@ def _pooled_failures_worker(rank: int, tmp: str) -> None:
     outcome = {}
     for case, codes in found.items():
         run = tiny_run(f"{tmp}/photos", Path(tmp) / case, dataset="folder", batch_size=16, queue_size=32, epochs=1,
-                       log_every=4, workers=0, checkpoint_every=0, max_bad_fraction=0.05)
+                       log_every=4, workers=0, checkpoint_every=0, max_bad_fraction=0.05, hold_in_memory=False)
         for i, code in codes[rank].items():
             run.dataset.train.failure_record()[i] = code
         try:
@@ -876,7 +876,7 @@ def test_torchrun_image_broken_after_the_scan_stops_every_process_with_one_messa
     broken = data / "class0" / "05.png"
     out = tmp_path / "run"
     args = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--epochs", "2",
-            "--max_bad_fraction", "0", "--log_every", "3"]
+            "--max_bad_fraction", "0", "--log_every", "3", "--hold_in_memory", "false"]  # read by the loader workers
     failed = torchrun(str(broken), *args, cwd=tmp_path, script=BREAK_AFTER_SCAN)
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("ressl pretrain: error: ")]

@@ -596,7 +596,8 @@ def test_files_unreadable_during_training_stop_it_in_one_line_with_a_checkpoint(
 
     monkeypatch.setattr(ressl.train, "setup", setup_then_break_files)
     out = tmp_path / "run"
-    argv = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--workers", "2", "--epochs", "2"]
+    argv = ["pretrain", "--dataset", "folder", "--data", str(data), "--out", str(out), *TINY, "--workers", "2", "--epochs", "2",
+            "--hold_in_memory", "false"]  # read by the loader workers every epoch (held in memory, they could not break)
     assert main(argv) == 2
     stderr = capsys.readouterr().err
     err = stderr.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's last state

@@ -503,8 +503,8 @@ def test_an_absent_tensorboard_is_no_warning(npz_dir, tmp_path, monkeypatch):
 
 
 def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_path):
-    """In memory, a call makes the views of up to --augment_steps steps; from a folder, where loader workers would
-    have to decode them all before the first could train, one step's."""
+    """In memory, a call makes the views of up to --augment_steps steps (a folder's images held there too); from a
+    folder read by loader workers, which would have to decode them all before the first could train, one step's."""
     from PIL import Image
 
     assert tiny_run(npz_dir, tmp_path / "npz").augment.steps_per_call == 8
@@ -513,9 +513,13 @@ def test_views_of_several_steps_per_call_for_sets_in_memory_only(npz_dir, tmp_pa
     for i in range(16):
         (tmp_path / "photos" / str(i % 2)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "photos" / str(i % 2) / f"{i}.png")
-    run = tiny_run(npz_dir, tmp_path / "folder", dataset="folder", data=str(tmp_path / "photos"), batch_size=4, workers=0)
+    run = tiny_run(npz_dir, tmp_path / "folder", dataset="folder", data=str(tmp_path / "photos"), batch_size=4, workers=0,
+                   hold_in_memory=False)
     assert run.augment.steps_per_call == 1
     assert np.isfinite(train_one_epoch(run)) and run.state.step == 4
+    held = tiny_run(npz_dir, tmp_path / "held", dataset="folder", data=str(tmp_path / "photos"), batch_size=4, workers=0)
+    assert held.dataset.train.images is not None and held.augment.steps_per_call == 8
+    assert np.isfinite(train_one_epoch(held)) and held.state.step == 4
 
 
 def test_a_stop_asked_at_an_epochs_last_step_ends_there_with_a_checkpoint(npz_dir, tmp_path):

@@ -1,0 +1,107 @@
+"""An image folder's training images held in memory, as CIFAR's are: decoded once, then sliced and augmented batched
+on the training device every epoch, instead of decoded and cropped again by loader workers (Tiny-ImageNet: 100,000
+images of 64 x 64 px, 1.2 GB as uint8).
+
+Only a folder whose images all have one size, and whose decoded set fits the limit, is held: crops are shares of the
+image, so the views are drawn as from the folder (:func:`ressl.augment.weak_augment` and ``strong_augment`` crop
+in memory as ``RandomResizedCrop`` does in the workers). Any other folder, and any image that fails to decode or
+comes out of another size (an EXIF rotation), leaves it to the loader workers, which deal with it as before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ressl import dist
+from ressl.batches import worker_batches
+from ressl.dist import speaks_for_machine
+from ressl.errors import load_failure
+from ressl.folder import load_rgb
+from ressl.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from ressl.data import Dataset, Split
+
+HOLD_LIMIT = 4 * 2**30  # bytes of uint8 images at most (STL-10's 105,000 images, in memory as arrays: 2.9 GB)
+_BATCH = 256  # images a loader worker decodes per batch
+_PROGRESS_FROM = 5_000  # images: fewer decode in seconds
+
+
+def hold_limit() -> int:
+    """:data:`HOLD_LIMIT`, or a quarter of the machine's memory where that is less (a laptop's 8 GB: 2 GB)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such names on this platform
+        return HOLD_LIMIT
+    return min(HOLD_LIMIT, memory // 4)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """``load_rgb`` of each file, uint8 (3, H, W), or an empty tensor where it fails (the folder's workers then take
+    over, with their own account of broken files)."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = load_rgb(self.files[i])
+        return torch.empty(0, dtype=torch.uint8) if image is None else image
+
+
+def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Split | None:
+    """``split`` (a folder) as one uint8 tensor (N, 3, H, W) with its labels, or None where it is not held: not a
+    folder, images of more than one size, more than ``limit`` bytes (:func:`hold_limit`), or an image that fails to
+    decode, or a loader worker that dies. Decoded by up to ``workers`` loader processes, in the folder's order, with a
+    progress bar for large sets."""
+    from ressl.data import Split
+
+    folder = split.folder
+    if folder is None or not folder.files:
+        return None
+    n = len(folder.files)
+    first = load_rgb(folder.files[0])
+    if first is None or n * first.numel() > (hold_limit() if limit is None else limit):
+        return None
+    images = torch.empty((n, *first.shape), dtype=torch.uint8)
+    shown = n >= _PROGRESS_FROM and speaks_for_machine()
+    bar = progress_bar(total=n, desc=f"decoding {n:,} images into memory", unit="image", unit_scale=True, disable=not shown)
+    try:
+        start = 0
+        for batch in worker_batches(_Decoded(folder.files), _BATCH, workers, torch.device("cpu"), collate_fn=list):
+            for image in batch:
+                if image.shape != first.shape:  # failed (empty), or another size
+                    return None
+                images[start] = image
+                start += 1
+            bar.update(len(batch))
+    except Exception as err:  # a loader worker that died: the folder's own loading meets it again, and says so
+        if load_failure(err) is None:
+            raise
+        return None
+    finally:
+        bar.close()
+    labels = torch.tensor(folder.labels, dtype=torch.int64) if folder.labels is not None else None
+    return Split(images=images, labels=labels, max_bad_fraction=split.max_bad_fraction)
+
+
+def hold_training_images(dataset: Dataset, workers: int, device: torch.device, limit: int | None = None) -> bool:
+    """Replace ``dataset.train``, a folder, by its images held in memory (:func:`held_in_memory`) where every process
+    can (an agreement under torchrun: each decodes its own copy), and say so in ``dataset.describe()``. The kNN bank
+    and the held-out images stay folders, read as ``ressl knn`` reads them. Returns whether it did."""
+    if dataset.train.folder is None:  # the same kind of data in every process
+        return False
+    held = held_in_memory(dataset.train, workers, limit)
+    if dist.any_rank(held is None, device):
+        return False
+    assert held is not None and held.images is not None
+    dataset.train = held
+    dataset.layout += f" (training images held in memory: {held.images.numel() / 1e9:.2f} GB)"
+    return True

@@ -1,0 +1,64 @@
+"""An image folder's training images held in memory: decoded once, in the folder's order, only when they fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ressl.data import Split, load_dataset
+from ressl.folder import load_rgb, scan_folder
+from ressl.held import held_in_memory, hold_training_images
+
+
+def _images(root: Path, classes: int = 2, per_class: int = 5, size: tuple[int, int] = (20, 16)) -> None:
+    """``per_class`` noisy JPEGs of ``size`` (W, H) in each of ``classes`` folders under ``root``."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_folder_of_one_size_is_held_as_its_decoded_images_in_order(tmp_path: Path, workers: int) -> None:
+    _images(tmp_path)
+    index = scan_folder(tmp_path)
+    held = held_in_memory(Split(folder=index, max_bad_fraction=0.2), workers)
+    assert held is not None and held.images is not None and held.labels is not None and held.folder is None
+    assert held.images.shape == (10, 3, 16, 20) and held.max_bad_fraction == 0.2
+    assert torch.equal(held.images, torch.stack([load_rgb(path) for path in index.files]))
+    assert held.labels.tolist() == [0] * 5 + [1] * 5
+
+
+def test_a_folder_is_not_held_when_its_images_differ_in_size_or_break_or_do_not_fit(tmp_path: Path) -> None:
+    _images(tmp_path / "mixed")
+    _images(tmp_path / "mixed" / "c1", classes=1, per_class=1, size=(16, 20))  # one image turned on its side
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "mixed")), 0) is None
+    _images(tmp_path / "broken")
+    (tmp_path / "broken" / "c1" / "3.jpg").write_bytes(b"not a picture")
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "broken", verify=False)), 0) is None
+    _images(tmp_path / "even")
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "even")), 0, limit=10 * 3 * 16 * 20 - 1) is None
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "even")), 0, limit=10 * 3 * 16 * 20) is not None
+    assert held_in_memory(Split(images=torch.zeros(2, 3, 4, 4, dtype=torch.uint8)), 0) is None
+
+
+def test_pretraining_holds_the_training_folder_and_reads_the_evaluations_from_disk(tmp_path: Path) -> None:
+    _images(tmp_path / "train")
+    _images(tmp_path / "val", per_class=2)
+    dataset = load_dataset("folder", str(tmp_path))
+    folder_split = dataset.train
+    assert hold_training_images(dataset, 0, torch.device("cpu"))
+    assert dataset.train.images is not None and dataset.train.images.shape == (10, 3, 16, 20)
+    assert dataset.bank is folder_split and dataset.test is not None and dataset.test.folder is not None
+    assert "held in memory" in dataset.describe()
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "train.npz", x=np.zeros((4, 8, 8, 3), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+    arrays = load_dataset("npz", str(npz))
+    assert not hold_training_images(arrays, 0, torch.device("cpu")) and "held in memory" not in arrays.describe()
