@@ -56,6 +56,13 @@ class _Decoded(torch.utils.data.Dataset):
         return torch.empty(0, dtype=torch.uint8) if image is None else image
 
 
+def _together(batch: list[torch.Tensor]) -> torch.Tensor | None:
+    """A loader worker's batch as one tensor (B, 3, H, W), which crosses to the main process at once (a list of B
+    tensors crosses as B, each through shared memory of its own: slower than decoding here); None where its images
+    differ in size or one failed."""
+    return torch.stack(batch) if all(image.shape == batch[0].shape for image in batch) else None
+
+
 def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Split | None:
     """``split`` (a folder) as one uint8 tensor (N, 3, H, W) with its labels, or None where it is not held: not a
     folder, images of more than one size, more than ``limit`` bytes (:func:`hold_limit`), or an image that fails to
@@ -75,12 +82,11 @@ def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Spli
     bar = progress_bar(total=n, desc=f"decoding {n:,} images into memory", unit="image", unit_scale=True, disable=not shown)
     try:
         start = 0
-        for batch in worker_batches(_Decoded(folder.files), _BATCH, workers, torch.device("cpu"), collate_fn=list):
-            for image in batch:
-                if image.shape != first.shape:  # failed (empty), or another size
-                    return None
-                images[start] = image
-                start += 1
+        for batch in worker_batches(_Decoded(folder.files), _BATCH, workers, torch.device("cpu"), collate_fn=_together):
+            if batch is None or batch.shape[1:] != first.shape:  # one failed (empty), or another size
+                return None
+            images[start : start + len(batch)] = batch
+            start += len(batch)
             bar.update(len(batch))
     except Exception as err:  # a loader worker that died: the folder's own loading meets it again, and says so
         if load_failure(err) is None:

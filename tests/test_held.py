@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ressl.held
 from ressl.data import Split, load_dataset
 from ressl.folder import load_rgb, scan_folder
 from ressl.held import held_in_memory, hold_training_images
@@ -46,6 +47,13 @@ def test_a_folder_is_not_held_when_its_images_differ_in_size_or_break_or_do_not_
     assert held_in_memory(Split(folder=scan_folder(tmp_path / "even")), 0, limit=10 * 3 * 16 * 20 - 1) is None
     assert held_in_memory(Split(folder=scan_folder(tmp_path / "even")), 0, limit=10 * 3 * 16 * 20) is not None
     assert held_in_memory(Split(images=torch.zeros(2, 3, 4, 4, dtype=torch.uint8)), 0) is None
+
+
+def test_a_whole_batch_of_another_size_is_not_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ressl.held, "_BATCH", 2)  # the first class's two images, then the second's, turned
+    _images(tmp_path / "c0", classes=1, per_class=2)
+    _images(tmp_path / "c1", classes=1, per_class=2, size=(16, 20))
+    assert held_in_memory(Split(folder=scan_folder(tmp_path)), 0) is None
 
 
 def test_pretraining_holds_the_training_folder_and_reads_the_evaluations_from_disk(tmp_path: Path) -> None:
