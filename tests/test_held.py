@@ -70,3 +70,35 @@ def test_pretraining_holds_the_training_folder_and_reads_the_evaluations_from_di
     np.savez(npz / "train.npz", x=np.zeros((4, 8, 8, 3), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
     arrays = load_dataset("npz", str(npz))
     assert not hold_training_images(arrays, 0, torch.device("cpu")) and "held in memory" not in arrays.describe()
+
+
+@pytest.mark.slow
+def test_a_held_folder_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Held in memory, a folder's views are cut on the device from the run's seed alone, as CIFAR's are: a run
+    killed outright (SIGKILL) and resumed ends where a run never stopped ends, weights, queue and losses alike."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import TINY
+    from test_resume import assert_same_run, wait_for_step
+
+    _images(tmp_path / "photos", per_class=32, size=(16, 16))
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "ressl", "pretrain", "--dataset", "folder", "--data", str(tmp_path / "photos"),
+                "--out", str(out), "--epochs", "8", "--checkpoint_every", "1", "--log_every", "1", *TINY]
+
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    whole = subprocess.run(command(unbroken), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0 and "held in memory" in whole.stdout, whole.stdout + whole.stderr
+    proc = subprocess.Popen(command(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = random.Random().randint(2, 12)  # a new place each run
+    print(f"SIGKILL after step {kill_after}")
+    wait_for_step(broken, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(command(broken), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert_same_run(unbroken, broken)
