@@ -40,9 +40,9 @@ class Config:
     image_size: int = 32  # training resolution; the paper: 32 for CIFAR, 64 for STL-10/Tiny-ImageNet, 224 for ImageNet
     max_bad_fraction: float = 0.01  # image folders: share of unreadable files skipped (with a warning) before stopping
     workers: int = 4  # loader processes for image folders and augment_backend torchvision (in-memory sets are sliced on the device)
-    hold_in_memory: bool = True  # an image folder's training images, when all of one size and within 4 GiB (and a quarter
-    #   of the machine's memory), are decoded once and cut on the device as CIFAR's are (Tiny-ImageNet: 1.2 GB); false:
-    #   decoded and cropped by loader workers every epoch
+    hold_in_memory: bool = True  # an image folder's training images, when all of one size and within 4 GiB (a quarter
+    #   of the machine's memory over its processes, an eighth of a GPU's), are decoded once and cut on the device as
+    #   CIFAR's are (Tiny-ImageNet: 1.2 GB); false: decoded and cropped by loader workers every epoch
 
     # --- model -------------------------------------------------------------------------------
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)

@@ -28,17 +28,24 @@ if TYPE_CHECKING:
     from ressl.data import Dataset, Split
 
 HOLD_LIMIT = 4 * 2**30  # bytes of uint8 images at most (STL-10's 105,000 images, in memory as arrays: 2.9 GB)
-_BATCH = 256  # images a loader worker decodes per batch
+_BATCH = 256  # images a loader worker decodes per batch at most
+_BATCH_BYTES = 8 * 2**20  # and within this (it crosses through /dev/shm, often 64 MB in a container)
 _PROGRESS_FROM = 5_000  # images: fewer decode in seconds
 
 
-def hold_limit() -> int:
-    """:data:`HOLD_LIMIT`, or a quarter of the machine's memory where that is less (a laptop's 8 GB: 2 GB)."""
+def hold_limit(device: torch.device | None = None) -> int:
+    """:data:`HOLD_LIMIT`, or less: a quarter of the machine's memory shared by the processes torchrun started on it
+    (each holds its own copy: a laptop's 8 GB, 2 GB; 8 processes on 64 GB, 2 GB each), and on a GPU an eighth of its
+    memory (a 12 GB GPU: 1.5 GB)."""
+    limit = HOLD_LIMIT
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limit = min(limit, memory // (4 * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     except (ValueError, OSError, AttributeError):  # no such names on this platform
-        return HOLD_LIMIT
-    return min(HOLD_LIMIT, memory // 4)
+        pass
+    if device is not None and device.type == "cuda":
+        limit = min(limit, torch.cuda.get_device_properties(device).total_memory // 8)
+    return limit
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -82,7 +89,8 @@ def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Spli
     bar = progress_bar(total=n, desc=f"decoding {n:,} images into memory", unit="image", unit_scale=True, disable=not shown)
     try:
         start = 0
-        for batch in worker_batches(_Decoded(folder.files), _BATCH, workers, torch.device("cpu"), collate_fn=_together):
+        batch_size = min(_BATCH, max(1, _BATCH_BYTES // first.numel()))
+        for batch in worker_batches(_Decoded(folder.files), batch_size, workers, torch.device("cpu"), collate_fn=_together):
             if batch is None or batch.shape[1:] != first.shape:  # one failed (empty), or another size
                 return None
             images[start : start + len(batch)] = batch
@@ -104,7 +112,7 @@ def hold_training_images(dataset: Dataset, workers: int, device: torch.device, l
     and the held-out images stay folders, read as ``ressl knn`` reads them. Returns whether it did."""
     if dataset.train.folder is None:  # the same kind of data in every process
         return False
-    held = held_in_memory(dataset.train, workers, limit)
+    held = held_in_memory(dataset.train, workers, hold_limit(device) if limit is None else limit)
     if dist.any_rank(held is None, device):
         return False
     assert held is not None and held.images is not None

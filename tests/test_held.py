@@ -12,7 +12,7 @@ from PIL import Image
 import ressl.held
 from ressl.data import Split, load_dataset
 from ressl.folder import load_rgb, scan_folder
-from ressl.held import held_in_memory, hold_training_images
+from ressl.held import HOLD_LIMIT, held_in_memory, hold_limit, hold_training_images
 
 
 def _images(root: Path, classes: int = 2, per_class: int = 5, size: tuple[int, int] = (20, 16)) -> None:
@@ -102,3 +102,14 @@ def test_a_held_folder_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> N
     resumed = subprocess.run(command(broken), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout + resumed.stderr
     assert_same_run(unbroken, broken)
+
+
+def test_the_limit_is_shared_by_the_processes_of_a_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process torchrun starts on a machine holds its own copy: together they keep to a quarter of its memory."""
+    import os
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert hold_limit() == hold_limit(torch.device("cpu")) == min(HOLD_LIMIT, memory // 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert hold_limit() == min(HOLD_LIMIT, memory // 256) < HOLD_LIMIT
