@@ -107,6 +107,11 @@ def resume(run: Run, path: Path) -> None:
         if recipe and not trained:  # a finished run trains no further: nothing goes on with the new recipe
             progress.say(f"note: {path} was trained with another recipe; the run goes on with this one: "
                          f"{', '.join(recipe)}", flush=True)
+        held = run.dataset.train.images is not None
+        if saved.get("train_in_memory", held) != held and not trained:  # a folder (older checkpoints: not known)
+            ways = ("held in memory, its views cut on the device", "read by loader workers, which cut its crops")
+            progress.say(f"note: {path} was trained on the folder {ways[not saved['train_in_memory']]}; this run has it "
+                         f"{ways[not held]} (--hold_in_memory): the views are drawn alike, not the same ones", flush=True)
         if moved and not trained:  # data copied elsewhere (a cluster job's local disk): the same images, as far as we can tell
             progress.say(f"note: {path} was trained on {old['data']}, this run reads --data {run.cfg.data}: continuing as if "
                          "they held the same images; pass another --out if they do not", flush=True)
@@ -151,6 +156,7 @@ def _checkpoint_state(run: Run) -> dict[str, Any]:
         # the training images' per-channel mean and std: evaluations and exports normalise other images as these were
         "normalisation": {"mean": list(run.dataset.mean), "std": list(run.dataset.std)},
         "train_images": len(run.dataset.train),  # a resume onto a folder that changed since restarts the epoch
+        "train_in_memory": run.dataset.train.images is not None,  # a folder held in memory, or read by loader workers
     }
 
 

@@ -113,3 +113,20 @@ def test_the_limit_is_shared_by_the_processes_of_a_machine(monkeypatch: pytest.M
     assert hold_limit() == hold_limit(torch.device("cpu")) == min(HOLD_LIMIT, memory // 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert hold_limit() == min(HOLD_LIMIT, memory // 256) < HOLD_LIMIT
+
+
+def test_a_resume_that_reads_the_folder_otherwise_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_cli import TINY
+
+    from ressl.cli import main
+
+    _images(tmp_path / "photos", per_class=32, size=(16, 16))
+    argv = ["pretrain", "--dataset", "folder", "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "run"), *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0
+    assert "trained on the folder" not in capsys.readouterr().out
+    assert main(argv + ["--epochs", "2", "--hold_in_memory", "false"]) == 0
+    said = capsys.readouterr().out
+    assert ("was trained on the folder held in memory, its views cut on the device; this run has it read by loader "
+            "workers, which cut its crops (--hold_in_memory)") in said
+    assert main(argv + ["--epochs", "3"]) == 0
+    assert "trained on the folder read by loader workers, which cut its crops; this run has it held in memory" in capsys.readouterr().out
