@@ -11,8 +11,6 @@ comes out of another size (an EXIF rotation), leaves it to the loader workers, w
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +19,7 @@ from ressl import dist
 from ressl.batches import worker_batches
 from ressl.dist import speaks_for_machine
 from ressl.errors import load_failure
-from ressl.folder import load_rgb
+from ressl.folder import ImageFolderDataset, load_rgb
 from ressl.progress import bar as progress_bar
 
 if TYPE_CHECKING:
@@ -48,26 +46,12 @@ def hold_limit(device: torch.device | None = None) -> int:
     return limit
 
 
-class _Decoded(torch.utils.data.Dataset):
-    """``load_rgb`` of each file, uint8 (3, H, W), or an empty tensor where it fails (the folder's workers then take
-    over, with their own account of broken files)."""
-
-    def __init__(self, files: Sequence[Path]) -> None:
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = load_rgb(self.files[i])
-        return torch.empty(0, dtype=torch.uint8) if image is None else image
-
-
-def _together(batch: list[torch.Tensor]) -> torch.Tensor | None:
-    """A loader worker's batch as one tensor (B, 3, H, W), which crosses to the main process at once (a list of B
-    tensors crosses as B, each through shared memory of its own: slower than decoding here); None where its images
-    differ in size or one failed."""
-    return torch.stack(batch) if all(image.shape == batch[0].shape for image in batch) else None
+def _together(batch: list[tuple[torch.Tensor, int]]) -> torch.Tensor | None:
+    """A loader worker's batch of ``ImageFolderDataset`` items as one tensor of images (B, 3, H, W), which crosses to
+    the main process at once (a list of B tensors crosses as B, each through shared memory of its own: slower than
+    decoding here); None where its images differ in size."""
+    images = [image for image, _ in batch]
+    return torch.stack(images) if all(image.shape == images[0].shape for image in images) else None
 
 
 def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Split | None:
@@ -90,13 +74,14 @@ def held_in_memory(split: Split, workers: int, limit: int | None = None) -> Spli
     try:
         start = 0
         batch_size = min(_BATCH, max(1, _BATCH_BYTES // first.numel()))
-        for batch in worker_batches(_Decoded(folder.files), batch_size, workers, torch.device("cpu"), collate_fn=_together):
-            if batch is None or batch.shape[1:] != first.shape:  # one failed (empty), or another size
+        files = ImageFolderDataset(folder, max_bad_fraction=split.max_bad_fraction, replace=False)  # a failure: DataError
+        for batch in worker_batches(files, batch_size, workers, torch.device("cpu"), collate_fn=_together):
+            if batch is None or batch.shape[1:] != first.shape:  # of another size
                 return None
             images[start : start + len(batch)] = batch
             start += len(batch)
             bar.update(len(batch))
-    except Exception as err:  # a loader worker that died: the folder's own loading meets it again, and says so
+    except Exception as err:  # a file that failed, a loader worker that died: the folder's own loading meets it again
         if load_failure(err) is None:
             raise
         return None
