@@ -11,6 +11,7 @@ comes out of another size (an EXIF rotation), leaves it to the loader workers, w
 from __future__ import annotations
 
 import os
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,22 +29,53 @@ if TYPE_CHECKING:
 HOLD_LIMIT = 4 * 2**30  # bytes of uint8 images at most (STL-10's 105,000 images, in memory as arrays: 2.9 GB)
 _BATCH = 256  # images a loader worker decodes per batch at most
 _BATCH_BYTES = 8 * 2**20  # and within this (it crosses through /dev/shm, often 64 MB in a container)
+_NO_LIMIT = 2**60  # bytes: cgroup v1 says "no limit" with a number near 2**63
 _PROGRESS_FROM = 5_000  # images: fewer decode in seconds
 
 
 def hold_limit(device: torch.device | None = None) -> int:
     """:data:`HOLD_LIMIT`, or less: a quarter of the machine's memory shared by the processes torchrun started on it
     (each holds its own copy: a laptop's 8 GB, 2 GB; 8 processes on 64 GB, 2 GB each), and on a GPU an eighth of its
-    memory (a 12 GB GPU: 1.5 GB)."""
+    memory (a 12 GB GPU: 1.5 GB). The machine's memory is :func:`memory_limit`'s: a container's, where it has less."""
     limit = HOLD_LIMIT
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = memory_limit()
+    if memory is not None:
         limit = min(limit, memory // (4 * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-    except (ValueError, OSError, AttributeError):  # no such names on this platform
-        pass
     if device is not None and device.type == "cuda":
         limit = min(limit, torch.cuda.get_device_properties(device).total_memory // 8)
     return limit
+
+
+def memory_limit(cgroups: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The bytes of memory this process may use: the machine's, or less where a control group holds it to less (a
+    container's or a Slurm job's limit: cgroup v2's ``memory.max``, v1's ``memory.limit_in_bytes``, in the process's
+    own group, the groups above it, or at the root of the mount, as a container sees its own group); None where
+    neither can be read. ``membership`` lists the process's groups (``/proc/self/cgroup``: ``id:controllers:path``)."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no such names on this platform
+        pass
+    files = [cgroups / "memory.max", cgroups / "memory" / "memory.limit_in_bytes"]
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        group = PurePosixPath(path.lstrip("/"))  # its parents run up to "." (the mount's root)
+        for level in (group, *group.parents):
+            if controllers == "":  # v2: one hierarchy for every controller
+                files.append(cgroups / level / "memory.max")
+            elif "memory" in controllers.split(","):
+                files.append(cgroups / "memory" / level / "memory.limit_in_bytes")
+    for file in files:
+        try:
+            limits.append(int(file.read_text().strip()))
+        except (OSError, ValueError):  # no such group here, or "max": no limit
+            continue
+    limits = [limit for limit in limits if 0 < limit < _NO_LIMIT]
+    return min(limits) if limits else None
 
 
 def _together(batch: list[tuple[torch.Tensor, int]]) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from PIL import Image
 import ressl.held
 from ressl.data import Split, load_dataset
 from ressl.folder import load_rgb, scan_folder
-from ressl.held import HOLD_LIMIT, held_in_memory, hold_limit, hold_training_images
+from ressl.held import HOLD_LIMIT, held_in_memory, hold_limit, hold_training_images, memory_limit
 
 
 def _images(root: Path, classes: int = 2, per_class: int = 5, size: tuple[int, int] = (20, 16)) -> None:
@@ -106,13 +106,47 @@ def test_a_held_folder_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> N
 
 def test_the_limit_is_shared_by_the_processes_of_a_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each process torchrun starts on a machine holds its own copy: together they keep to a quarter of its memory."""
-    import os
-
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = memory_limit()
+    assert memory is not None
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert hold_limit() == hold_limit(torch.device("cpu")) == min(HOLD_LIMIT, memory // 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert hold_limit() == min(HOLD_LIMIT, memory // 256) < HOLD_LIMIT
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_control_groups_memory_limit_lowers_the_machines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container or a Slurm job may use less than the machine has: the least limit of the process's group, the
+    groups above it and the mount's root counts (cgroup v2 and v1); "max" and v1's near-2**63 mean none."""
+    import os
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    gib = 2**30
+    v2, membership = tmp_path / "v2", tmp_path / "cgroup"
+    membership.write_text("0::/job_7/step_0/task_0\n")
+    assert memory_limit(v2, membership) == memory  # no group files: the machine's
+    _write(v2 / "job_7/step_0/task_0/memory.max", "max\n")
+    _write(v2 / "job_7/memory.max", f"{3 * gib}\n")  # the job's limit, two levels up
+    _write(v2 / "job_7/step_0/memory.max", f"{5 * gib}\n")
+    assert memory_limit(v2, membership) == min(memory, 3 * gib)
+    _write(v2 / "memory.max", f"{2 * gib}\n")  # a container's own group, seen as the root
+    assert memory_limit(v2, membership) == min(memory, 2 * gib)
+
+    v1 = tmp_path / "v1"
+    membership.write_text("9:pids:/\n4:cpu,memory:/docker/abc\n1:name=systemd:/\n")
+    _write(v1 / "memory/memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    assert memory_limit(v1, membership) == memory
+    _write(v1 / "memory/docker/abc/memory.limit_in_bytes", f"{gib}\n")
+    _write(v1 / "cpu/docker/abc/memory.limit_in_bytes", "1\n")  # not the memory controller's
+    assert memory_limit(v1, membership) == min(memory, gib)
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ressl.held, "memory_limit", lambda: 2 * gib)
+    assert hold_limit() == gib // 2  # a quarter of the container's 2 GiB
 
 
 def test_a_resume_that_reads_the_folder_otherwise_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
