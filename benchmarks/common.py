@@ -27,6 +27,7 @@ from ressl.cli import USER_ERRORS
 from ressl.config import Config
 from ressl.data import Dataset, load_dataset
 from ressl.dist import resolve_device
+from ressl.folder import holds_images
 from ressl.model import ReSSL
 
 SHARED_CIFAR10 = Path("/work/shared/data/cifar10")
@@ -67,7 +68,7 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None, help="ressl preset (default: cifar10-cpu on CPU, cifar10 on CUDA)")
     parser.add_argument("--data", default=os.environ.get(DATA_ENV, "auto"),
                         help=f"auto (CIFAR-10 from {SHARED_CIFAR10} when present, else random images), random, "
-                             f"or a directory holding train.npz (default: ${DATA_ENV} or auto)")
+                             f"or a directory holding train.npz (end_to_end: or images) (default: ${DATA_ENV} or auto)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a configuration field, e.g. --set batch_size=256 (repeatable)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (the median is reported)")
@@ -104,13 +105,16 @@ def build_config(args: argparse.Namespace, data_dir: Path, **extra: Any) -> Conf
 _GENERATED: dict[int, Path] = {}
 
 
-def data_dir(args: argparse.Namespace) -> tuple[Path, str]:
-    """A directory with train.npz and a phrase saying what it holds."""
+def data_dir(args: argparse.Namespace, folders: bool = False) -> tuple[Path, str]:
+    """A directory with train.npz (or, where ``folders`` allows, of images: read as ``ressl pretrain`` reads it) and a
+    phrase saying what it holds."""
     if args.data not in ("auto", "random"):
         path = Path(args.data)
-        if not (path / "train.npz").exists():
-            raise SystemExit(f"--data {path}: no train.npz there")
-        return path, f"images from {path / 'train.npz'}"
+        if (path / "train.npz").exists():
+            return path, f"images from {path / 'train.npz'}"
+        if folders and path.is_dir() and holds_images(path):
+            return path, f"the image folder {path}"
+        raise SystemExit(f"--data {path}: no train.npz there" + (" and no images" if folders else ""))
     if args.data == "auto" and (SHARED_CIFAR10 / "train.npz").exists():
         return SHARED_CIFAR10, f"CIFAR-10 from {SHARED_CIFAR10 / 'train.npz'}"
     n = 2048 if args.quick else 10240

@@ -9,7 +9,10 @@ an already augmented batch), on the run's own model, timed between stretches of 
 of the time each). The ratio is the median of the stretches' own: each stretch's training against the bare
 steps on either side of it, so that a drift of the machine's speed (seen on a shared 2-core host) touches both.
 
-    python -m benchmarks.end_to_end [--device cpu|cuda] [--quick] [--seconds 30]
+    python -m benchmarks.end_to_end [--device cpu|cuda] [--quick] [--seconds 30] [--data DIR]
+
+``--data`` may name a folder of images too (as ``ressl pretrain`` reads it, with ``--preset`` for its recipe): held
+in memory where it can be (``ressl.held``), otherwise decoded and cropped by loader workers.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def stretch_totals(metrics: Path, batch_size: int, skip_steps: int, call_starts:
 
 def run(args: argparse.Namespace) -> common.Result:
     device = common.device_of(args)
-    root, source = common.data_dir(args)
+    root, source = common.data_dir(args, folders=True)
     seconds = args.seconds if getattr(args, "seconds", None) else (4.0 if args.quick else 30.0)
     out = Path(tempfile.mkdtemp(prefix="ressl-bench-e2e-"))
     extra = dict(out=str(out / "run"), checkpoint_every=0, knn_every=0)
@@ -70,8 +73,7 @@ def run(args: argparse.Namespace) -> common.Result:
         run_ = setup(cfg)
         print(f"[end_to_end] {common.describe(cfg, device, run_.amp_dtype, run_.graph is not None)}, {seconds:.0f} s of training, "
               f"log every {cfg.log_every} steps; data: {source}", flush=True)
-        images = run_.dataset.train.images
-        assert images is not None, "the end-to-end benchmark needs an in-memory dataset (train.npz)"
+        print(f"[end_to_end] {run_.dataset.describe()}", flush=True)  # a folder: held in memory, or read by workers
         first = FullStep(run_)
         weak, strong = first.views()  # one batch as the loop augments it (batched, or by loader workers)
         first.batches.close()  # its loader workers end here, not inside the training loop's forked ones

@@ -1,14 +1,15 @@
 #!/bin/bash
 # One short GPU check (its parts before the one-step-per-call variant, plus a profile, took 152 s on an H200): the CUDA tests, the four
 # benchmarks, and end to end with the eager step, with one step's views per augmentation call, with the authors' split BatchNorm
-# (8 groups in both networks), and with the official per-image pipeline beside them. Runs with whatever python3 holds PyTorch
+# (8 groups in both networks), and with the official per-image pipeline beside them; then end to end from two image
+# folders (one held in memory, one read by loader workers). Runs with whatever python3 holds PyTorch
 # (no virtual environment needed), from the repository's root:
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]     # DATA_DIR holds train.npz; default: 50,000 random 32x32 images
 #
 # Every stage runs under one deadline (BUDGET seconds from the start, default 450: a device lends 600 s a command), so
 # that a stage that hangs costs the ones after it their time, not the whole check. A stage that fails or runs out of
-# time says so, with its exit status and the end of its log. Logs go to $OUT (where set) or gpu-check-logs/ (7 files).
+# time says so, with its exit status and the end of its log. Logs go to $OUT (where set) or gpu-check-logs/ (9 files).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-gpu-check-logs}
@@ -68,4 +69,33 @@ for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set a
     stage "end to end, $name" 60 "$LOGS/e2e_$name.log" python3 -m benchmarks.end_to_end --device cuda --data "$DATA" --seconds 16 ${variant#*:} &&
         grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
 done
+# image folders, read as `ressl pretrain` reads them: 20,000 JPEGs of 64 px (one size: held in memory, as Tiny-ImageNet
+# is), and 4,000 of 300-500 px (mixed sizes: decoded and cropped by loader workers, as ImageNet is)
+FOLDERS=$(mktemp -d)
+python3 - "$FOLDERS" <<'PY'
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+import numpy as np
+from PIL import Image
+def write(job):
+    root, n, lo, hi, seed = job
+    r = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = r.integers(lo, hi + 1, 2)
+        folder = Path(root) / f"c{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(r.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{seed}_{i}.jpg", quality=90)
+root = sys.argv[1]
+with Pool(16) as pool:
+    pool.map(write, [(f"{root}/held/train", 1250, 64, 64, s) for s in range(16)]
+             + [(f"{root}/workers/train", 250, 300, 500, 100 + s) for s in range(16)])
+PY
+echo "folders: $(find "$FOLDERS/held" -name '*.jpg' | wc -l) JPEGs of 64 px, $(find "$FOLDERS/workers" -name '*.jpg' | wc -l) of 300-500 px in $FOLDERS"
+stage "end to end, folder held in memory (tinyimagenet preset)" 60 "$LOGS/e2e_folder_held.log" python3 -m benchmarks.end_to_end --device cuda \
+    --preset tinyimagenet --data "$FOLDERS/held" --seconds 16 --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
+    grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_held.log" | tail -n 2
+stage "end to end, folder by loader workers (imagenet preset)" 75 "$LOGS/e2e_folder_workers.log" python3 -m benchmarks.end_to_end --device cuda \
+    --preset imagenet --data "$FOLDERS/workers" --seconds 16 --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
+    grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_workers.log" | tail -n 2
 stamp done

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +153,26 @@ def test_the_decode_benchmark_prints_its_ratio(tmp_path):
     match = re.search(r"^\[decode\] folder decode speed-up .*: ratio (\S+) \(target >= 2: not measured", proc.stdout, flags=re.MULTILINE)
     assert match and float(match.group(1)) > 0, proc.stdout
     assert "decoded at no less than 191 x 144" in proc.stdout and not list(tmp_path.glob("ressl-bench-photos-*"))  # removed
+
+
+@pytest.mark.slow
+def test_end_to_end_reads_an_image_folder_as_pretrain_does(tmp_path):
+    """``--data`` a folder of images (one size: held in memory); the other benchmarks, which need train.npz, refuse it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(48):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{c}" / f"{i}.png")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "benchmarks.end_to_end", "--quick", "--device", "cpu", "--threads", "1", "--seconds", "2",
+               "--data", str(tmp_path / "images"), "--set", "dataset=folder", "--set", "image_size=16", "--set", "workers=0"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "data: the image folder" in proc.stdout and "96 images in 2 classes" in proc.stdout
+    assert "(training images held in memory: 0.00 GB)" in proc.stdout
+    assert re.search(r"^\[end_to_end\] end to end .*: ratio \d", proc.stdout, flags=re.MULTILINE), proc.stdout
+    command = [sys.executable, "-m", "benchmarks.step", "--quick", "--data", str(tmp_path / "images")]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().endswith(f"--data {tmp_path / 'images'}: no train.npz there"), proc.stderr
