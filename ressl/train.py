@@ -69,6 +69,7 @@ class Run:
     stop_check_every: int = 1  # torchrun: steps between agreements on stopping (ressl.meter.Meter), kept across epochs
     graph: CapturedStep | None = None  # network_step replayed as a CUDA graph (--cuda_graph), else None: eager
     clock: float = 0.0  # time.time() at which the run would have started had it never stopped (--max_minutes)
+    final_knn_minutes: float = 0.0  # what the final kNN will take, from this invocation's latest kNN (0: none yet)
 
     def minutes(self) -> float:
         """Minutes of this run so far, over every invocation that trained it."""
@@ -274,6 +275,20 @@ def evaluate_knn(run: Run, subset: int | None = None) -> dict[str, float] | None
     return knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes, cfg.knn_k, cfg.knn_temperature)
 
 
+def timed_knn(run: Run, subset: int | None = None) -> dict[str, float] | None:
+    """:func:`evaluate_knn`, timed: ``run.final_knn_minutes`` becomes its minutes, scaled to every image for a
+    ``subset`` (the time goes with the images embedded), as the epoch lines' estimate of the final kNN."""
+    start = time.time()
+    accuracy = evaluate_knn(run, subset)
+    if accuracy is not None:
+        data = run.dataset
+        assert data.bank is not None and data.test is not None
+        every = len(data.bank) + len(data.test)
+        done = every if subset is None else min(subset, len(data.bank)) + min(subset, len(data.test))
+        run.final_knn_minutes = (time.time() - start) / 60 * every / done
+    return accuracy
+
+
 def view_makers(cfg: Config, dataset: Dataset) -> tuple[ViewAugment | None, TwoViews | None]:
     """What makes each step's weak and strong views: batched on the training device (the default), or, with
     ``augment_backend torchvision``, image by image in loader workers, as the official code does (for comparison)."""
@@ -378,14 +393,15 @@ def epoch_pace(marks: list[tuple[float, float]]) -> float | None:
     return (m1 - m0) / (e1 - e0)
 
 
-def time_left(pace: float | None, epoch: int, epochs: int, budget_left: float | None = None) -> str:
+def time_left(pace: float | None, epoch: int, epochs: int, budget_left: float | None = None, final_knn: float = 0.0) -> str:
     """The epoch line's estimate of what is left of a run that has trained ``epoch`` of ``epochs`` at ``pace`` minutes
-    an epoch (:func:`epoch_pace`); ``budget_left``: the minutes --max_minutes leaves. "" once no epoch is left."""
+    an epoch (:func:`epoch_pace`), then its final kNN (``final_knn`` minutes); ``budget_left``: the minutes
+    --max_minutes leaves for training. "" once no epoch is left."""
     if pace is None or pace <= 0 or not 0 < epoch < epochs:
         return ""
     if budget_left is not None and budget_left < pace * (epochs - epoch):
         return f"  (--max_minutes stops it in {_duration(budget_left).removeprefix('about ')}, near epoch {epoch + budget_left / pace:.0f})"
-    return f"  ({_duration(pace * (epochs - epoch))} left)"
+    return f"  ({_duration(pace * (epochs - epoch) + final_knn)} left)"
 
 
 def _duration(minutes: float) -> str:
@@ -398,14 +414,14 @@ def _end_of_epoch(run: Run, say: Callable[..., None], deadline: float | None, ma
     summary = f"epoch {run.state.epoch}/{cfg.epochs}  loss {loss_text(loss)}  {run.minutes():.1f} min"
     acc = None
     if cfg.knn_every and run.state.epoch % cfg.knn_every == 0 and run.state.epoch < cfg.epochs:
-        acc = evaluate_knn(run, cfg.knn_subset)
+        acc = timed_knn(run, cfg.knn_subset)
         if acc is not None:
             run.log.write(step=run.state.step, epoch=run.state.epoch, **_knn_record(acc))
             summary += f"  kNN top-1 {acc['top1']:.2f}%"
     marks.append((run.state.epoch, run.minutes()))
     if acc is not None or run.state.epoch % max(1, cfg.epochs // 20) == 0:  # about 20 lines per run
         budget_left = None if deadline is None else (deadline - time.time()) / 60
-        say(summary + time_left(epoch_pace(marks), run.state.epoch, cfg.epochs, budget_left), flush=True)
+        say(summary + time_left(epoch_pace(marks), run.state.epoch, cfg.epochs, budget_left, run.final_knn_minutes), flush=True)
 
 
 @contextlib.contextmanager
@@ -463,7 +479,7 @@ def _train_and_measure(run: Run) -> dict[str, Any]:
         say(f"no training left ({done}): the final kNN and final.json follow", flush=True)
         run.log.forget_evaluation(run.state.step)  # a final kNN logged before: it is logged again below
     if run.state.step == 0:
-        run.state.knn_random_init = evaluate_knn(run)
+        run.state.knn_random_init = timed_knn(run)
         if run.state.knn_random_init is not None:
             initial = run.state.knn_random_init
             run.log.write(step=0, epoch=0, **_knn_record(initial))

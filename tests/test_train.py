@@ -23,6 +23,7 @@ from ressl.train import (
     setting_notes,
     setup,
     time_left,
+    timed_knn,
     train_one_epoch,
     train_step,
     use_cuda_graph,
@@ -789,6 +790,35 @@ def test_the_epoch_line_estimates_the_time_left_at_the_runs_pace():
     assert time_left(10 / 7, 7, 28, budget_left=17.0) == "  (--max_minutes stops it in 17 min, near epoch 19)"
     assert time_left(10 / 7, 7, 28, budget_left=31.0) == "  (about 30 min left)"  # the budget outlasts the run
     assert time_left(1.0, 28, 28) == time_left(None, 0, 28) == ""  # nothing left; no pace yet
+    assert time_left(10 / 7, 7, 28, final_knn=2.0) == "  (about 32 min left)"  # and then the final kNN
+    assert time_left(10 / 7, 7, 28, budget_left=17.0, final_knn=2.0).endswith("near epoch 19)")
+
+
+def test_the_final_knns_minutes_come_from_the_latest_knn_scaled_to_every_image(npz_dir, tmp_path, monkeypatch):
+    """A kNN of a subset of the bank and held-out images foretells the final one in proportion to the images."""
+    import types
+
+    import ressl.train
+
+    run = tiny_run(npz_dir, tmp_path)
+    assert run.dataset.bank is not None and run.dataset.test is not None
+    bank, test = len(run.dataset.bank), len(run.dataset.test)
+    assert min(bank, test) > 16  # a subset of 16 leaves some of each out
+    clock = [0.0]
+
+    def knn(run_, subset=None):  # a minute per 100 images embedded
+        clock[0] += 60 * ((bank + test) if subset is None else min(subset, bank) + min(subset, test)) / 100
+        return {"top1": 50.0}
+    monkeypatch.setattr(ressl.train, "evaluate_knn", knn)
+    monkeypatch.setattr(ressl.train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    assert run.final_knn_minutes == 0.0
+    assert timed_knn(run, subset=16) == {"top1": 50.0}
+    assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
+    timed_knn(run)
+    assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
+    monkeypatch.setattr(ressl.train, "evaluate_knn", lambda run_, subset=None: None)  # no kNN: the estimate stays
+    timed_knn(run, subset=16)
+    assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
 
 
 def test_the_pace_leaves_out_the_set_up_and_then_the_first_epoch():
