@@ -50,7 +50,8 @@ class Config:
     small_stem: bool | None = None  # 3x3/1 stem convolution instead of 7x7/2; None: on for images of 64 px or less (the paper)
     stem_maxpool: bool | None = None  # the max-pool after the stem; None: kept after the 7x7 stem, dropped after the 3x3
     #   one (the paper, CIFAR). The official code keeps it after the 3x3 stem for STL-10 and Tiny-ImageNet (their presets)
-    hidden_dim: int = 512  # projector hidden width: official code uses 512 for small datasets, 4096 for ImageNet
+    hidden_dim: int = 512  # projector hidden width: 4096 for ImageNet (official code); 512 for small datasets as a port
+    #   crediting the official code has it (others read 2048; on cifar10-cpu both measured alike: docs/runs.md)
     out_dim: int = 128  # embedding size compared with the queue: 128 small datasets, 512 ImageNet (official code)
     head_bn: bool = False  # BatchNorm in the projector; off in the official code
 
