@@ -2,7 +2,7 @@
 # One short GPU check (its parts before the one-step-per-call variant, plus a profile, took 152 s on an H200): the CUDA tests, the four
 # benchmarks, and end to end with the eager step, with one step's views per augmentation call, with the authors' split BatchNorm
 # (8 groups in both networks), and with the official per-image pipeline beside them; then end to end from two image
-# folders (one held in memory, one read by loader workers). Runs with whatever python3 holds PyTorch
+# folders (one held in memory, one read by loader workers). Runs with whatever python3 holds PyTorch (PY= names another)
 # (no virtual environment needed), from the repository's root:
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]     # DATA_DIR holds train.npz; default: 50,000 random 32x32 images
@@ -10,13 +10,23 @@
 # Every stage runs under one deadline (BUDGET seconds from the start, default 450: a device lends 600 s a command), so
 # that a stage that hangs costs the ones after it their time, not the whole check. A stage that fails or runs out of
 # time says so, with its exit status and the end of its log. Logs go to $OUT (where set) or gpu-check-logs/ (9 files).
+#
+# A dry run of the script itself, on a machine without a GPU (the CUDA tests are skipped there; the numbers mean nothing):
+#
+#   DEVICE=cpu QUICK=--quick TRAIN_SECONDS=4 PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -u
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-}
+TRAIN_SECONDS=${TRAIN_SECONDS:-16}
+PY=${PY:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOGS=${OUT:-gpu-check-logs}
 mkdir -p "$LOGS"
 DATA=${1:-}
 T0=$(date +%s)
 END=$(( T0 + ${BUDGET:-450} ))
+MADE=()  # the generated data, removed at the end
+trap 'rm -rf "${MADE[@]:-}"' EXIT
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
 # stage NAME LIMIT LOG COMMAND...: COMMAND's output into LOG, for at most LIMIT seconds and no later than the deadline
@@ -41,38 +51,40 @@ stage() {
 
 stamp environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/env.txt"
-python3 -c "import sys, os, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__,
+"$PY" -c "import sys, os, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__,
  'torchvision', torchvision.__version__, 'cpus', os.cpu_count())" | tee -a "$LOGS/env.txt"
-python3 -c "from torch.utils.tensorboard import SummaryWriter" 2>&1 | tail -n 1 | sed 's/^/tensorboard: /' | tee -a "$LOGS/env.txt"
+"$PY" -c "from torch.utils.tensorboard import SummaryWriter" 2>&1 | tail -n 1 | sed 's/^/tensorboard: /' | tee -a "$LOGS/env.txt"
 df -h /dev/shm | tail -n 1 | sed 's/^/shm: /' | tee -a "$LOGS/env.txt"
 if [ -z "$DATA" ]; then  # the speed of a step does not depend on the pixels
     DATA=$(mktemp -d)
-    python3 -c "import numpy as np; r = np.random.default_rng(0)
+    MADE+=("$DATA")
+    "$PY" -c "import numpy as np; r = np.random.default_rng(0)
 for name, n in (('train', 50000), ('test', 10000)):
     np.savez('$DATA/' + name + '.npz', x=r.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=r.integers(0, 10, n))"
     echo "data: 50,000 random uint8 32x32 images in $DATA"
 fi
 
 # the tests that need CUDA ("gpu": views made on the GPU), each at most 60 s where pytest-timeout is there
-PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
+PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
 # shellcheck disable=SC2086
-stage "CUDA tests" 110 "$LOGS/pytest.log" python3 -m pytest -k "cuda or graph or gpu" -p no:cacheprovider -rs $PER_TEST
+stage "CUDA tests" 110 "$LOGS/pytest.log" "$PY" -m pytest -k "cuda or graph or gpu" -p no:cacheprovider -rs $PER_TEST
 grep -a -E "^(E  |FAILED|ERROR)|passed|failed" "$LOGS/pytest.log" | head -30
 
-stage "benchmarks (cifar10 preset)" 150 "$LOGS/bench.log" python3 -m benchmarks --device cuda --data "$DATA" --seconds 16
+stage "benchmarks (cifar10 preset)" 150 "$LOGS/bench.log" "$PY" -m benchmarks --device "$DEVICE" --data "$DATA" --seconds "$TRAIN_SECONDS" $QUICK
 grep -a -E "ratio" "$LOGS/bench.log" | grep -a -v "^ " | head -8
 grep -a -A 12 "^benchmark " "$LOGS/bench.log"
 
 for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set augment_steps=1" "split_bn_8:--set bn_groups=8 --set student_bn_groups=8" "torchvision:--set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))"; do
     name=${variant%%:*}
     # shellcheck disable=SC2086
-    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" python3 -m benchmarks.end_to_end --device cuda --data "$DATA" --seconds 16 ${variant#*:} &&
+    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" --data "$DATA" --seconds "$TRAIN_SECONDS" $QUICK ${variant#*:} &&
         grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
 done
 # image folders, read as `ressl pretrain` reads them: 20,000 JPEGs of 64 px (one size: held in memory, as Tiny-ImageNet
 # is), and 4,000 of 300-500 px (mixed sizes: decoded and cropped by loader workers, as ImageNet is)
 FOLDERS=$(mktemp -d)
-python3 - "$FOLDERS" <<'PY'
+MADE+=("$FOLDERS")
+"$PY" - "$FOLDERS" <<'PY'
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -92,10 +104,10 @@ with Pool(16) as pool:
              + [(f"{root}/workers/train", 250, 300, 500, 100 + s) for s in range(16)])
 PY
 echo "folders: $(find "$FOLDERS/held" -name '*.jpg' | wc -l) JPEGs of 64 px, $(find "$FOLDERS/workers" -name '*.jpg' | wc -l) of 300-500 px in $FOLDERS"
-stage "end to end, folder held in memory (tinyimagenet preset)" 60 "$LOGS/e2e_folder_held.log" python3 -m benchmarks.end_to_end --device cuda \
-    --preset tinyimagenet --data "$FOLDERS/held" --seconds 16 --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
+stage "end to end, folder held in memory (tinyimagenet preset)" 60 "$LOGS/e2e_folder_held.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
+    --preset tinyimagenet --data "$FOLDERS/held" --seconds "$TRAIN_SECONDS" $QUICK --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
     grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_held.log" | tail -n 2
-stage "end to end, folder by loader workers (imagenet preset)" 75 "$LOGS/e2e_folder_workers.log" python3 -m benchmarks.end_to_end --device cuda \
-    --preset imagenet --data "$FOLDERS/workers" --seconds 16 --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
+stage "end to end, folder by loader workers (imagenet preset)" 75 "$LOGS/e2e_folder_workers.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
+    --preset imagenet --data "$FOLDERS/workers" --seconds "$TRAIN_SECONDS" $QUICK --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
     grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_workers.log" | tail -n 2
 stamp done
