@@ -1,8 +1,8 @@
 #!/bin/bash
 # One short GPU check (its parts before the one-step-per-call variant, plus a profile, took 152 s on an H200): the CUDA tests, the four
 # benchmarks, and end to end with the eager step, with one step's views per augmentation call, with the authors' split BatchNorm
-# (8 groups in both networks), and with the official per-image pipeline beside them; then end to end from two image
-# folders (one held in memory, one read by loader workers). Runs with whatever python3 holds PyTorch (PY= names another)
+# (8 groups in both networks); then from two image folders (one held in memory, one read by loader workers); last, with
+# the official per-image pipeline beside them. Runs with whatever python3 holds PyTorch (PY= names another)
 # (no virtual environment needed), from the repository's root:
 #
 #   bash benchmarks/gpu_check.sh [DATA_DIR]     # DATA_DIR holds train.npz; default: 50,000 random 32x32 images
@@ -74,12 +74,17 @@ stage "benchmarks (cifar10 preset)" 150 "$LOGS/bench.log" "$PY" -m benchmarks --
 grep -a -E "ratio" "$LOGS/bench.log" | grep -a -v "^ " | head -8
 grep -a -A 12 "^benchmark " "$LOGS/bench.log"
 
-for variant in "eager:--set cuda_graph=false" "one_step_per_augment_call:--set augment_steps=1" "split_bn_8:--set bn_groups=8 --set student_bn_groups=8" "torchvision:--set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))"; do
-    name=${variant%%:*}
-    # shellcheck disable=SC2086
-    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" --data "$DATA" --seconds "$TRAIN_SECONDS" $QUICK ${variant#*:} &&
-        grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
-done
+# variant NAME FLAGS...: end to end on the cifar10 preset with FLAGS
+variant() {
+    local name=$1
+    shift
+    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" --data "$DATA" \
+        --seconds "$TRAIN_SECONDS" $QUICK "$@" && grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
+}
+variant eager --set cuda_graph=false
+variant one_step_per_augment_call --set augment_steps=1
+variant split_bn_8 --set bn_groups=8 --set student_bn_groups=8
+
 # image folders, read as `ressl pretrain` reads them: 20,000 JPEGs of 64 px (one size: held in memory, as Tiny-ImageNet
 # is), and 4,000 of 300-500 px (mixed sizes: decoded and cropped by loader workers, as ImageNet is)
 FOLDERS=$(mktemp -d)
@@ -110,4 +115,6 @@ stage "end to end, folder held in memory (tinyimagenet preset)" 60 "$LOGS/e2e_fo
 stage "end to end, folder by loader workers (imagenet preset)" 75 "$LOGS/e2e_folder_workers.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
     --preset imagenet --data "$FOLDERS/workers" --seconds "$TRAIN_SECONDS" $QUICK --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
     grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_workers.log" | tail -n 2
+
+variant torchvision --set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))  # the official per-image pipeline
 stamp done
