@@ -176,3 +176,26 @@ def test_end_to_end_reads_an_image_folder_as_pretrain_does(tmp_path):
     command = [sys.executable, "-m", "benchmarks.step", "--quick", "--data", str(tmp_path / "images")]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().endswith(f"--data {tmp_path / 'images'}: no train.npz there"), proc.stderr
+
+
+def test_data_dir_takes_a_folder_of_images_only_where_asked_and_names_what_is_missing(tmp_path):
+    """end_to_end (``folders=True``) takes a directory of images as ``ressl pretrain`` reads it; a directory without
+    images is refused by name, and the benchmarks that need train.npz refuse a folder of images."""
+    import argparse
+
+    from PIL import Image
+
+    from benchmarks.common import data_dir
+
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "c0" / "0.png")
+    (tmp_path / "empty" / "c0").mkdir(parents=True)
+
+    def args(path: Path) -> argparse.Namespace:
+        return argparse.Namespace(data=str(path), quick=True)
+
+    assert data_dir(args(tmp_path / "images"), folders=True) == (tmp_path / "images", f"the image folder {tmp_path / 'images'}")
+    with pytest.raises(SystemExit, match=r"no train.npz there and no images$"):
+        data_dir(args(tmp_path / "empty"), folders=True)
+    with pytest.raises(SystemExit, match=r"no train.npz there$"):
+        data_dir(args(tmp_path / "images"))

@@ -112,3 +112,12 @@ def test_a_folder_dataset_that_decodes_reduced_travels_to_fork_server_workers(tm
     ds = ImageFolderDataset(scan_folder(tmp_path), decode_size=crops_decode_size(64, 0.2))
     copy = pickle.loads(pickle.dumps(ds))
     assert tuple(copy[0][0].shape) == (3, 150, 200) and copy[1][1] == 1
+
+
+def test_the_evaluation_decode_covers_its_resize_not_only_its_crop(tmp_path: Path) -> None:
+    """The evaluation view resizes the shorter side to 256 before its centre 224: an 1800 px JPEG, whose 1/8 (225 px)
+    would cover the crop, decodes at 1/4 (450 px), so that the resize never upscales."""
+    path = _photo(tmp_path / "big.jpg", (1800, 1800))
+    view = _EvalResize(224)
+    image = load_rgb(path, least=view.decode_size)
+    assert image is not None and tuple(image.shape) == (3, 450, 450)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ressl.folder
 import ressl.held
 from ressl.data import Split, load_dataset
 from ressl.folder import load_rgb, scan_folder
@@ -141,7 +142,6 @@ def test_a_control_groups_memory_limit_lowers_the_machines(tmp_path: Path, monke
     _write(v1 / "memory/memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
     assert memory_limit(v1, membership) == memory
     _write(v1 / "memory/docker/abc/memory.limit_in_bytes", f"{gib}\n")
-    _write(v1 / "cpu/docker/abc/memory.limit_in_bytes", "1\n")  # not the memory controller's
     assert memory_limit(v1, membership) == min(memory, gib)
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -164,3 +164,97 @@ def test_a_resume_that_reads_the_folder_otherwise_says_so(tmp_path: Path, capsys
             "workers, which cut its crops (--hold_in_memory)") in said
     assert main(argv + ["--epochs", "3"]) == 0
     assert "trained on the folder read by loader workers, which cut its crops; this run has it held in memory" in capsys.readouterr().out
+
+
+def test_a_folder_decoded_in_several_batches_keeps_each_within_the_shared_memory_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's decoded batch crosses /dev/shm: it keeps within ``_BATCH_BYTES`` (here three images), and the
+    batches fill the held tensor one after the other, in the folder's order."""
+    _images(tmp_path)
+    index = scan_folder(tmp_path)
+    monkeypatch.setattr(ressl.held, "_BATCH_BYTES", 3 * 3 * 16 * 20)
+    sizes: list[int] = []
+    together = ressl.held._together
+
+    def noting(batch: list[tuple[torch.Tensor, int]]) -> torch.Tensor | None:
+        sizes.append(len(batch))
+        return together(batch)
+
+    monkeypatch.setattr(ressl.held, "_together", noting)
+    held = held_in_memory(Split(folder=index), 0)
+    assert sizes == [3, 3, 3, 1]
+    assert held is not None and held.images is not None
+    assert torch.equal(held.images, torch.stack([load_rgb(path) for path in index.files]))
+
+
+def test_a_broken_image_is_never_held_whatever_its_place_or_the_fraction_allowed(tmp_path: Path) -> None:
+    """A first image that fails to decode, or a later one where ``max_bad_fraction`` would let training replace it
+    by another: the folder is left to the loader workers (which replace it, warning), not held with a stand-in."""
+    _images(tmp_path / "first")
+    (tmp_path / "first" / "c0" / "0.jpg").write_bytes(b"not a picture")
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "first", verify=False), max_bad_fraction=0.5), 0) is None
+    _images(tmp_path / "later")
+    (tmp_path / "later" / "c1" / "3.jpg").write_bytes(b"not a picture")
+    assert held_in_memory(Split(folder=scan_folder(tmp_path / "later", verify=False), max_bad_fraction=0.5), 0) is None
+
+
+def test_an_error_other_than_a_failed_image_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a failure to load images (a DataError, a loader worker's) means the folder is not held: another error (a
+    bug) is raised, not hidden behind a folder read by workers."""
+    _images(tmp_path)
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor | None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(ressl.folder, "load_rgb", broken)  # the dataset's decode, after the first image's
+    with pytest.raises(TypeError, match="a bug"):
+        held_in_memory(Split(folder=scan_folder(tmp_path)), 0)
+
+
+def test_a_v1_group_of_another_controller_does_not_set_the_memory_limit(tmp_path: Path) -> None:
+    """cgroup v1 places a process in a group per controller: only the memory controller's path (and those above it)
+    is read for memory.limit_in_bytes, not the path of its pids or cpu group."""
+    import os
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    gib = 2**30
+    v1, membership = tmp_path / "v1", tmp_path / "cgroup"
+    membership.write_text("9:pids:/slurm/other\n4:memory:/docker/abc\n")
+    _write(v1 / "memory/slurm/other/memory.limit_in_bytes", f"{gib}\n")  # the pids group's path, under memory/
+    assert memory_limit(v1, membership) == memory
+    _write(v1 / "memory/docker/memory.limit_in_bytes", f"{2 * gib}\n")
+    assert memory_limit(v1, membership) == min(memory, 2 * gib)
+
+
+def test_a_gpu_holds_at_most_an_eighth_of_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held images are moved to the training device: a 12 GB GPU holds 1.5 GB of them, a CPU run the host's share."""
+    from types import SimpleNamespace
+
+    gib = 2**30
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ressl.held, "memory_limit", lambda: 64 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=12 * gib))
+    assert hold_limit(torch.device("cuda", 0)) == 12 * gib // 8
+    assert hold_limit(torch.device("cpu")) == hold_limit() == HOLD_LIMIT
+
+
+def test_a_finished_run_or_an_older_checkpoint_says_nothing_of_how_the_folder_was_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that is complete trains no further, so how it would read the folder is not noted; nor is it for a
+    checkpoint written before checkpoints recorded it (it resumes, with no note)."""
+    from test_cli import TINY
+
+    from ressl.cli import main
+
+    _images(tmp_path / "photos", per_class=32, size=(16, 16))
+    argv = ["pretrain", "--dataset", "folder", "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "run"), *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--epochs", "1", "--hold_in_memory", "false"]) == 0
+    said = capsys.readouterr().out
+    assert "is already complete" in said and "trained on the folder" not in said
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved.pop("train_in_memory") is True
+    torch.save(saved, path)  # as an older ressl wrote it
+    assert main(argv + ["--epochs", "2", "--hold_in_memory", "false"]) == 0
+    said = capsys.readouterr().out
+    assert "resuming from" in said and "trained on the folder" not in said

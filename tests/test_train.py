@@ -783,6 +783,19 @@ def test_settings_that_run_but_were_likely_not_meant_are_noted():
     assert notes(96, image_size=64) == ""  # STL-10's images, trained smaller
 
 
+def test_the_upscaling_note_goes_by_the_images_longer_side_and_not_by_a_folder_read_by_workers(tmp_path):
+    """Images in memory of 8 x 20 px trained at 32: their longer side is no less than half of it, no note. A folder
+    that is not held has images of sizes not known yet: no note either, whatever --image_size."""
+    from ressl.folder import FolderIndex
+
+    cfg = config.resolve("cifar10", dict(image_size=32, queue_size=64, batch_size=32))
+    wide = Split(images=torch.zeros(100, 3, 8, 20, dtype=torch.uint8))
+    assert setting_notes(cfg, Dataset("npz", wide, wide, None, 10, (0.5,) * 3, (0.2,) * 3)) == []
+    folder = Split(folder=FolderIndex([tmp_path / f"{i}.jpg" for i in range(100)], None, None))
+    big = config.resolve("cifar10", dict(image_size=224, queue_size=64, batch_size=32))
+    assert setting_notes(big, Dataset("folder", folder, None, None, 0, (0.5,) * 3, (0.2,) * 3)) == []
+
+
 def test_the_epoch_line_estimates_the_time_left_at_the_runs_pace():
     assert time_left(10 / 7, 7, 28) == "  (about 30 min left)"  # 10/7 minutes an epoch, 21 epochs to go
     assert time_left(6.0, 10, 200) == "  (about 19.0 h left)"
@@ -792,6 +805,14 @@ def test_the_epoch_line_estimates_the_time_left_at_the_runs_pace():
     assert time_left(1.0, 28, 28) == time_left(None, 0, 28) == ""  # nothing left; no pace yet
     assert time_left(10 / 7, 7, 28, final_knn=2.0) == "  (about 32 min left)"  # and then the final kNN
     assert time_left(10 / 7, 7, 28, budget_left=17.0, final_knn=2.0).endswith("near epoch 19)")
+
+
+def test_the_time_left_is_in_minutes_below_an_hour_and_a_half_and_none_without_a_pace():
+    """Under a minute, then whole minutes up to 90, then hours; a pace of 0 (no time measured) says nothing."""
+    assert time_left(1.2, 1, 2) == "  (about 1 min left)"
+    assert time_left(1.0, 1, 76) == "  (about 75 min left)"
+    assert time_left(1.0, 1, 92) == "  (about 1.5 h left)"
+    assert time_left(0.0, 7, 28) == ""
 
 
 def test_the_final_knns_minutes_come_from_the_latest_knn_scaled_to_every_image(npz_dir, tmp_path, monkeypatch):
@@ -816,6 +837,9 @@ def test_the_final_knns_minutes_come_from_the_latest_knn_scaled_to_every_image(n
     assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
     timed_knn(run)
     assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
+    for subset in (100, 10**6):  # more than the held-out images (64), or than both: all of them are embedded
+        timed_knn(run, subset=subset)
+        assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
     monkeypatch.setattr(ressl.train, "evaluate_knn", lambda run_, subset=None: None)  # no kNN: the estimate stays
     timed_knn(run, subset=16)
     assert run.final_knn_minutes == pytest.approx((bank + test) / 100)
