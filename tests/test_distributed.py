@@ -697,6 +697,32 @@ def test_processes_pool_the_image_files_they_found_broken(tmp_path):
     assert zero["within"] == (2, [1, 0, 0, 2, 1, 0])
 
 
+def _held_worker(rank: int, tmp: str) -> None:
+    """Whether each process holds the folder's training images, when both can and when one cannot (its limit too
+    small: another machine's memory, a file it alone failed to read)."""
+    from ressl.held import hold_training_images
+
+    _join(rank, tmp)
+    outcome = {}
+    for case, limits in (("both", (2**30, 2**30)), ("one", (2**30, 1))):
+        dataset = load_dataset("folder", f"{tmp}/photos")
+        held = hold_training_images(dataset, 0, torch.device("cpu"), limit=limits[rank])
+        outcome[case] = (held, dataset.train.images is not None, dataset.train.folder is not None, "held in memory" in dataset.describe())
+    torch.save(outcome, f"{tmp}/rank{rank}.pt")
+
+
+def test_a_folder_is_held_only_where_every_process_can_hold_it(tmp_path):
+    """Under torchrun the processes agree on holding a folder's training images: where one cannot, none does, and all
+    read the folder through loader workers alike (one process's crops cut on the device, another's by workers, would
+    still train, but not as one run of either kind)."""
+    for c in range(2):
+        (tmp_path / "photos" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 12), (200 * c, 30 * i, 90)).save(tmp_path / "photos" / f"c{c}" / f"{i}.png")
+    for outcome in spawn(_held_worker, tmp_path):
+        assert outcome == {"both": (True, True, False, True), "one": (False, False, True, False)}, outcome
+
+
 def test_grouped_forward_emulates_shuffle_bn_on_one_device():
     """One forward pass of the teacher over its shuffled batch, whose split BatchNorm (4 groups of 2) normalises
     each random pair apart: of two images, the brighter comes out at +1, the other at -1, in the input's order."""
