@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from ressl import dist
 from ressl.augment import eval_transform
-from ressl.folder import DecodeSize, ImageFolderDataset, crop_decode_size, resize_decode_size
+from ressl.decode import DecodeSize, crop_decode_size, resize_decode_size
+from ressl.folder import ImageFolderDataset
 from ressl.views import draw_seed
 
 if TYPE_CHECKING:

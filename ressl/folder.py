@@ -1,4 +1,4 @@
-"""Image folders "in the wild": scanning, robust decoding and a dataset.
+"""Image folders "in the wild": scanning, and a dataset that decodes their files (:mod:`ressl.decode`).
 
 Layout rule used by :func:`scan_folder` (hidden files/folders, i.e. any path
 part starting with ``.``, are always ignored):
@@ -19,9 +19,7 @@ is the same on every machine and run.
 
 from __future__ import annotations
 
-import math
 import os
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,9 +29,10 @@ from typing import Any, overload
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, features
+from PIL import Image, features
 
 from ressl import progress
+from ressl.decode import DecodeSize, load_rgb, warn_decoded_in_part
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
 from ressl.progress import bar as progress_bar
@@ -58,7 +57,6 @@ UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".jxl", ".dng", ".
                                             ".rw2", ".raf", ".raw", ".svg", ".psd", ".ico", ".exr", ".hdr",
                                             *(e for e, read in _OPTIONAL.items() if not read))
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
-_TRUNCATED_LOCK = threading.Lock()
 
 
 _plain_formatwarning = warnings.formatwarning
@@ -343,168 +341,6 @@ def _checking(names: list[str], root: Path) -> Iterable[str]:
     if len(names) < _PROGRESS_FROM or not speaks_for_machine():
         return names
     return progress_bar(names, desc=f"checking the images in {root}", unit="file", unit_scale=True)
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """A detached copy of a loaded image with its EXIF orientation applied (broken EXIF is ignored)."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001 - broken EXIF: keep the stored orientation
-        return im.copy()
-
-
-DecodeSize = Callable[[int, int], tuple[int, int]]  # a stored (width, height) -> the least (width, height) to decode
-
-
-def crop_decode_size(width: int, height: int, *, size: int, min_scale: float) -> tuple[int, int]:
-    """The least size a (``width``, ``height``) image may be decoded at for ``RandomResizedCrop(size, scale=(min_scale,
-    1))`` to cut every crop from ``size`` pixels a side or more, as at full size. A crop's area is a share of the
-    image's, so a crop (torchvision's aspect ratios 3/4 to 4/3) has a shorter side of sqrt(0.75 * min_scale * width *
-    height) or more, in pixels of whatever size the image was decoded at; none is larger than the image, and where
-    none fits (a long panorama), the fallback takes the image's shorter side."""
-    smallest = min(math.sqrt(0.75 * min_scale * width * height), width, height)
-    return _reduced(width, height, smallest / size)
-
-
-def resize_decode_size(width: int, height: int, *, shorter: int) -> tuple[int, int]:
-    """The least size a (``width``, ``height``) image may be decoded at before its shorter side is resized to
-    ``shorter`` pixels (the evaluations' resize, then a centre crop)."""
-    return _reduced(width, height, min(width, height) / shorter)
-
-
-def _reduced(width: int, height: int, factor: float) -> tuple[int, int]:
-    factor = max(1.0, factor)
-    return math.ceil(width / factor), math.ceil(height / factor)
-
-
-def _draft(im: Image.Image, least: DecodeSize | None) -> None:
-    """Have a JPEG decoded at 1/2, 1/4 or 1/8 of its size where that still covers ``least`` of its stored size
-    (Pillow's ``draft``: libjpeg scales while decoding, 4-5x faster for a phone's 12-megapixel photo). Other formats,
-    and any image without ``least``, decode whole. The requirements of ``least`` (a share of the area, the shorter
-    side) do not depend on the orientation, which is applied after."""
-    if least is None:
-        return
-    try:
-        im.draft(None, least(*im.size))
-    except Exception:  # noqa: BLE001, S110 - a decoder that cannot scale decodes whole
-        pass
-
-
-def _open_loaded(path: Path, partial: Callable[[Path], None], least: DecodeSize | None = None) -> Image.Image:
-    """Open and fully decode ``path`` (EXIF orientation applied; a JPEG reduced as ``least`` allows, :func:`_draft`);
-    on failure retry once accepting truncated data, and if that decodes it, tell ``partial``.
-
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a PIL global: it is switched on only for
-    the retry, under a lock, and always restored afterwards. A partially decoded
-    image keeps whatever PIL filled in for the missing part.
-    """
-    try:
-        with Image.open(path) as im:
-            _draft(im, least)
-            im.load()
-            return _upright(im)
-    except Image.DecompressionBombError:
-        raise
-    except Exception:  # noqa: BLE001, S110 - retry permissively below
-        pass
-    with _TRUNCATED_LOCK:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-            with Image.open(path) as im:
-                _draft(im, least)
-                im.load()
-                image = _upright(im)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    partial(path)
-    return image
-
-
-_truncated_warned = False  # per process, for files read outside a dataset (ImageFolderDataset keeps its own record)
-
-
-def warn_decoded_in_part(path: Path) -> None:
-    """A :class:`DataWarning` for an image decoded only in part (a file cut short, or with damaged data): the rest of
-    it is filled (black for a file cut right after its header), which a user should hear about."""
-    warnings.warn(f"{path} is damaged or truncated: decoded only in part, the rest filled (black where nothing was "
-                  "decoded); later such files are used the same way without a warning", DataWarning, stacklevel=4)
-
-
-def _warn_truncated(path: Path) -> None:
-    """:func:`warn_decoded_in_part` for the first such image of this process."""
-    global _truncated_warned
-    if not _truncated_warned:
-        _truncated_warned = True
-        warn_decoded_in_part(path)
-
-
-def _scale_gray(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map a single-channel high-bit-depth array (H, W) to uint8 (H, W).
-
-    ``I;16*``: ``round(v / 257)`` (0..65535 -> 0..255). ``I``: same if values fit
-    0..65535, else min-max stretch. ``F``: ``v * 255`` if values fit 0..1, else
-    min-max stretch. NaN becomes 0.
-    """
-    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
-        a = a / 257.0
-    elif mode == "F" and lo >= 0 and hi <= 1.0:
-        a = a * 255.0
-    else:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 RGBA -> (H, W, 3) uint8 RGB blended over a white background."""
-    alpha = rgba[..., 3:4].astype(np.float64) / 255.0
-    rgb = rgba[..., :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    """Any PIL image -> (H, W, 3) uint8 RGB (see :func:`load_rgb` for the rules)."""
-    mode = im.mode
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa"):
-        im = im.convert("RGBA")
-    elif mode.startswith("I") or mode == "F":
-        gray = _scale_gray(np.array(im), mode)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    elif mode == "L" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        return _composite_on_white(np.array(im))
-    if im.mode != "RGB":
-        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
-    return np.array(im)
-
-
-def load_rgb(path: Path, partial: Callable[[Path], None] = _warn_truncated, least: DecodeSize | None = None) -> torch.Tensor | None:
-    """Decode ``path`` to a uint8 tensor of shape (3, H, W) in RGB, or ``None`` if unreadable.
-
-    With ``least`` (:func:`crop_decode_size`, :func:`resize_decode_size`), a large JPEG may come smaller than stored,
-    but never smaller than ``least`` of its stored size.
-
-    * EXIF orientation is applied (``ImageOps.exif_transpose``); multi-frame files give frame 0.
-    * Transparency (RGBA, LA, palette/grayscale with ``transparency``) is
-      **composited on white**: transparent pixels become white, partial alpha blends.
-    * 16-bit ``I;16``/``I`` are scaled (``v / 257``), not clipped; ``F`` in 0..1 is
-      scaled by 255, other ranges are min-max stretched.
-    * ``L``, ``1``, ``CMYK``, ``YCbCr`` and other modes use PIL's RGB conversion.
-    * Truncated files are decoded as far as possible (see :func:`_open_loaded`), and ``partial`` is told (by
-      default, the first one of the process gets a warning).
-    """
-    try:
-        arr = _to_rgb_array(_open_loaded(Path(path), partial, least))
-    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
-        return None
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        return None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def too_many_failed(record: torch.Tensor, files: list[Path], max_bad_fraction: float) -> str | None:

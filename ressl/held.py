@@ -18,9 +18,10 @@ import torch
 
 from ressl import dist
 from ressl.batches import worker_batches
+from ressl.decode import load_rgb
 from ressl.dist import speaks_for_machine
 from ressl.errors import load_failure
-from ressl.folder import ImageFolderDataset, load_rgb
+from ressl.folder import ImageFolderDataset
 from ressl.progress import bar as progress_bar
 
 if TYPE_CHECKING:

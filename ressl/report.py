@@ -121,7 +121,7 @@ def display_image(split: Split, i: int) -> np.ndarray:
         img = split.images[i].cpu()
         img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
         return img.permute(1, 2, 0).numpy()
-    from ressl.folder import load_rgb
+    from ressl.decode import load_rgb
 
     assert split.folder is not None
     loaded = load_rgb(split.folder.files[i])

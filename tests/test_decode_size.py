@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+import ressl.decode
 import ressl.folder
 from ressl.batches import _EvalResize, crops_decode_size, eval_batches, pretrain_batches
 from ressl.data import load_dataset
+from ressl.decode import DecodeSize, crop_decode_size, load_rgb, resize_decode_size
 from ressl.evaluate import PROBE_CROP_MIN_SCALE, augmented_batches
-from ressl.folder import DecodeSize, ImageFolderDataset, crop_decode_size, load_rgb, resize_decode_size, scan_folder
+from ressl.folder import ImageFolderDataset, scan_folder
 
 
 def _photo(path: Path, size: tuple[int, int] = (1600, 1200), fmt: str = "JPEG") -> Path:
@@ -88,7 +90,7 @@ def test_the_loaders_of_training_and_evaluation_ask_for_reduced_decodes(tmp_path
     asked: list[tuple[int, int]] = []
     real = ressl.folder.load_rgb
 
-    def load_and_note(path: Path, partial: Callable[[Path], None] = ressl.folder._warn_truncated,
+    def load_and_note(path: Path, partial: Callable[[Path], None] = ressl.decode._warn_truncated,
                       least: DecodeSize | None = None) -> torch.Tensor | None:
         asked.append(least(1600, 1200) if least is not None else (1600, 1200))
         return real(path, partial, least)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from ressl.decode import load_rgb
 from ressl.errors import DataError, DataWarning
 from ressl.folder import (
     IMAGE_EXTENSIONS,
     FileList,
     FolderIndex,
     ImageFolderDataset,
-    load_rgb,
     scan_folder,
 )
 
@@ -304,7 +304,7 @@ def test_unreadable_files_give_none(odd_folder: Path) -> None:
 
 
 def test_truncated_jpeg_partial_decode_and_flag_restored(odd_folder: Path, monkeypatch) -> None:
-    monkeypatch.setattr("ressl.folder._truncated_warned", False)
+    monkeypatch.setattr("ressl.decode._truncated_warned", False)
     with pytest.warns(DataWarning, match="truncated.jpg is damaged or truncated: decoded only in part"):
         t = load_rgb(odd_folder / "truncated.jpg")
     assert t is not None and t.shape == (3, 64, 64)
@@ -499,7 +499,7 @@ def test_a_record_carries_broken_and_partly_decoded_files_from_one_epochs_datase
     """Training makes a dataset per epoch: with the split's record, a file found broken in one epoch is passed over in
     the next without a second warning, and counts once against ``max_bad_fraction``; a file decoded only in part is
     used in every epoch and warned about once (it used to be once per loader worker, so once or more per epoch)."""
-    monkeypatch.setattr("ressl.folder._truncated_warned", True)  # what another test of this process may have left
+    monkeypatch.setattr("ressl.decode._truncated_warned", True)  # what another test of this process may have left
     idx = _coloured_classes(tmp_path)
     idx.files[1].write_bytes(b"broken after the scan")
     _truncated_jpeg(idx.files[2])
@@ -524,7 +524,7 @@ def test_a_record_carries_broken_and_partly_decoded_files_from_one_epochs_datase
 def test_partly_decoded_files_warn_once_per_record_and_are_not_counted_as_broken(tmp_path: Path, monkeypatch) -> None:
     """A file decoded only in part is used: the first of a record gets a warning, a second none. It is not a failure:
     ``max_bad_fraction`` counts the broken files alone, and a broken file read after it still gets its own warning."""
-    monkeypatch.setattr("ressl.folder._truncated_warned", True)  # what another test of this process may have left
+    monkeypatch.setattr("ressl.decode._truncated_warned", True)  # what another test of this process may have left
     idx = _coloured_classes(tmp_path)
     _truncated_jpeg(idx.files[0])
     idx.files[2].write_bytes(b"broken after the scan")

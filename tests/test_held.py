@@ -12,7 +12,8 @@ from PIL import Image
 import ressl.folder
 import ressl.held
 from ressl.data import Split, load_dataset
-from ressl.folder import load_rgb, scan_folder
+from ressl.decode import load_rgb
+from ressl.folder import scan_folder
 from ressl.held import HOLD_LIMIT, held_in_memory, hold_limit, hold_training_images, memory_limit
 
 
