@@ -74,16 +74,18 @@ stage "benchmarks (cifar10 preset)" 150 "$LOGS/bench.log" "$PY" -m benchmarks --
 grep -a -E "ratio" "$LOGS/bench.log" | grep -a -v "^ " | head -8
 grep -a -A 12 "^benchmark " "$LOGS/bench.log"
 
-# variant NAME FLAGS...: end to end on the cifar10 preset with FLAGS
-variant() {
-    local name=$1
-    shift
-    stage "end to end, $name" 60 "$LOGS/e2e_$name.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" --data "$DATA" \
-        --seconds "$TRAIN_SECONDS" $QUICK "$@" && grep -a '^\[end_to_end\] end' "$LOGS/e2e_$name.log" | tail -n 1
+WORKERS=$(( $(nproc) - 1 ))  # loader workers where a stage has them
+# end_to_end NAME LIMIT FLAGS...: the end-to-end benchmark with FLAGS (the cifar10 preset unless they name another),
+# then the layout of a folder and the ratio
+end_to_end() {
+    local name=$1 limit=$2
+    shift 2
+    stage "end to end, $name" "$limit" "$LOGS/e2e_$name.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
+        --seconds "$TRAIN_SECONDS" $QUICK "$@" && grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_$name.log" | tail -n 2
 }
-variant eager --set cuda_graph=false
-variant one_step_per_augment_call --set augment_steps=1
-variant split_bn_8 --set bn_groups=8 --set student_bn_groups=8
+end_to_end eager 60 --data "$DATA" --set cuda_graph=false
+end_to_end one_step_per_augment_call 60 --data "$DATA" --set augment_steps=1
+end_to_end split_bn_8 60 --data "$DATA" --set bn_groups=8 --set student_bn_groups=8
 
 # image folders, read as `ressl pretrain` reads them: 20,000 JPEGs of 64 px (one size: held in memory, as Tiny-ImageNet
 # is), and 4,000 of 300-500 px (mixed sizes: decoded and cropped by loader workers, as ImageNet is)
@@ -109,12 +111,8 @@ with Pool(16) as pool:
              + [(f"{root}/workers/train", 250, 300, 500, 100 + s) for s in range(16)])
 PY
 echo "folders: $(find "$FOLDERS/held" -name '*.jpg' | wc -l) JPEGs of 64 px, $(find "$FOLDERS/workers" -name '*.jpg' | wc -l) of 300-500 px in $FOLDERS"
-stage "end to end, folder held in memory (tinyimagenet preset)" 60 "$LOGS/e2e_folder_held.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
-    --preset tinyimagenet --data "$FOLDERS/held" --seconds "$TRAIN_SECONDS" $QUICK --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
-    grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_held.log" | tail -n 2
-stage "end to end, folder by loader workers (imagenet preset)" 75 "$LOGS/e2e_folder_workers.log" "$PY" -m benchmarks.end_to_end --device "$DEVICE" \
-    --preset imagenet --data "$FOLDERS/workers" --seconds "$TRAIN_SECONDS" $QUICK --set dataset=folder --set workers=$(( $(nproc) - 1 )) &&
-    grep -a -E '^\[end_to_end\] (folder|end)' "$LOGS/e2e_folder_workers.log" | tail -n 2
+end_to_end folder_held 60 --preset tinyimagenet --data "$FOLDERS/held" --set dataset=folder --set workers=$WORKERS
+end_to_end folder_workers 75 --preset imagenet --data "$FOLDERS/workers" --set dataset=folder --set workers=$WORKERS
 
-variant torchvision --set augment_backend=torchvision --set workers=$(( $(nproc) - 1 ))  # the official per-image pipeline
+end_to_end torchvision 60 --data "$DATA" --set augment_backend=torchvision --set workers=$WORKERS  # the official per-image pipeline
 stamp done
