@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from ressl import progress
 from ressl.decode import DecodeSize, load_rgb, warn_decoded_in_part
 from ressl.dist import speaks_for_machine
 from ressl.errors import DataError, DataWarning
@@ -57,24 +56,6 @@ UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".jxl", ".dng", ".
                                             ".rw2", ".raf", ".raw", ".svg", ".psd", ".ico", ".exr", ".hdr",
                                             *(e for e, read in _OPTIONAL.items() if not read))
 _MAX_LISTED = 10  # how many bad files a message names before "and N more"
-
-
-_plain_formatwarning = warnings.formatwarning
-
-
-def _format_data_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                         line: str | None = None) -> str:
-    """``ressl: warning: MESSAGE`` on one line for a :class:`DataWarning` and for PIL's warning about an image of
-    over 89 million pixels (past 179 million PIL refuses it, and the file is skipped as unreadable); other warnings
-    are formatted as before. A loader worker's starts on a line of its own on a terminal: the training's progress
-    bar, drawn there by another process, leaves its line open (in a log file no bar is drawn within a minute)."""
-    if issubclass(category, (DataWarning, Image.DecompressionBombWarning)):
-        lead = "\n" if torch.utils.data.get_worker_info() is not None and progress.live() else ""
-        return f"{lead}ressl: warning: {message}\n"
-    return _plain_formatwarning(message, category, filename, lineno, line)
-
-
-warnings.formatwarning = _format_data_warning  # the terminal shows no line of this file's source under the message
 
 
 class FileList(Sequence[Path]):
